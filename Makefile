@@ -1,0 +1,59 @@
+# Thin wrappers over the `recsys-moe` CLI. The first target you type creates
+# .venv and installs everything once (stamp file); later targets reuse it.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PIP    := $(BIN)/pip install --disable-pip-version-check -c requirements/constraints.txt
+CONFIG ?= configs/default.toml
+EXTRAS ?= cpu,dev
+WORKERS ?= 2
+
+export RAY_USAGE_STATS_ENABLED := 0
+export MLFLOW_DISABLE_TELEMETRY := true
+export RAY_AUTH_MODE := disabled
+export PYTHONPATH := $(CURDIR)
+
+.PHONY: install train features generate test lint format bench clean help
+
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml requirements/constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	# torch first: the CPU wheel on disk; later installs are pinned to it by the constraints file.
+	$(PIP) torch==2.13.0
+	$(PIP) -e '.[$(EXTRAS)]'
+	# torchrec's metadata names the CUDA fbgemm-gpu; we use fbgemm-gpu-cpu, so no deps here.
+	$(PIP) --no-deps torchrec==1.8.0
+	$(BIN)/python -c "import torchrec, fbgemm_gpu, ray, mlflow, polars; print('install ok')"
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install (runs once)
+
+generate: $(STAMP)  ## generate the synthetic raw log (data/raw/default)
+	$(BIN)/recsys-moe generate --config $(CONFIG)
+
+features: $(STAMP)  ## build the feature store from the raw log
+	$(BIN)/recsys-moe features --config $(CONFIG)
+
+train: $(STAMP)  ## generate (if missing) -> features -> train
+	$(BIN)/recsys-moe train --config $(CONFIG) --workers $(WORKERS)
+
+test: $(STAMP)  ## run the test suite
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)  ## ruff check + format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)  ## ruff format + autofix
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: $(STAMP)  ## run the benchmarks (writes bench/RESULTS.md sections)
+	$(BIN)/python -m bench.features
+
+clean:  ## remove generated data, runs and the virtualenv
+	rm -rf $(VENV) data mlruns mlflow.db .pytest_cache .ruff_cache build *.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,455 @@
+"""``recsys-moe features``: raw log -> feature store, on Ray Data with Polars transforms.
+
+Read -> prepare -> partition by user -> user stage -> partition by item -> item stage ->
+global statistics (aggregate per block, merge exactly) -> encode -> write. Every
+per-key statistic is exact because each partition holds all events of its keys
+(``groupby(bucket).map_groups``), and every global statistic is a merge of exact
+per-block partials. :func:`build_reference` runs the same transforms in one process;
+the tests require both to produce identical examples.
+
+Runs on the embedded local Ray, or on a cluster when ``RAY_ADDRESS`` is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pyarrow as pa
+
+from features import examples as ex
+from features.history import merge_snapshots, snapshot_aggregates
+from features.spec import CAT, GRAINS, LABEL, NUM, SEGMENT, SPLIT, FeatureSpec
+from features.store import MANIFEST
+from recsys_moe.config import Config, load_config
+from recsys_moe.data.schema import (
+    REJECT_REASON,
+    TableFiles,
+    ValidationReport,
+    bad_row_reason,
+    interaction_columns,
+    read_table,
+    scan_table,
+    timestamp_seconds,
+    validate_raw_log,
+)
+
+FORMAT_VERSION = 1
+USER_BUCKET = "_ubucket"
+ITEM_BUCKET = "_ibucket"
+
+
+@dataclass
+class Plan:
+    """Everything decided on the driver before distributed work: validated inputs,
+    canonical schema, split boundaries, label priors and the attribute tables."""
+
+    cfg: Config
+    tables: dict[str, TableFiles]
+    report: ValidationReport
+    schema: dict[str, pl.DataType]
+    boundaries: ex.Boundaries
+    spec: FeatureSpec
+    users: pl.DataFrame
+    items: pl.DataFrame
+
+
+def plan_features(cfg: Config) -> Plan:
+    """Validate the raw log and compute the driver-side constants (lazy, column scans)."""
+    d = cfg.data
+    tables, report = validate_raw_log(d)
+    lf = scan_table(tables["interactions"])
+    full = lf.collect_schema()
+    schema = {c: full[c] for c in interaction_columns(d)}
+    good = lf.filter(bad_row_reason(d).is_null()).with_columns(
+        timestamp_seconds(d.timestamp, schema[d.timestamp]).alias(d.timestamp)
+    )
+    b = ex.compute_boundaries(
+        good.select(d.timestamp),
+        d.timestamp,
+        cfg.features.valid_fraction,
+        cfg.features.test_fraction,
+    )
+    train = good.filter(pl.col(d.timestamp) < b.valid_start)
+    pri = train.select(
+        pl.len().alias("_n"), *(pl.col(t).cast(pl.Float64).mean() for t in d.task_names)
+    ).collect()
+    if pri["_n"][0] == 0:
+        raise ValueError(
+            "the training window is empty: too few distinct timestamps for a time split"
+        )
+    spec = FeatureSpec.from_config(cfg).with_priors({t: float(pri[t][0]) for t in d.task_names})
+    uid, iid = schema[d.user_id], schema[d.item_id]
+    users = ex.prepare_attributes(
+        read_table(tables["users"]), spec, d.user_id, d.user_categorical, d.user_numeric, uid
+    )
+    items = ex.prepare_attributes(
+        read_table(tables["items"]), spec, d.item_id, d.item_categorical, d.item_numeric, iid
+    )
+    return Plan(cfg, tables, report, schema, b, spec, users, items)
+
+
+def fingerprint(plan: Plan) -> str:
+    """blake2b over the input files' bytes and the data section of the config."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(json.dumps(asdict(plan.cfg.data), sort_keys=True).encode())
+    for name in sorted(plan.tables):
+        for p in plan.tables[name].paths:
+            h.update(p.name.encode())
+            with open(p, "rb") as fh:
+                while chunk := fh.read(1 << 20):
+                    h.update(chunk)
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------- block functions
+
+
+def _pl(batch: pa.Table) -> pl.DataFrame:
+    return pl.from_arrow(batch)  # type: ignore[return-value]
+
+
+def _prepare_block(
+    batch: pa.Table,
+    spec: FeatureSpec,
+    schema: dict[str, pl.DataType],
+    b: ex.Boundaries,
+    cfg_data: Any,
+    partitions: int,
+) -> pa.Table:
+    df = _pl(batch)
+    df = df.filter(bad_row_reason(cfg_data).is_null())
+    df = ex.prepare(df, spec, schema, b)
+    return df.with_columns(
+        (pl.col(spec.user_id).hash(seed=17) % partitions).alias(USER_BUCKET)
+    ).to_arrow()
+
+
+def _partition(df: pl.DataFrame, bucket: str, partitions: int) -> list[pa.Table]:
+    """Split a block into ``partitions`` tables by its bucket column (empty ones included)."""
+    parts = {k[0]: v for k, v in df.partition_by(bucket, as_dict=True, include_key=False).items()}
+    empty = df.drop(bucket).clear()
+    return [parts.get(i, empty).to_arrow() for i in range(partitions)]
+
+
+def _user_partition(block: pa.Table, partitions: int) -> list[pa.Table]:
+    return _partition(_pl(block), USER_BUCKET, partitions)
+
+
+def _user_stage(
+    users: pl.DataFrame, spec: FeatureSpec, partitions: int, *parts: pa.Table
+) -> list[pa.Table]:
+    """All blocks' share of one user bucket -> user stage -> split by item bucket."""
+    df = ex.user_stage(pl.concat([_pl(p) for p in parts], how="vertical_relaxed"), users, spec)
+    df = df.with_columns((pl.col(spec.item_id).hash(seed=29) % partitions).alias(ITEM_BUCKET))
+    return _partition(df, ITEM_BUCKET, partitions)
+
+
+def _item_stage(items: pl.DataFrame, spec: FeatureSpec, *parts: pa.Table) -> pa.Table:
+    df = pl.concat([_pl(p) for p in parts], how="vertical_relaxed")
+    return ex.item_stage(df, items, spec).to_arrow()
+
+
+def shuffle_stages(block_refs: list, plan: Plan, partitions: int) -> list:
+    """Two exact hash shuffles with Ray tasks: by user (user stage), then by item (item stage).
+
+    Every reducer receives every event of its keys, so point-in-time aggregates are global.
+    Returns object refs of the item-stage outputs (one Arrow table per partition).
+    """
+    import ray
+
+    P = partitions
+    users_ref, items_ref = ray.put(plan.users), ray.put(plan.items)
+    split = ray.remote(num_returns=P)(_user_partition) if P > 1 else ray.remote(_user_partition)
+    mapped = [split.remote(ref, P) for ref in block_refs]
+    mapped = [m if P > 1 else [m] for m in mapped]
+    ustage = ray.remote(num_returns=P)(_user_stage) if P > 1 else ray.remote(_user_stage)
+    by_item = [ustage.remote(users_ref, plan.spec, P, *[m[i] for m in mapped]) for i in range(P)]
+    by_item = [m if P > 1 else [m] for m in by_item]
+    istage = ray.remote(_item_stage)
+    return [istage.remote(items_ref, plan.spec, *[m[j] for m in by_item]) for j in range(P)]
+
+
+def block_statistics(df: pl.DataFrame, spec: FeatureSpec) -> dict[str, Any]:
+    """Exact partial statistics of one block (merged on the driver)."""
+    return {
+        "vocab": ex.vocab_counts(df, spec),
+        "moments": ex.numeric_moments(df, spec),
+        "snapshots": {g: snapshot_aggregates(df, spec, g) for g in GRAINS}
+        if spec.history_features
+        else {},
+        "counts": df.group_by(SPLIT, spec.domain).len(),
+    }
+
+
+def _block_statistics_arrow(batch: pa.Table, spec: FeatureSpec) -> dict[str, Any]:
+    return block_statistics(_pl(batch), spec)
+
+
+def _encode_block(
+    batch: pa.Table,
+    spec: FeatureSpec,
+    vocabs: dict[str, pl.DataFrame],
+    stats: dict[str, dict[str, float]],
+) -> pa.Table:
+    return ex.encode(_pl(batch), spec, vocabs, stats).to_arrow()
+
+
+# ------------------------------------------------------------------ pipeline
+
+
+def build_tables(plan: Plan, snapshots: dict[str, list[pl.DataFrame]]) -> dict[str, pl.DataFrame]:
+    """Online lookup tables: attributes + end-of-log aggregates, one row per key."""
+    spec = plan.spec
+    out: dict[str, pl.DataFrame] = {}
+    for name, grain, attrs, key in (
+        ("users", "user", plan.users, spec.user_id),
+        ("items", "item", plan.items, spec.item_id),
+    ):
+        if spec.history_features:
+            agg = merge_snapshots(snapshots[grain], spec, grain)
+            out[name] = attrs.join(agg, on=key, how="full", coalesce=True).sort(key)
+        else:
+            out[name] = attrs.sort(key)
+    for name, grain in (("user_domain", "userdom"), ("item_domain", "itemdom")):
+        if spec.history_features:
+            out[name] = merge_snapshots(snapshots[grain], spec, grain)
+        else:
+            out[name] = pl.DataFrame(schema={k: plan.schema[k] for k in spec.grain_keys(grain)})
+    return out
+
+
+def merge_counts(parts: list[pl.DataFrame], spec: FeatureSpec) -> dict[str, dict[str, int]]:
+    c = (
+        pl.concat(parts)
+        .group_by(SPLIT, spec.domain)
+        .agg(pl.col("len").sum())
+        .sort(SPLIT, spec.domain)
+    )
+    out: dict[str, dict[str, int]] = {}
+    for split, dom, n in c.iter_rows():
+        out.setdefault(split, {})[str(dom)] = int(n)
+    return out
+
+
+def write_store(
+    plan: Plan,
+    store: Path,
+    vocabs: dict[str, pl.DataFrame],
+    stats: dict[str, dict[str, float]],
+    tables: dict[str, pl.DataFrame],
+    counts: dict[str, dict[str, int]],
+    timings: dict[str, float],
+) -> dict[str, Any]:
+    """Write vocabularies, lookup tables and ``manifest.json`` (examples are written by the caller)."""
+    spec, cfg = plan.spec, plan.cfg
+    (store / "vocab").mkdir(parents=True, exist_ok=True)
+    (store / "tables").mkdir(parents=True, exist_ok=True)
+    cat_meta = []
+    for f in spec.categorical:
+        vocabs[f].write_parquet(store / "vocab" / f"{f}.parquet")
+        source = (
+            "id" if f in (spec.user_id, spec.item_id)
+            else "domain" if f == spec.domain
+            else "derived" if f == SEGMENT
+            else "user" if f in spec.user_categorical
+            else "item" if f in spec.item_categorical
+            else "context"
+        )  # fmt: skip
+        cat_meta.append(
+            {
+                "name": f,
+                "column": CAT + f,
+                "source": source,
+                "vocab_size": vocabs[f].height + 1,
+                "oov_index": 0,
+                "multi_valued": f in spec.multi_valued,
+                "vocab_file": f"vocab/{f}.parquet",
+            }
+        )
+    num_meta = [{"name": f, "column": NUM + f, **stats[f]} for f in spec.numeric]
+    for name, t in tables.items():
+        t.write_parquet(store / "tables" / f"{name}.parquet")
+    dom_vocab = vocabs[spec.domain]
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "name": cfg.name,
+        "fingerprint": fingerprint(plan),
+        "inputs": {k: [str(p) for p in v.paths] for k, v in plan.tables.items()},
+        "config": cfg.to_dict(),
+        "spec": spec.to_dict(),
+        "keys": {
+            "user_id": spec.user_id,
+            "item_id": spec.item_id,
+            "domain": spec.domain,
+            "timestamp": spec.timestamp,
+        },
+        "tasks": [
+            {**asdict(t), "column": LABEL + t.name, "prior": spec.priors[t.name]}
+            for t in cfg.data.tasks
+        ],
+        "domains": dom_vocab.sort("index")["value"].cast(pl.String).to_list(),
+        "features": {"categorical": cat_meta, "numeric": num_meta},
+        "splits": {
+            "valid_start": plan.boundaries.valid_start,
+            "test_start": plan.boundaries.test_start,
+            "rows": {s: sum(counts.get(s, {}).values()) for s in ("train", "valid", "test")},
+            "rows_per_domain": counts,
+        },
+        "validation": asdict(plan.report) | {"rejected_total": plan.report.rejected_total},
+        "tables": {
+            name: {"file": f"tables/{name}.parquet", "rows": t.height} for name, t in tables.items()
+        },
+        "timings_s": timings,
+        "versions": _versions(),
+    }
+    (store / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+    return manifest
+
+
+def _versions() -> dict[str, str]:
+    import ray
+
+    return {"polars": pl.__version__, "pyarrow": pa.__version__, "ray": ray.__version__}
+
+
+def write_rejects(plan: Plan, store: Path) -> None:
+    if not plan.report.rejected:
+        return
+    (store / "rejects").mkdir(parents=True, exist_ok=True)
+    (
+        scan_table(plan.tables["interactions"])
+        .with_columns(bad_row_reason(plan.cfg.data).alias(REJECT_REASON))
+        .filter(pl.col(REJECT_REASON).is_not_null())
+        .collect()
+        .write_parquet(store / "rejects" / "interactions.parquet")
+    )
+
+
+def _read_interactions(plan: Plan):  # -> ray.data.Dataset
+    import ray.data
+
+    tf = plan.tables["interactions"]
+    paths = [str(p) for p in tf.paths]
+    if tf.format == "parquet":
+        return ray.data.read_parquet(paths)
+    return ray.data.read_csv(paths)
+
+
+def build_features(cfg: Config, progress: bool = True) -> dict[str, Any]:
+    """Run the Ray pipeline for ``cfg`` and write the feature store; returns the manifest."""
+    import ray
+    import ray.data
+
+    from pipelines.ray_env import init_ray
+
+    t0 = time.perf_counter()
+    plan = plan_features(cfg)
+    for line in plan.report.lines():
+        print(f"[features] {line}", flush=True)
+    store = Path(cfg.features.store_dir)
+    if store.exists():
+        shutil.rmtree(store)
+    store.mkdir(parents=True)
+    write_rejects(plan, store)
+    t_plan = time.perf_counter()
+    init_ray()
+    t_ray = time.perf_counter()
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = progress
+    spec, P = plan.spec, cfg.features.partitions
+
+    ds = _read_interactions(plan)
+    ds = ds.map_batches(
+        _prepare_block, batch_format="pyarrow", batch_size=None,
+        fn_kwargs={"spec": spec, "schema": plan.schema, "b": plan.boundaries, "cfg_data": cfg.data, "partitions": P},
+    )  # fmt: skip
+    item_refs = shuffle_stages(ds.to_arrow_refs(), plan, P)
+    ray.wait(item_refs, num_returns=len(item_refs), fetch_local=False)
+    t_stages = time.perf_counter()
+
+    stats_task = ray.remote(_block_statistics_arrow)
+    partials = ray.get([stats_task.remote(ref, spec) for ref in item_refs])
+    vocabs = ex.merge_vocabs(
+        [p["vocab"] for p in partials], spec, cfg.features.min_count, cfg.features.max_vocab
+    )
+    stats = ex.merge_moments([p["moments"] for p in partials])
+    counts = merge_counts([p["counts"] for p in partials], spec)
+    snapshots = {
+        g: [p["snapshots"][g] for p in partials] for g in (GRAINS if spec.history_features else ())
+    }
+    tables = build_tables(plan, snapshots)
+    t_stats = time.perf_counter()
+
+    ray.data.from_arrow_refs(item_refs).map_batches(
+        _encode_block, batch_format="pyarrow", batch_size=None,
+        fn_kwargs={"spec": spec, "vocabs": vocabs, "stats": stats},
+    ).write_parquet(str((store / "examples").resolve()), partition_cols=[SPLIT])  # fmt: skip
+    t_write = time.perf_counter()
+    timings = {
+        "plan": round(t_plan - t0, 3),
+        "ray_init": round(t_ray - t_plan, 3),
+        "stages": round(t_stages - t_ray, 3),
+        "statistics": round(t_stats - t_stages, 3),
+        "encode_write": round(t_write - t_stats, 3),
+        "total": round(t_write - t0, 3),
+    }
+    manifest = write_store(plan, store, vocabs, stats, tables, counts, timings)
+    return manifest
+
+
+def build_reference(
+    cfg: Config,
+) -> tuple[pl.DataFrame, dict[str, pl.DataFrame], dict[str, dict[str, float]], Plan]:
+    """The single-process Polars reference of the whole pipeline (same transforms, one frame)."""
+    plan = plan_features(cfg)
+    inter = (
+        scan_table(plan.tables["interactions"]).filter(bad_row_reason(cfg.data).is_null()).collect()
+    )
+    out, vocabs, stats = ex.build_examples_reference(
+        inter, plan.users, plan.items, plan.spec, plan.schema, plan.boundaries,
+        cfg.features.min_count, cfg.features.max_vocab,
+    )  # fmt: skip
+    return out, vocabs, stats, plan
+
+
+def summarize(manifest: dict[str, Any], store: str | Path) -> str:
+    rows = manifest["splits"]["rows"]
+    lines = [
+        f"feature store: {Path(store).resolve()}",
+        f"  examples: train {rows['train']:,} / valid {rows['valid']:,} / test {rows['test']:,}"
+        f" rows ({len(manifest['domains'])} domains: {', '.join(manifest['domains'])})",
+        f"  features: {len(manifest['features']['categorical'])} categorical, {len(manifest['features']['numeric'])} numeric;"
+        f" tasks: {', '.join(t['name'] for t in manifest['tasks'])}",
+        f"  manifest: {Path(store).resolve() / MANIFEST} (fingerprint {manifest['fingerprint']})",
+        f"  took {manifest['timings_s']['total']:.1f}s ({manifest['timings_s']['ray_init']:.1f}s Ray start-up)",
+    ]
+    if manifest["validation"]["rejected_total"]:
+        lines.append(
+            f"  rejected rows: {manifest['validation']['rejected_total']:,} -> {Path(store).resolve() / 'rejects'}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="recsys-moe features", description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="configs/default.toml")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    cfg = load_config(args.config)
+    manifest = build_features(cfg, progress=not args.no_progress)
+    print(summarize(manifest, cfg.features.store_dir), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""The ``recsys-moe`` command: one subcommand per stage, each also ``python -m pipelines.<stage>``."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from recsys_moe.config import ConfigError
+from recsys_moe.data.schema import RawLogError
+
+COMMANDS = {
+    "generate": (
+        "pipelines.generate",
+        "materialise the raw log (synthetic generator or a dataset loader)",
+    ),
+    "features": (
+        "pipelines.build_features",
+        "build the feature store from the raw log (Ray Data + Polars)",
+    ),
+}
+
+
+def usage() -> str:
+    lines = [
+        "usage: recsys-moe <command> [--config configs/default.toml] [options]",
+        "",
+        "commands:",
+    ]
+    lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "recsys-moe <command> --help shows a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"recsys-moe: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    try:
+        return int(module.main(rest) or 0)
+    except (ConfigError, RawLogError) as e:
+        print(f"recsys-moe {name}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

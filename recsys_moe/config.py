@@ -1,0 +1,392 @@
+"""Typed configuration: one frozen dataclass per concern, loaded from one TOML file.
+
+Every section is validated in ``__post_init__``; loading rejects unknown keys and
+values of the wrong type with a :class:`ConfigError` that names the file, the key
+and what is allowed. Paths in the file are kept as written (relative paths are
+relative to the working directory the command runs in, normally the repo root).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+SourceKind = Literal[
+    "synthetic", "files", "movielens100k", "census_kdd", "ali_ccp", "aliexpress", "kuairand"
+]
+TaskKind = Literal["binary", "regression"]
+BadRowPolicy = Literal["error", "reject"]
+
+
+class ConfigError(ValueError):
+    """A configuration file or value is invalid; the message says where and what is allowed."""
+
+
+def _fail(section: str, key: str, msg: str) -> None:
+    raise ConfigError(f"[{section}] {key}: {msg}")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One prediction task (a label column of the interactions table).
+
+    Args:
+        name: the label column's name.
+        kind: ``binary`` (0/1 labels, BCE) or ``regression`` (float, MSE).
+        funnel_parent: for funnel tasks (conversion implies click), the parent task's name.
+        weight: loss weight of the task.
+    """
+
+    name: str
+    kind: TaskKind = "binary"
+    funnel_parent: str = ""
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            _fail("data.tasks", "name", "must be a non-empty column name")
+        if self.weight < 0:
+            _fail("data.tasks", "weight", f"must be >= 0, got {self.weight}")
+        if self.funnel_parent and self.kind != "binary":
+            _fail("data.tasks", "funnel_parent", "only binary tasks can be funnel children")
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """Where the raw log comes from: the synthetic generator or a loader of a public dataset.
+
+    ``path`` is the loader's input folder (e.g. ``../shared/data/movielens_100k``); it is
+    ignored for ``synthetic`` and ``files`` (a raw log the user already has in ``data.raw_dir``).
+    """
+
+    kind: SourceKind = "synthetic"
+    path: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("synthetic", "files") and not self.path:
+            _fail("source", "path", f"a loader of kind {self.kind!r} needs the dataset folder")
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """The embedded synthetic generator (multi-domain, multi-task impressions with true probabilities)."""
+
+    n_rows: int = 600_000
+    n_users: int = 20_000
+    n_items: int = 5_000
+    domains: list[str] = field(default_factory=lambda: ["feed", "search", "video"])
+    latent_dim: int = 8
+    zipf_exponent: float = 1.05
+    user_activity_sigma: float = 1.2
+    days: int = 30
+    chunk_rows: int = 500_000
+    seed: int = 7
+
+    def __post_init__(self) -> None:
+        for key in ("n_rows", "n_users", "n_items", "latent_dim", "days", "chunk_rows"):
+            if getattr(self, key) < 1:
+                _fail("synthetic", key, f"must be >= 1, got {getattr(self, key)}")
+        if not self.domains or len(set(self.domains)) != len(self.domains):
+            _fail("synthetic", "domains", "must be a non-empty list of distinct names")
+        if self.zipf_exponent <= 0:
+            _fail("synthetic", "zipf_exponent", "must be > 0")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The raw-log contract: a folder with ``interactions``, ``users`` and ``items`` tables.
+
+    Column names are the user's: nothing downstream hard-codes them.
+    """
+
+    raw_dir: str = "data/raw/default"
+    format: Literal["auto", "parquet", "csv"] = "auto"
+    user_id: str = "user_id"
+    item_id: str = "item_id"
+    domain: str = "domain"
+    timestamp: str = "ts"
+    tasks: list[TaskSpec] = field(default_factory=lambda: [TaskSpec("click")])
+    user_categorical: list[str] = field(default_factory=list)
+    user_numeric: list[str] = field(default_factory=list)
+    item_categorical: list[str] = field(default_factory=list)
+    item_numeric: list[str] = field(default_factory=list)
+    context_categorical: list[str] = field(default_factory=list)
+    context_numeric: list[str] = field(default_factory=list)
+    # multi-valued categoricals (list columns, or strings split on `list_separator`)
+    multi_valued: list[str] = field(default_factory=list)
+    list_separator: str = "|"
+    # columns carried through to the examples untouched (e.g. an event id for joins)
+    passthrough: list[str] = field(default_factory=list)
+    on_bad_rows: BadRowPolicy = "error"
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            _fail("data", "tasks", "declare at least one task ([[data.tasks]] name = ...)")
+        names = [t.name for t in self.tasks]
+        if len(set(names)) != len(names):
+            _fail("data", "tasks", f"task names must be distinct, got {names}")
+        for t in self.tasks:
+            if t.funnel_parent and t.funnel_parent not in names:
+                _fail("data", "tasks", f"{t.name}.funnel_parent={t.funnel_parent!r} is not a task")
+        keys = [self.user_id, self.item_id, self.domain, self.timestamp]
+        if len(set(keys)) != 4:
+            _fail("data", "user_id/item_id/domain/timestamp", f"must be 4 distinct columns: {keys}")
+        groups = {
+            "user_categorical": self.user_categorical,
+            "user_numeric": self.user_numeric,
+            "item_categorical": self.item_categorical,
+            "item_numeric": self.item_numeric,
+            "context_categorical": self.context_categorical,
+            "context_numeric": self.context_numeric,
+        }
+        seen: dict[str, str] = {}
+        for group, cols in groups.items():
+            for c in cols:
+                if c in seen:
+                    _fail("data", group, f"column {c!r} is also listed in {seen[c]}")
+                if c in keys or c in names:
+                    _fail(
+                        "data", group, f"column {c!r} is an id, domain, timestamp or label column"
+                    )
+                seen[c] = group
+        for c in self.multi_valued:
+            if not any(c in cols for g, cols in groups.items() if g.endswith("categorical")):
+                _fail("data", "multi_valued", f"{c!r} must also be listed as a categorical column")
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+
+@dataclass(frozen=True)
+class FeaturesConfig:
+    """How the feature store is built (``pipelines/build_features``).
+
+    Splits are by time: the last ``test_fraction`` of timestamps is test, the
+    ``valid_fraction`` before it is validation, the rest is training.
+    """
+
+    store_dir: str = "data/features/default"
+    valid_fraction: float = 0.1
+    test_fraction: float = 0.1
+    # categorical vocabularies come from the training window; rarer values map to OOV (index 0)
+    min_count: int = 1
+    max_vocab: int = 1_000_000
+    use_id_features: bool = True
+    history_features: bool = True
+    # additive smoothing of label rates: (sum + prior * strength) / (count + strength)
+    smoothing_strength: float = 20.0
+    # user segment from the user's event count so far: cold < casual_min <= casual < power_min <= power
+    casual_min: int = 5
+    power_min: int = 50
+    # hash partitions for the per-key (user / item) feature stages
+    partitions: int = 8
+
+    def __post_init__(self) -> None:
+        for key in ("valid_fraction", "test_fraction"):
+            v = getattr(self, key)
+            if not 0.0 < v < 0.5:
+                _fail("features", key, f"must be in (0, 0.5), got {v}")
+        if self.min_count < 1:
+            _fail("features", "min_count", "must be >= 1")
+        if self.max_vocab < 2:
+            _fail("features", "max_vocab", "must be >= 2")
+        if self.smoothing_strength < 0:
+            _fail("features", "smoothing_strength", "must be >= 0")
+        if not 0 < self.casual_min < self.power_min:
+            _fail("features", "casual_min/power_min", "need 0 < casual_min < power_min")
+        if self.partitions < 1:
+            _fail("features", "partitions", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The ranking model (see ``recsys_moe.model``)."""
+
+    arch: Literal["shared_bottom", "mmoe", "ple", "star"] = "mmoe"
+    embedding_dim: int = 16
+    n_experts: int = 8
+    expert_hidden: list[int] = field(default_factory=lambda: [128, 64])
+    tower_hidden: list[int] = field(default_factory=lambda: [32])
+    routing: Literal["softmax", "topk", "noisy_topk", "expert_choice"] = "softmax"
+    top_k: int = 2
+    capacity_factor: float = 1.25
+    aux_loss_coef: float = 0.0
+    z_loss_coef: float = 0.0
+    ple_levels: int = 2
+    shared_experts: int = 4
+    specific_experts: int = 2
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        for key in ("embedding_dim", "n_experts", "ple_levels"):
+            if getattr(self, key) < 1:
+                _fail("model", key, f"must be >= 1, got {getattr(self, key)}")
+        if not self.expert_hidden or min(self.expert_hidden) < 1:
+            _fail("model", "expert_hidden", "must be a non-empty list of positive widths")
+        if self.top_k not in (1, 2):
+            _fail("model", "top_k", f"must be 1 or 2, got {self.top_k}")
+        if self.routing in ("topk", "noisy_topk") and self.top_k > self.n_experts:
+            _fail("model", "top_k", "cannot exceed n_experts")
+        if self.capacity_factor <= 0:
+            _fail("model", "capacity_factor", "must be > 0")
+        if not 0.0 <= self.dropout < 1.0:
+            _fail("model", "dropout", "must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Optimisation and evaluation settings."""
+
+    epochs: int = 3
+    batch_size: int = 4096
+    lr: float = 3e-3
+    embedding_lr: float = 0.05
+    weight_decay: float = 0.0
+    early_stopping_patience: int = 2
+    seed: int = 0
+    workers: int = 2
+    use_gpu: bool = False
+    promote_metric: str = "valid/auc_mean"
+
+    def __post_init__(self) -> None:
+        for key in ("epochs", "batch_size", "workers"):
+            if getattr(self, key) < 1:
+                _fail("training", key, f"must be >= 1, got {getattr(self, key)}")
+        if self.lr <= 0 or self.embedding_lr <= 0:
+            _fail("training", "lr/embedding_lr", "must be > 0")
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """The Ray Serve ranking application."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model_name: str = "recsys_moe_ranker"
+    model_alias: str = "champion"
+    max_candidates: int = 1000
+    max_batch_size: int = 32
+    batch_wait_timeout_s: float = 0.002
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            _fail("serving", "port", f"must be in 1..65535, got {self.port}")
+        if self.max_candidates < 1:
+            _fail("serving", "max_candidates", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration: one section per concern."""
+
+    source: SourceConfig = field(default_factory=SourceConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    serving: ServingConfig = field(default_factory=ServingConfig)
+    name: str = "default"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **sections: Any) -> Config:
+        return dataclasses.replace(self, **sections)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and convert TOML types where lossless."""
+    origin = get_origin(tp)
+    if origin is Literal:
+        allowed = get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{where}: {value!r} is not allowed; use {_type_name(tp)}")
+        return value
+    if origin in (list, tuple):
+        (inner,) = get_args(tp)[:1]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"{where}: union types are not supported in configs")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {type(value).__name__}")
+        return _build(tp, value, where)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported type {tp}")
+
+
+def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - fields)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed keys: {sorted(fields)}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in raw.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{where or 'config'}: {e}") from None
+
+
+def config_from_dict(raw: dict[str, Any], origin: str = "<dict>") -> Config:
+    """Build and validate a :class:`Config` from a parsed TOML mapping."""
+    try:
+        return _build(Config, raw, "")
+    except ConfigError as e:
+        raise ConfigError(f"{origin}: {e}") from None
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Config:
+    """Load ``path`` (TOML), apply ``overrides`` ({"section.key": value}) and validate.
+
+    Raises:
+        ConfigError: the file is missing or unparsable, a key is unknown or a value is invalid.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found")
+    try:
+        raw = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: not valid TOML: {e}") from None
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    raw.setdefault("name", p.stem)
+    return config_from_dict(raw, str(p))
