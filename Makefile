@@ -7,7 +7,6 @@ STAMP  := $(VENV)/.installed
 PIP    := $(BIN)/pip install --disable-pip-version-check -c requirements/constraints.txt
 CONFIG ?= configs/default.toml
 EXTRAS ?= cpu,dev
-WORKERS ?= 2
 
 export RAY_USAGE_STATS_ENABLED := 0
 export MLFLOW_DISABLE_TELEMETRY := true
@@ -37,8 +36,9 @@ generate: $(STAMP)  ## generate the synthetic raw log (data/raw/default)
 features: $(STAMP)  ## build the feature store from the raw log
 	$(BIN)/recsys-moe features --config $(CONFIG)
 
-train: $(STAMP)  ## generate (if missing) -> features -> train
-	$(BIN)/recsys-moe train --config $(CONFIG) --workers $(WORKERS)
+train: $(STAMP)  ## generate (if missing) -> features (-> training, with the model issues)
+	$(BIN)/recsys-moe generate --config $(CONFIG) --if-missing
+	$(BIN)/recsys-moe features --config $(CONFIG)
 
 test: $(STAMP)  ## run the test suite
 	$(BIN)/python -m pytest

@@ -229,7 +229,8 @@ def encode(
     ]
     labels = [pl.col(t).cast(pl.Float32).alias(LABEL + t) for t in spec.tasks if t in df.columns]
     extra = [SPLIT] if keep_split and SPLIT in df.columns else []
-    return df.select(*keys, *cats, *nums, *labels, *extra, *spec.passthrough)
+    passthrough = [c for c in spec.passthrough if c in df.columns]
+    return df.select(*keys, *cats, *nums, *labels, *extra, *passthrough)
 
 
 # ------------------------------------------------------------------ reference

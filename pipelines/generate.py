@@ -43,14 +43,20 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="recsys-moe generate", description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="configs/default.toml")
     ap.add_argument("--rows", type=int, default=None, help="override synthetic.n_rows")
+    ap.add_argument("--if-missing", action="store_true", help="do nothing if the raw log exists")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     overrides = {"synthetic.n_rows": args.rows} if args.rows else None
     cfg = load_config(args.config, overrides)
+    raw = Path(cfg.data.raw_dir)
+    if args.if_missing and any(raw.glob("interactions*")):
+        print(f"raw log: {raw.resolve()} (exists; not regenerated)", flush=True)
+        return 0
     meta = run_generate(cfg, progress=not args.no_progress)
     if "oracle_auc" in meta:
         print(format_oracle(meta))
-    print(f"raw log: {Path(cfg.data.raw_dir).resolve()} ({meta['rows']} rows)", flush=True)
+    rows = meta["rows"] if isinstance(meta["rows"], int) else meta["rows"]["interactions"]
+    print(f"raw log: {raw.resolve()} ({rows:,} interactions)", flush=True)
     return 0
 
 

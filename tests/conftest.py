@@ -1,0 +1,74 @@
+"""Shared fixtures: one Ray instance per session, small synthetic configs, the shared data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = Path(os.environ.get("RECSYS_MOE_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def small_config_dict(tmp: Path, n_rows: int = 20_000, **features) -> dict:
+    """The default config, shrunk, with every path under ``tmp``."""
+    import tomllib
+
+    raw = tomllib.loads((REPO / "configs" / "default.toml").read_text())
+    raw["synthetic"].update(n_rows=n_rows, n_users=800, n_items=300, chunk_rows=7_000, days=10)
+    raw["data"]["raw_dir"] = str(tmp / "raw")
+    raw["features"].update(store_dir=str(tmp / "store"), partitions=3, **features)
+    return raw
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance for the whole test session (never `ray stop`)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}},
+            log_to_driver=False,
+        )
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def small_log(tmp_path_factory):
+    """A small synthetic raw log (20k rows) and its config, generated once."""
+    from recsys_moe.config import config_from_dict
+    from recsys_moe.data.synthetic import generate
+
+    tmp = tmp_path_factory.mktemp("small")
+    cfg = config_from_dict(small_config_dict(tmp))
+    meta = generate(cfg.synthetic, cfg.data.raw_dir, progress=False)
+    return cfg, meta
+
+
+@pytest.fixture(scope="session")
+def small_store(small_log, ray_session):
+    """The feature store of the small log, built once by the Ray pipeline."""
+    from pipelines.build_features import build_features
+
+    cfg, _ = small_log
+    manifest = build_features(cfg, progress=False)
+    return cfg, manifest
+
+
+def need_shared(*parts: str) -> Path:
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} not present (real data lives in ../shared/data, never in this repo)")
+    return path
