@@ -213,6 +213,12 @@ class ModelConfig:
     n_experts: int = 8
     expert_hidden: list[int] = field(default_factory=lambda: [128, 64])
     tower_hidden: list[int] = field(default_factory=lambda: [32])
+    # feature crosses: elementwise products of two features' pooled embeddings ("a*b"),
+    # appended to the expert input (the bilinear user x item signal an MLP learns poorly)
+    interactions: list[str] = field(default_factory=list)
+    # gates: one per task ("task", MMoE) or one shared by all tasks ("one", OMoE); per domain too
+    gates: Literal["task", "one"] = "task"
+    gate_by_domain: bool = True
     routing: Literal["softmax", "topk", "noisy_topk", "expert_choice"] = "softmax"
     top_k: int = 2
     capacity_factor: float = 1.25
@@ -227,6 +233,9 @@ class ModelConfig:
         for key in ("embedding_dim", "n_experts", "ple_levels"):
             if getattr(self, key) < 1:
                 _fail("model", key, f"must be >= 1, got {getattr(self, key)}")
+        for pair in self.interactions:
+            if pair.count("*") != 1 or "" in pair.split("*"):
+                _fail("model", "interactions", f'{pair!r}: write a pair as "feature_a*feature_b"')
         if not self.expert_hidden or min(self.expert_hidden) < 1:
             _fail("model", "expert_hidden", "must be a non-empty list of positive widths")
         if self.top_k not in (1, 2):

@@ -1,0 +1,130 @@
+"""Router observability: per gate (task x domain) expert load, mean gate probability,
+gate entropy, dead experts and a collapse alarm, accumulated over a window of batches.
+
+Feed every :class:`~recsys_moe.model.ranker.ModelOutput` with its batch's domains to
+:meth:`RouterMonitor.update`; :meth:`RouterMonitor.metrics` returns a flat dict of floats
+(``router/<layer>/<gate>/<domain>/<metric>`` plus totals) that training, serving and
+batch scoring log as they are. :meth:`RouterMonitor.load_table` gives the load matrices
+for plots.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from recsys_moe.model.ranker import ModelOutput
+
+
+@dataclass
+class _Acc:
+    outputs: list[str]
+    n_experts: int
+    tokens: torch.Tensor  # (K,)
+    load: torch.Tensor  # (O, K, E) sum of combine weights
+    prob: torch.Tensor  # (O, K, E) sum of router probabilities
+    entropy: torch.Tensor  # (O, K) sum of per-token gate entropy
+    allowed: torch.Tensor | None = None  # (O, K, E) bool, experts a gate may use
+    dropped: list[float] = field(default_factory=list)
+
+
+class RouterMonitor:
+    """Accumulates routing statistics per gate layer.
+
+    Args:
+        domain_names: names of domain indices 1..K-1 (index 0 is "oov").
+        dead_threshold: an expert whose load share is below ``dead_threshold / E_allowed``
+            over the window counts as dead for that gate.
+        collapse_threshold: a gate whose top expert takes more than this share of the load
+            raises the collapse alarm.
+    """
+
+    def __init__(
+        self, domain_names: list[str], dead_threshold: float = 0.1, collapse_threshold: float = 0.9
+    ) -> None:
+        self.domains = ["oov", *domain_names]
+        self.dead_threshold, self.collapse_threshold = dead_threshold, collapse_threshold
+        self.acc: dict[str, _Acc] = {}
+
+    def reset(self) -> None:
+        self.acc.clear()
+
+    @torch.no_grad()
+    def update(self, out: ModelOutput, domain: torch.Tensor) -> None:
+        K = len(self.domains)
+        for layer in out.gates:
+            w, p = layer.route.weights.float(), layer.route.probs.float()  # (B, O, E)
+            B, O, E = w.shape
+            a = self.acc.get(layer.name)
+            if a is None:
+                a = _Acc(
+                    layer.outputs,
+                    E,
+                    torch.zeros(K),
+                    torch.zeros(O, K, E),
+                    torch.zeros(O, K, E),
+                    torch.zeros(O, K),
+                )
+                self.acc[layer.name] = a
+            d = domain.long().clamp(0, K - 1)
+            a.tokens += torch.bincount(d, minlength=K).float()
+            idx = d.view(B, 1, 1).expand(B, O, E)
+            load = torch.zeros(K, O, E).scatter_add_(0, idx, w)
+            prob = torch.zeros(K, O, E).scatter_add_(0, idx, p)
+            a.load += load.transpose(0, 1)
+            a.prob += prob.transpose(0, 1)
+            ent = -(p.clamp_min(1e-12).log() * p).sum(-1)  # (B, O)
+            a.entropy += torch.zeros(K, O).scatter_add_(0, d.view(B, 1).expand(B, O), ent).T
+            # experts with non-zero probability (masked ones have exactly 0)
+            per_dom = torch.zeros(K, O, E).index_add_(0, d, (p > 0).float()) > 0
+            a.allowed = (
+                per_dom.transpose(0, 1)
+                if a.allowed is None
+                else a.allowed | per_dom.transpose(0, 1)
+            )
+            a.dropped.append(float(layer.route.dropped_fraction))
+
+    def load_table(self, layer: str) -> torch.Tensor:
+        """(O, K, E) load share per gate output, domain and expert (rows sum to 1)."""
+        a = self.acc[layer]
+        return a.load / a.load.sum(-1, keepdim=True).clamp_min(1e-12)
+
+    def metrics(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        dead_total, collapsed_total = 0, 0
+        for name, a in self.acc.items():
+            share = self.load_table(name)  # (O, K, E)
+            mean_p = a.prob / a.tokens.view(1, -1, 1).clamp_min(1)
+            for o, gate in enumerate(a.outputs):
+                for k, dom in enumerate(self.domains):
+                    if a.tokens[k] == 0:
+                        continue
+                    allowed = (
+                        a.allowed[o, k]
+                        if a.allowed is not None
+                        else torch.ones(a.n_experts, dtype=torch.bool)
+                    )
+                    n_allowed = int(allowed.sum())
+                    s = share[o, k]
+                    key = f"router/{name}/{gate}/{dom}"
+                    dead = int(((s < self.dead_threshold / max(n_allowed, 1)) & allowed).sum())
+                    top = float(s.max())
+                    collapsed = n_allowed > 1 and top > self.collapse_threshold
+                    for e in range(a.n_experts):
+                        if allowed[e]:
+                            out[f"{key}/load_e{e}"] = float(s[e])
+                            out[f"{key}/prob_e{e}"] = float(mean_p[o, k, e])
+                    out[f"{key}/entropy"] = float(a.entropy[o, k] / a.tokens[k])
+                    out[f"{key}/entropy_max"] = math.log(max(n_allowed, 1))
+                    out[f"{key}/dead_experts"] = float(dead)
+                    out[f"{key}/top_load"] = top
+                    out[f"{key}/collapsed"] = float(collapsed)
+                    dead_total += dead
+                    collapsed_total += int(collapsed)
+            if a.dropped:
+                out[f"router/{name}/dropped_fraction"] = float(sum(a.dropped) / len(a.dropped))
+        out["router/dead_experts"] = float(dead_total)
+        out["router/collapsed_gates"] = float(collapsed_total)
+        return out

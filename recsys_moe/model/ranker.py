@@ -1,0 +1,302 @@
+"""The multi-task, multi-domain ranking model, composed from single-purpose parts:
+
+    EmbeddingArch (torchrec EBC, all tables)  ->  x = [pooled embeddings | dense]   (B, F*D + N)
+    core: shared-bottom | MMoE | STAR (shared + per-domain experts) | PLE / CGC
+          -> task representations (B, T, H) and the routing of every gate layer
+    TaskTowers (stacked per-task MLPs)          ->  logits (B, T) -> predictions (B, T)
+
+Gates are per (task, domain): each example reads the gates of its own domain. Funnel
+tasks (ESMM) predict ``p(child) = p(parent) * sigmoid(child logit)``. The model defines
+the computation only: no optimiser, device placement, logging or I/O here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, PoolingType
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from recsys_moe.config import ModelConfig
+from recsys_moe.model.experts import GroupedExperts, StackedExperts
+from recsys_moe.model.inputs import Batch, InputSpec
+from recsys_moe.model.routing import GateBank, RouteOut, route
+
+SHARED = "shared"
+
+
+class EmbeddingArch(nn.Module):
+    """All categorical features through one torchrec ``EmbeddingBagCollection``.
+
+    One table per feature (``vocab_size`` rows, dim D, row 0 = out-of-vocabulary);
+    sum pooling for single-valued features, mean pooling for multi-valued ones.
+    """
+
+    def __init__(self, spec: InputSpec, dim: int, device: torch.device | None = None) -> None:
+        super().__init__()
+        self.names = [f.name for f in spec.sparse]
+        tables = [
+            EmbeddingBagConfig(
+                num_embeddings=f.vocab_size,
+                embedding_dim=dim,
+                name=f"t_{f.name}",
+                feature_names=[f.name],
+                pooling=PoolingType.MEAN if f.multi_valued else PoolingType.SUM,
+            )
+            for f in spec.sparse
+        ]
+        self.ebc = EmbeddingBagCollection(tables=tables, device=device)
+        self.out_dim = dim * len(tables)
+
+    def forward(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
+        """-> (B, F*D), features in spec order (indexed by key: sharded outputs reorder)."""
+        pooled = self.ebc(kjt).to_dict()
+        return torch.cat([pooled[n] for n in self.names], dim=1)
+
+
+class TaskTowers(nn.Module):
+    """T towers as stacked parameters: (B, T, H) -> (B, T) logits."""
+
+    def __init__(self, *, n_tasks: int, d_in: int, hidden: list[int]) -> None:
+        super().__init__()
+        self.mlp = (
+            GroupedExperts(n_groups=n_tasks, per_group=1, d_in=d_in, hidden=hidden)
+            if hidden
+            else None
+        )
+        last = hidden[-1] if hidden else d_in
+        self.out_w = nn.Parameter(torch.empty(n_tasks, last).uniform_(-(last**-0.5), last**-0.5))
+        self.out_b = nn.Parameter(torch.zeros(n_tasks))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.mlp is not None:
+            h = self.mlp(h).squeeze(2)  # (B, T, h)
+        return (h * self.out_w).sum(-1) + self.out_b  # (B, T)
+
+
+@dataclass
+class GateLayer:
+    """The routing of one gate layer, for losses and observability."""
+
+    name: str  # "gates", "level0", ...
+    outputs: list[str]  # what each gate output feeds: task names, or "shared"
+    route: RouteOut
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # (B, T) tower outputs
+    preds: torch.Tensor  # (B, T) probabilities (binary) or values (regression)
+    gates: list[GateLayer] = field(default_factory=list)
+
+    @property
+    def aux_loss(self) -> torch.Tensor:
+        return sum((g.route.aux_loss for g in self.gates), self.logits.new_zeros(()))
+
+    @property
+    def z_loss(self) -> torch.Tensor:
+        return sum((g.route.z_loss for g in self.gates), self.logits.new_zeros(()))
+
+
+class RankingModel(nn.Module):
+    """Embeddings -> experts + gates (per ``cfg.arch``) -> task towers.
+
+    Args:
+        spec: inputs, tasks and domains (from the feature-store manifest).
+        cfg: the model section of the config.
+    """
+
+    def __init__(
+        self, spec: InputSpec, cfg: ModelConfig, device: torch.device | None = None
+    ) -> None:
+        super().__init__()
+        self.spec, self.cfg = spec, cfg
+        T, K = len(spec.tasks), spec.n_domains
+        self.embedding = EmbeddingArch(spec, cfg.embedding_dim, device)
+        names = [f.name for f in spec.sparse]
+        pairs = []
+        for pair in cfg.interactions:
+            a, b = pair.split("*")
+            for f in (a, b):
+                if f not in names:
+                    raise ValueError(
+                        f"model.interactions: {f!r} is not a categorical feature; have {names}"
+                    )
+            pairs.append((names.index(a), names.index(b)))
+        self.register_buffer(
+            "_cross_a", torch.tensor([a for a, _ in pairs], dtype=torch.long), persistent=False
+        )
+        self.register_buffer(
+            "_cross_b", torch.tensor([b for _, b in pairs], dtype=torch.long), persistent=False
+        )
+        d_in = self.embedding.out_dim + len(pairs) * cfg.embedding_dim + len(spec.dense)
+        H = cfg.expert_hidden[-1]
+        noisy = cfg.routing == "noisy_topk"
+        self.task_names = spec.task_names
+        gate_outputs = T if cfg.gates == "task" else 1
+        gate_domains = K if cfg.gate_by_domain else 1
+        self._gate_outputs, self._gate_domains = gate_outputs, gate_domains
+        if cfg.arch == "shared_bottom":
+            self.experts = StackedExperts(
+                n_experts=1, d_in=d_in, hidden=cfg.expert_hidden, dropout=cfg.dropout
+            )
+        elif cfg.arch == "mmoe":
+            self.experts = StackedExperts(
+                n_experts=cfg.n_experts, d_in=d_in, hidden=cfg.expert_hidden, dropout=cfg.dropout
+            )
+            self.gates = GateBank(
+                d_in=d_in,
+                n_outputs=gate_outputs,
+                n_domains=gate_domains,
+                n_experts=cfg.n_experts,
+                noisy=noisy,
+            )
+        elif cfg.arch == "star":
+            S, P = cfg.shared_experts, cfg.specific_experts
+            E = S + K * P
+            mask = torch.zeros(K, 1, E, dtype=torch.bool)
+            mask[:, :, :S] = True
+            for k in range(K):
+                mask[k, :, S + k * P : S + (k + 1) * P] = True
+            self.experts = StackedExperts(
+                n_experts=E, d_in=d_in, hidden=cfg.expert_hidden, dropout=cfg.dropout
+            )
+            self.gates = GateBank(
+                d_in=d_in, n_outputs=gate_outputs, n_domains=K, n_experts=E, mask=mask, noisy=noisy
+            )
+            self._gate_domains = K
+        elif cfg.arch == "ple":
+            S, P, L = cfg.shared_experts, cfg.specific_experts, cfg.ple_levels
+            self.shared_experts = nn.ModuleList()
+            self.task_experts = nn.ModuleList()
+            self.task_gates = nn.ModuleList()
+            self.shared_gates = nn.ModuleList()
+            for level in range(L):
+                din = d_in if level == 0 else H
+                self.shared_experts.append(
+                    StackedExperts(
+                        n_experts=S, d_in=din, hidden=cfg.expert_hidden, dropout=cfg.dropout
+                    )
+                )
+                self.task_experts.append(
+                    GroupedExperts(
+                        n_groups=T,
+                        per_group=P,
+                        d_in=din,
+                        hidden=cfg.expert_hidden,
+                        dropout=cfg.dropout,
+                    )
+                )
+                self.task_gates.append(
+                    GateBank(
+                        d_in=din,
+                        n_outputs=T,
+                        n_domains=gate_domains,
+                        n_experts=S + P,
+                        per_output_input=level > 0,
+                        noisy=noisy,
+                    )
+                )
+                if level < L - 1:
+                    self.shared_gates.append(
+                        GateBank(
+                            d_in=din,
+                            n_outputs=1,
+                            n_domains=gate_domains,
+                            n_experts=S + T * P,
+                            noisy=noisy,
+                        )
+                    )
+        else:  # validated by ModelConfig
+            raise ValueError(cfg.arch)
+        self.towers = TaskTowers(n_tasks=T, d_in=H, hidden=cfg.tower_hidden)
+        names = self.task_names
+        self._parent = [names.index(t.funnel_parent) if t.funnel_parent else -1 for t in spec.tasks]
+        for i, p in enumerate(self._parent):
+            if p >= i:
+                raise ValueError(f"task {names[i]!r}: its funnel parent must be declared before it")
+        self._binary = [t.kind == "binary" for t in spec.tasks]
+
+    # --------------------------------------------------------------- parts
+
+    def _route(self, gates: GateBank, x: torch.Tensor, domain: torch.Tensor) -> RouteOut:
+        dom = domain if gates.K > 1 else torch.zeros_like(domain)
+        logits, std, mask = gates(x, dom)
+        c = self.cfg
+        return route(
+            logits, mask, mode=c.routing, top_k=c.top_k, capacity_factor=c.capacity_factor,
+            noise_std=std, training=self.training,
+        )  # fmt: skip
+
+    def _core(self, x: torch.Tensor, domain: torch.Tensor) -> tuple[torch.Tensor, list[GateLayer]]:
+        """x: (B, d_in) -> task representations (B, T, H) and the gate layers."""
+        T = len(self.task_names)
+        if self.cfg.arch == "shared_bottom":
+            h = self.experts(x)  # (B, 1, H)
+            return h.expand(-1, T, -1), []
+        if self.cfg.arch in ("mmoe", "star"):
+            experts = self.experts(x)  # (B, E, H)
+            r = self._route(self.gates, x, domain)  # weights (B, O, E)
+            reps = torch.einsum("boe,beh->boh", r.weights, experts)  # (B, O, H)
+            outputs = self.task_names if self._gate_outputs == T else [SHARED]
+            return reps.expand(-1, T, -1), [GateLayer("gates", outputs, r)]
+        # PLE / CGC: level inputs per task (B, T, d) and a shared input (B, d)
+        layers: list[GateLayer] = []
+        task_in, shared_in = None, x
+        L = len(self.shared_experts)
+        for level in range(L):
+            shared = self.shared_experts[level](shared_in)  # (B, S, H)
+            tin = x.unsqueeze(1).expand(-1, T, -1) if task_in is None else task_in  # (B, T, d)
+            own = self.task_experts[level](tin)  # (B, T, P, H)
+            cand = torch.cat(
+                [shared.unsqueeze(1).expand(-1, T, -1, -1), own], dim=2
+            )  # (B, T, S+P, H)
+            r = self._route(self.task_gates[level], x if task_in is None else task_in, domain)
+            task_out = torch.einsum("bte,bteh->bth", r.weights, cand)  # (B, T, H)
+            layers.append(GateLayer(f"level{level}", list(self.task_names), r))
+            if level < L - 1:
+                every = torch.cat([shared, own.flatten(1, 2)], dim=1)  # (B, S+T*P, H)
+                rs = self._route(self.shared_gates[level], shared_in, domain)
+                shared_in = torch.einsum("boe,beh->boh", rs.weights, every).squeeze(1)  # (B, H)
+                layers.append(GateLayer(f"level{level}_shared", [SHARED], rs))
+            task_in = task_out
+        return task_in, layers
+
+    def predictions(self, logits: torch.Tensor) -> torch.Tensor:
+        """Tower logits (B, T) -> probabilities (funnel products) or regression values."""
+        cols = []
+        for i, (binary, parent) in enumerate(zip(self._binary, self._parent, strict=True)):
+            p = torch.sigmoid(logits[:, i]) if binary else logits[:, i]
+            cols.append(p * cols[parent] if parent >= 0 else p)
+        return torch.stack(cols, dim=1)
+
+    def forward(self, batch: Batch) -> ModelOutput:
+        emb = self.embedding(batch.sparse)  # (B, F*D)
+        parts = [emb]
+        if len(self._cross_a):
+            e = emb.view(emb.shape[0], -1, self.cfg.embedding_dim)  # (B, F, D)
+            parts.append((e[:, self._cross_a] * e[:, self._cross_b]).flatten(1))  # (B, P*D)
+        x = torch.cat([*parts, batch.dense], dim=1)  # (B, d_in)
+        reps, layers = self._core(x, batch.domain)  # (B, T, H)
+        logits = self.towers(reps)  # (B, T)
+        return ModelOutput(logits, self.predictions(logits), layers)
+
+
+def task_losses(model: RankingModel, out: ModelOutput, labels: torch.Tensor) -> torch.Tensor:
+    """Per-task loss (T,): BCE for binary tasks (on the funnel product for funnel children),
+    MSE for regression."""
+    losses = []
+    eps = 1e-7
+    for i, (binary, parent) in enumerate(zip(model._binary, model._parent, strict=True)):
+        y = labels[:, i]
+        if not binary:
+            losses.append(nn.functional.mse_loss(out.preds[:, i], y))
+        elif parent >= 0:
+            losses.append(
+                nn.functional.binary_cross_entropy(out.preds[:, i].clamp(eps, 1 - eps), y)
+            )
+        else:
+            losses.append(nn.functional.binary_cross_entropy_with_logits(out.logits[:, i], y))
+    return torch.stack(losses)

@@ -1,0 +1,255 @@
+"""The single-process training loop (a function, not a method of the model) and model
+files: ``save_model`` / ``load_model`` (safetensors weights + config + manifest).
+
+Distributed training (pipelines/train) reuses :func:`train_step`, :func:`evaluate_model`
+and the early-stopping logic here.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from recsys_moe import metrics as M
+from recsys_moe.config import ModelConfig, TrainingConfig
+from recsys_moe.model.inputs import ExampleTensors, InputSpec
+from recsys_moe.model.observe import RouterMonitor
+from recsys_moe.model.ranker import RankingModel, task_losses
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` returns: the best epoch's validation metrics and the history."""
+
+    best_epoch: int
+    valid: dict[str, float]
+    history: list[dict[str, float]] = field(default_factory=list)
+    router: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+    samples_per_s: float = 0.0
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2**32))
+    return torch.Generator().manual_seed(seed)
+
+
+def make_optimizer(model: RankingModel, cfg: TrainingConfig) -> torch.optim.Optimizer:
+    """Adam; embedding tables get their own (larger) learning rate."""
+    emb = [p for n, p in model.named_parameters() if n.startswith("embedding.") and p.requires_grad]
+    rest = [
+        p for n, p in model.named_parameters() if not n.startswith("embedding.") and p.requires_grad
+    ]
+    groups = [{"params": rest, "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
+    if emb:
+        groups.append({"params": emb, "lr": cfg.embedding_lr, "weight_decay": 0.0})
+    return torch.optim.Adam(groups)
+
+
+def loss_of(model: RankingModel, out, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Total loss (weighted tasks + aux + z) and the per-task losses (T,)."""
+    per_task = task_losses(model, out, labels)
+    w = torch.tensor([t.weight for t in model.spec.tasks])
+    total = (
+        (per_task * w).sum()
+        + model.cfg.aux_loss_coef * out.aux_loss
+        + model.cfg.z_loss_coef * out.z_loss
+    )
+    return total, per_task
+
+
+def train_step(
+    model: RankingModel,
+    batch,
+    optimizer: torch.optim.Optimizer,
+    monitor: RouterMonitor | None = None,
+) -> float:
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    out = model(batch)
+    total, _ = loss_of(model, out, batch.labels)
+    total.backward()
+    optimizer.step()
+    if monitor is not None:
+        monitor.update(out, batch.domain)
+    return float(total.detach())
+
+
+@torch.no_grad()
+def predict(
+    model: RankingModel,
+    data: ExampleTensors,
+    batch_size: int = 8192,
+    monitor: RouterMonitor | None = None,
+) -> np.ndarray:
+    """Predictions (n, T) in row order."""
+    model.eval()
+    outs = []
+    for b in data.batches(batch_size):
+        out = model(b)
+        if monitor is not None:
+            monitor.update(out, b.domain)
+        outs.append(out.preds)
+    return (
+        torch.cat(outs).numpy() if outs else np.zeros((0, len(model.spec.tasks)), dtype=np.float32)
+    )
+
+
+def evaluate_model(
+    model: RankingModel,
+    data: ExampleTensors,
+    users: np.ndarray | None = None,
+    batch_size: int = 8192,
+) -> tuple[dict[str, float], np.ndarray]:
+    preds = predict(model, data, batch_size)
+    spec = model.spec
+    res = M.evaluate(
+        data.labels.numpy(),
+        preds,
+        data.domain.numpy(),
+        [(t.name, t.kind) for t in spec.tasks],
+        spec.domains,
+        users,
+    )
+    with torch.no_grad():
+        res["loss"] = float(sum(_eval_loss(model, data, batch_size)))
+    return res, preds
+
+
+@torch.no_grad()
+def _eval_loss(model: RankingModel, data: ExampleTensors, batch_size: int) -> list[float]:
+    total, n = [], 0
+    for b in data.batches(batch_size):
+        out = model(b)
+        per_task = task_losses(model, out, b.labels)
+        total.append(
+            float((per_task * torch.tensor([t.weight for t in model.spec.tasks])).sum()) * len(b)
+        )
+        n += len(b)
+    return [sum(total) / max(n, 1)]
+
+
+def fit(
+    model: RankingModel,
+    train: ExampleTensors,
+    valid: ExampleTensors,
+    cfg: TrainingConfig,
+    *,
+    metric: str = "auc_mean",
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    progress: bool = True,
+) -> FitResult:
+    """Train with early stopping on ``metric`` (higher is better; ``loss`` is minimised).
+
+    Returns:
+        the best epoch's validation metrics; the model holds the best epoch's weights.
+    """
+    from tqdm import tqdm
+
+    gen = seed_everything(cfg.seed)
+    opt = make_optimizer(model, cfg)
+    monitor = RouterMonitor(model.spec.domains)
+    best, best_state, best_epoch, bad = -float("inf"), None, -1, 0
+    history: list[dict[str, float]] = []
+    sign = -1.0 if metric == "loss" else 1.0
+    started = time.perf_counter()
+    seen = 0
+    train_time = 0.0
+    for epoch in range(cfg.epochs):
+        monitor.reset()
+        losses = []
+        t0 = time.perf_counter()
+        n_batches = (len(train) + cfg.batch_size - 1) // cfg.batch_size
+        bar = tqdm(
+            train.batches(cfg.batch_size, shuffle=True, generator=gen),
+            total=n_batches,
+            desc=f"epoch {epoch}",
+            disable=not progress,
+            leave=False,
+        )
+        for b in bar:
+            losses.append(train_step(model, b, opt, monitor))
+            seen += len(b)
+            if len(losses) % 20 == 0:
+                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+        train_time += time.perf_counter() - t0
+        val, _ = evaluate_model(model, valid)
+        rec = {
+            "epoch": float(epoch),
+            "train/loss": float(np.mean(losses)),
+            **{f"valid/{k}": v for k, v in val.items()},
+        }
+        history.append(rec)
+        if on_epoch is not None:
+            on_epoch(epoch, rec)
+        score = sign * val.get(metric, -val["loss"])
+        if progress:
+            print(
+                f"epoch {epoch}: train loss {rec['train/loss']:.4f}, valid loss {val['loss']:.4f}, valid {metric} {val.get(metric, float('nan')):.4f}",
+                flush=True,
+            )
+        if score > best:
+            best, best_state, best_epoch, bad = score, copy.deepcopy(model.state_dict()), epoch, 0
+            router = monitor.metrics()
+        else:
+            bad += 1
+            if bad > cfg.early_stopping_patience:
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    valid_best = {
+        k.removeprefix("valid/"): v
+        for k, v in history[best_epoch].items()
+        if k.startswith("valid/")
+    }
+    return FitResult(
+        best_epoch,
+        valid_best,
+        history,
+        router,
+        time.perf_counter() - started,
+        seen / max(train_time, 1e-9),
+    )
+
+
+# ------------------------------------------------------------------ model files
+
+WEIGHTS, META = "model.safetensors", "model.json"
+
+
+def save_model(
+    model: RankingModel,
+    path: str | Path,
+    manifest: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``model.safetensors`` (weights) and ``model.json`` (model config + manifest)."""
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out / WEIGHTS))
+    meta = {"model_config": asdict(model.cfg), "manifest": manifest, **(extra or {})}
+    (out / META).write_text(json.dumps(meta, indent=2, default=str))
+    return out
+
+
+def load_model(path: str | Path) -> tuple[RankingModel, dict[str, Any]]:
+    """Rebuild a model saved by :func:`save_model` (tensors only: no pickled code runs)."""
+    p = Path(path)
+    meta = json.loads((p / META).read_text())
+    model = RankingModel(
+        InputSpec.from_manifest(meta["manifest"]), ModelConfig(**meta["model_config"])
+    )
+    model.load_state_dict(load_file(str(p / WEIGHTS)))
+    model.eval()
+    return model, meta
