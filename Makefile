@@ -36,9 +36,10 @@ generate: $(STAMP)  ## generate the synthetic raw log (data/raw/default)
 features: $(STAMP)  ## build the feature store from the raw log
 	$(BIN)/recsys-moe features --config $(CONFIG)
 
-train: $(STAMP)  ## generate (if missing) -> features (-> training, with the model issues)
+train: $(STAMP)  ## generate (if missing) -> features -> train -> evaluate
 	$(BIN)/recsys-moe generate --config $(CONFIG) --if-missing
 	$(BIN)/recsys-moe features --config $(CONFIG)
+	$(BIN)/recsys-moe train --config $(CONFIG)
 
 test: $(STAMP)  ## run the test suite
 	$(BIN)/python -m pytest

@@ -8,12 +8,25 @@ a loader kind (``movielens100k``, ``census_kdd``, ...) maps a public dataset fro
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 from recsys_moe.config import Config, load_config
 from recsys_moe.data.loaders import materialize
 from recsys_moe.data.synthetic import generate
+
+
+def raw_log_is_current(cfg: Config) -> bool:
+    """True if ``data.raw_dir`` holds a raw log made from this config's source settings."""
+    raw = Path(cfg.data.raw_dir)
+    if not any(raw.glob("interactions*")):
+        return False
+    if cfg.source.kind != "synthetic":
+        return True
+    meta = raw / "generator.json"
+    return meta.is_file() and json.loads(meta.read_text()).get("config") == asdict(cfg.synthetic)
 
 
 def run_generate(cfg: Config, progress: bool = True) -> dict:
@@ -43,14 +56,20 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="recsys-moe generate", description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="configs/default.toml")
     ap.add_argument("--rows", type=int, default=None, help="override synthetic.n_rows")
-    ap.add_argument("--if-missing", action="store_true", help="do nothing if the raw log exists")
+    ap.add_argument(
+        "--if-missing",
+        action="store_true",
+        help="do nothing if a raw log made from this config exists",
+    )
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     overrides = {"synthetic.n_rows": args.rows} if args.rows else None
     cfg = load_config(args.config, overrides)
     raw = Path(cfg.data.raw_dir)
-    if args.if_missing and any(raw.glob("interactions*")):
-        print(f"raw log: {raw.resolve()} (exists; not regenerated)", flush=True)
+    if args.if_missing and raw_log_is_current(cfg):
+        print(
+            f"raw log: {raw.resolve()} (exists and matches the config; not regenerated)", flush=True
+        )
         return 0
     meta = run_generate(cfg, progress=not args.no_progress)
     if "oracle_auc" in meta:

@@ -81,6 +81,8 @@ class SyntheticConfig:
     n_items: int = 5_000
     domains: list[str] = field(default_factory=lambda: ["feed", "search", "video"])
     latent_dim: int = 8
+    # share of a user's / item's preference vector not explained by its attributes
+    idiosyncratic: float = 0.6
     zipf_exponent: float = 1.05
     user_activity_sigma: float = 1.2
     days: int = 30
@@ -93,6 +95,8 @@ class SyntheticConfig:
                 _fail("synthetic", key, f"must be >= 1, got {getattr(self, key)}")
         if not self.domains or len(set(self.domains)) != len(self.domains):
             _fail("synthetic", "domains", "must be a non-empty list of distinct names")
+        if self.idiosyncratic < 0:
+            _fail("synthetic", "idiosyncratic", "must be >= 0")
         if self.zipf_exponent <= 0:
             _fail("synthetic", "zipf_exponent", "must be > 0")
 
@@ -213,8 +217,9 @@ class ModelConfig:
     n_experts: int = 8
     expert_hidden: list[int] = field(default_factory=lambda: [128, 64])
     tower_hidden: list[int] = field(default_factory=lambda: [32])
-    # feature crosses: elementwise products of two features' pooled embeddings ("a*b"),
-    # appended to the expert input (the bilinear user x item signal an MLP learns poorly)
+    # feature crosses appended to the expert input: "a+b*c+d" is the elementwise product of
+    # (e_a + e_b) and (e_c + e_d), pooled embeddings; e.g. a user side times an item side,
+    # the bilinear user x item signal that an MLP on concatenated embeddings learns poorly
     interactions: list[str] = field(default_factory=list)
     # gates: one per task ("task", MMoE) or one shared by all tasks ("one", OMoE); per domain too
     gates: Literal["task", "one"] = "task"
@@ -234,8 +239,10 @@ class ModelConfig:
             if getattr(self, key) < 1:
                 _fail("model", key, f"must be >= 1, got {getattr(self, key)}")
         for pair in self.interactions:
-            if pair.count("*") != 1 or "" in pair.split("*"):
-                _fail("model", "interactions", f'{pair!r}: write a pair as "feature_a*feature_b"')
+            if pair.count("*") != 1 or "" in pair.replace("*", "+").split("+"):
+                _fail(
+                    "model", "interactions", f'{pair!r}: write a cross as "a+b*c+d" (feature names)'
+                )
         if not self.expert_hidden or min(self.expert_hidden) < 1:
             _fail("model", "expert_hidden", "must be a non-empty list of positive widths")
         if self.top_k not in (1, 2):

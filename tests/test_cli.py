@@ -28,7 +28,13 @@ def cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
 
 def small_toml(tmp_path: Path) -> Path:
     text = (REPO / "configs" / "default.toml").read_text()
-    for key, value in {"n_rows": "6000", "n_users": "300", "n_items": "100"}.items():
+    for key, value in {
+        "n_rows": "6000",
+        "n_users": "300",
+        "n_items": "100",
+        "epochs": "1",
+        "batch_size": "512",
+    }.items():
         text = re.sub(rf"^{key} = .*$", f"{key} = {value}", text, flags=re.M)
     text = text.replace('"data/raw/default"', f'"{tmp_path / "raw"}"')
     text = text.replace('"data/features/default"', f'"{tmp_path / "store"}"')
@@ -61,7 +67,7 @@ def test_missing_raw_log_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.slow
-def test_generate_then_features(tmp_path):
+def test_generate_features_train(tmp_path):
     cfg = small_toml(tmp_path)
     r = subprocess.run(
         [sys.executable, "-m", "pipelines.generate", "--config", str(cfg), "--no-progress"],
@@ -73,3 +79,7 @@ def test_generate_then_features(tmp_path):
     assert r.returncode == 0, r.stderr
     assert f"feature store: {tmp_path / 'store'}" in r.stdout
     assert (tmp_path / "store" / "manifest.json").is_file()
+    r = cli("train", "--config", str(cfg), "--no-progress", "--output", str(tmp_path / "model"))
+    assert r.returncode == 0, r.stderr
+    assert "oracle" in r.stdout and f"model: {tmp_path / 'model'}" in r.stdout
+    assert (tmp_path / "model" / "model.safetensors").is_file()

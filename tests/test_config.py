@@ -84,3 +84,11 @@ def test_overrides_and_frozen(tmp_path):
     assert cfg.synthetic.n_rows == 123
     with pytest.raises(AttributeError):
         cfg.synthetic.n_rows = 5  # type: ignore[misc]
+
+
+def test_interaction_syntax():
+    ok = config_from_dict({"model": {"interactions": ["user_id+age*item_id", "a*b"]}})
+    assert ok.model.interactions == ["user_id+age*item_id", "a*b"]
+    for bad in ("user_id", "a**b", "a+*b", "a*b*c"):
+        with pytest.raises(ConfigError, match="write a cross"):
+            config_from_dict({"model": {"interactions": [bad]}})

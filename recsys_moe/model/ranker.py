@@ -116,21 +116,19 @@ class RankingModel(nn.Module):
         T, K = len(spec.tasks), spec.n_domains
         self.embedding = EmbeddingArch(spec, cfg.embedding_dim, device)
         names = [f.name for f in spec.sparse]
-        pairs = []
-        for pair in cfg.interactions:
-            a, b = pair.split("*")
-            for f in (a, b):
-                if f not in names:
-                    raise ValueError(
-                        f"model.interactions: {f!r} is not a categorical feature; have {names}"
-                    )
-            pairs.append((names.index(a), names.index(b)))
-        self.register_buffer(
-            "_cross_a", torch.tensor([a for a, _ in pairs], dtype=torch.long), persistent=False
-        )
-        self.register_buffer(
-            "_cross_b", torch.tensor([b for _, b in pairs], dtype=torch.long), persistent=False
-        )
+        F_ = len(names)
+        # each cross "a+b*c+d" is (e_a + e_b) * (e_c + e_d): two 0/1 selection rows over features
+        sides = torch.zeros(2, len(cfg.interactions), F_)
+        for i, pair in enumerate(cfg.interactions):
+            for side, part in enumerate(pair.split("*")):
+                for f in part.split("+"):
+                    if f not in names:
+                        raise ValueError(
+                            f"model.interactions: {f!r} is not a categorical feature; have {names}"
+                        )
+                    sides[side, i, names.index(f)] = 1.0
+        self.register_buffer("_cross", sides, persistent=False)
+        pairs = cfg.interactions
         d_in = self.embedding.out_dim + len(pairs) * cfg.embedding_dim + len(spec.dense)
         H = cfg.expert_hidden[-1]
         noisy = cfg.routing == "noisy_topk"
@@ -275,9 +273,11 @@ class RankingModel(nn.Module):
     def forward(self, batch: Batch) -> ModelOutput:
         emb = self.embedding(batch.sparse)  # (B, F*D)
         parts = [emb]
-        if len(self._cross_a):
+        if self._cross.shape[1]:
             e = emb.view(emb.shape[0], -1, self.cfg.embedding_dim)  # (B, F, D)
-            parts.append((e[:, self._cross_a] * e[:, self._cross_b]).flatten(1))  # (B, P*D)
+            left = torch.einsum("pf,bfd->bpd", self._cross[0], e)  # (B, P, D)
+            right = torch.einsum("pf,bfd->bpd", self._cross[1], e)
+            parts.append((left * right).flatten(1))  # (B, P*D)
         x = torch.cat([*parts, batch.dense], dim=1)  # (B, d_in)
         reps, layers = self._core(x, batch.domain)  # (B, T, H)
         logits = self.towers(reps)  # (B, T)
