@@ -17,6 +17,10 @@ COMMANDS = {
         "pipelines.build_features",
         "build the feature store from the raw log (Ray Data + Polars)",
     ),
+    "train": (
+        "pipelines.train",
+        "train and evaluate the ranking model on the feature store",
+    ),
 }
 
 
