@@ -15,7 +15,16 @@ import ray
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # torch's spin-waiting OpenMP threads stall small ops on a shared 2-core box
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "RAY_USAGE_STATS_ENABLED": "0"}
-SHIP_EXCLUDES = ["/.venv/", "/data/", "/mlruns/", "/models/", ".git/", "*.parquet", "bench/out/", ".pytest_cache/"]
+SHIP_EXCLUDES = [
+    "/.venv/",
+    "/data/",
+    "/mlruns/",
+    "/models/",
+    ".git/",
+    "*.parquet",
+    "bench/out/",
+    ".pytest_cache/",
+]
 
 
 def init_ray(num_cpus: int | None = None) -> None:

@@ -47,15 +47,18 @@ def oracle_metrics(
 
 
 def table(spec: InputSpec, res: dict[str, float], oracle: dict[str, float] | None) -> str:
-    lines = [f"{'task':<12}{'domain':<10}{'AUC':>8}{'oracle':>8}{'logloss':>9}{'calib':>7}"]
+    tw = max(len(t.name) for t in spec.tasks) + 2
+    dw = max(len(d) for d in [*spec.domains, "domain"]) + 2
+    lines = [f"{'task':<{tw}}{'domain':<{dw}}{'AUC':>8}{'oracle':>8}{'logloss':>9}{'calib':>7}"]
     for t in spec.tasks:
         for d in [*spec.domains, "all"]:
             key = f"{t.name}/{d}"
             if f"{key}/auc" not in res:
                 continue
             o = f"{oracle[f'{key}/auc']:8.4f}" if oracle and f"{key}/auc" in oracle else f"{'-':>8}"
+            calib = res.get(f"{key}/calibration", float("nan"))
             lines.append(
-                f"{t.name:<12}{d:<10}{res[f'{key}/auc']:8.4f}{o}{res[f'{key}/logloss']:9.4f}{res.get(f'{key}/calibration', float('nan')):7.3f}"
+                f"{t.name:<{tw}}{d:<{dw}}{res[f'{key}/auc']:8.4f}{o}{res[f'{key}/logloss']:9.4f}{calib:7.3f}"
             )
     return "\n".join(lines)
 
