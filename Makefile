@@ -13,7 +13,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export RAY_AUTH_MODE := disabled
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: install train features generate test lint format bench clean help
+.PHONY: install train features generate test lint format bench bench-quality clean help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -52,8 +52,13 @@ format: $(STAMP)  ## ruff format + autofix
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-bench: $(STAMP)  ## run the benchmarks (writes bench/RESULTS.md sections)
+bench: $(STAMP)  ## throughput benchmarks (writes bench/RESULTS.md sections)
 	$(BIN)/python -m bench.features
+
+bench-quality: $(STAMP)  ## model-quality scripts (MMoE synthetic, Census, architectures; ~40 min)
+	$(BIN)/python -m bench.quality.mmoe_synthetic
+	$(BIN)/python -m bench.quality.archs --config configs/census.toml --archs shared_bottom mmoe ple
+	$(BIN)/python -m bench.quality.archs --config configs/default.toml
 
 clean:  ## remove generated data, runs and the virtualenv
 	rm -rf $(VENV) data mlruns mlflow.db .pytest_cache .ruff_cache build *.egg-info
