@@ -31,6 +31,13 @@ def _fail(section: str, key: str, msg: str) -> None:
     raise ConfigError(f"[{section}] {key}: {msg}")
 
 
+def _require_positive(section: str, obj: object, *keys: str) -> None:
+    """Every named integer field must be >= 1."""
+    for key in keys:
+        if getattr(obj, key) < 1:
+            _fail(section, key, f"must be >= 1, got {getattr(obj, key)}")
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     """One prediction task (a label column of the interactions table).
@@ -90,9 +97,9 @@ class SyntheticConfig:
     seed: int = 7
 
     def __post_init__(self) -> None:
-        for key in ("n_rows", "n_users", "n_items", "latent_dim", "days", "chunk_rows"):
-            if getattr(self, key) < 1:
-                _fail("synthetic", key, f"must be >= 1, got {getattr(self, key)}")
+        _require_positive(
+            "synthetic", self, "n_rows", "n_users", "n_items", "latent_dim", "days", "chunk_rows"
+        )
         if not self.domains or len(set(self.domains)) != len(self.domains):
             _fail("synthetic", "domains", "must be a non-empty list of distinct names")
         if self.idiosyncratic < 0:
@@ -235,9 +242,7 @@ class ModelConfig:
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        for key in ("embedding_dim", "n_experts", "ple_levels"):
-            if getattr(self, key) < 1:
-                _fail("model", key, f"must be >= 1, got {getattr(self, key)}")
+        _require_positive("model", self, "embedding_dim", "n_experts", "ple_levels")
         for pair in self.interactions:
             if pair.count("*") != 1 or "" in pair.replace("*", "+").split("+"):
                 _fail(
@@ -264,6 +269,8 @@ class TrainingConfig:
     lr: float = 3e-3
     embedding_lr: float = 0.05
     weight_decay: float = 0.0
+    # learning rates are multiplied by this after every epoch
+    lr_decay: float = 1.0
     early_stopping_patience: int = 2
     seed: int = 0
     workers: int = 2
@@ -271,11 +278,11 @@ class TrainingConfig:
     promote_metric: str = "valid/auc_mean"
 
     def __post_init__(self) -> None:
-        for key in ("epochs", "batch_size", "workers"):
-            if getattr(self, key) < 1:
-                _fail("training", key, f"must be >= 1, got {getattr(self, key)}")
+        _require_positive("training", self, "epochs", "batch_size", "workers")
         if self.lr <= 0 or self.embedding_lr <= 0:
             _fail("training", "lr/embedding_lr", "must be > 0")
+        if not 0 < self.lr_decay <= 1:
+            _fail("training", "lr_decay", f"must be in (0, 1], got {self.lr_decay}")
 
 
 @dataclass(frozen=True)

@@ -183,6 +183,8 @@ def fit(
             if len(losses) % 20 == 0:
                 bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
         train_time += time.perf_counter() - t0
+        for group in opt.param_groups:
+            group["lr"] *= cfg.lr_decay
         val, _ = evaluate_model(model, valid)
         rec = {
             "epoch": float(epoch),

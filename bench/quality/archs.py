@@ -113,7 +113,7 @@ def main() -> None:
         f"Machine: {machine()}. Config `{args.config}`; seeds {args.seeds}; {time.perf_counter() - t0:.0f} s in all.",
         f"Data: {first['train_rows']:,} training rows (time split; test = last {cfg.features.test_fraction:.0%}). "
         f"Training: up to {tr.epochs} epochs (early stopping on validation {tr.promote_metric}), batch {tr.batch_size}, "
-        f"Adam lr {tr.lr} (embeddings {tr.embedding_lr}). Model: embedding dim {m.embedding_dim}, experts {m.expert_hidden}, "
+        f"Adam lr {tr.lr} (embeddings {tr.embedding_lr}), x{tr.lr_decay} per epoch. Model: embedding dim {m.embedding_dim}, experts {m.expert_hidden}, "
         f"{m.n_experts} experts (MMoE), {m.shared_experts} shared + {m.specific_experts} specific (PLE/STAR), "
         f"interactions {m.interactions or 'none'}, routing {m.routing}. Metric: test AUC.",
     ]
