@@ -86,6 +86,27 @@ def train_step(
 
 
 @torch.no_grad()
+def _predict_and_loss(
+    model: RankingModel,
+    data: ExampleTensors,
+    batch_size: int,
+    monitor: RouterMonitor | None = None,
+) -> tuple[np.ndarray, float]:
+    """One pass: predictions (n, T) in row order and, with labels, the mean weighted loss."""
+    model.eval()
+    outs, loss_sum = [], 0.0
+    weights = torch.tensor([t.weight for t in model.spec.tasks])
+    for b in data.batches(batch_size):
+        out = model(b)
+        if monitor is not None:
+            monitor.update(out, b.domain)
+        if b.labels is not None:
+            loss_sum += float((task_losses(model, out, b.labels) * weights).sum()) * len(b)
+        outs.append(out.preds)
+    preds = torch.cat(outs).numpy() if outs else np.zeros((0, len(weights)), dtype=np.float32)
+    return preds, loss_sum / max(len(data), 1)
+
+
 def predict(
     model: RankingModel,
     data: ExampleTensors,
@@ -93,16 +114,7 @@ def predict(
     monitor: RouterMonitor | None = None,
 ) -> np.ndarray:
     """Predictions (n, T) in row order."""
-    model.eval()
-    outs = []
-    for b in data.batches(batch_size):
-        out = model(b)
-        if monitor is not None:
-            monitor.update(out, b.domain)
-        outs.append(out.preds)
-    return (
-        torch.cat(outs).numpy() if outs else np.zeros((0, len(model.spec.tasks)), dtype=np.float32)
-    )
+    return _predict_and_loss(model, data, batch_size, monitor)[0]
 
 
 def evaluate_model(
@@ -111,7 +123,8 @@ def evaluate_model(
     users: np.ndarray | None = None,
     batch_size: int = 8192,
 ) -> tuple[dict[str, float], np.ndarray]:
-    preds = predict(model, data, batch_size)
+    """Metrics per task x domain (recsys_moe.metrics.evaluate) plus "loss", and the predictions."""
+    preds, loss = _predict_and_loss(model, data, batch_size)
     spec = model.spec
     res = M.evaluate(
         data.labels.numpy(),
@@ -121,22 +134,8 @@ def evaluate_model(
         spec.domains,
         users,
     )
-    with torch.no_grad():
-        res["loss"] = float(sum(_eval_loss(model, data, batch_size)))
+    res["loss"] = loss
     return res, preds
-
-
-@torch.no_grad()
-def _eval_loss(model: RankingModel, data: ExampleTensors, batch_size: int) -> list[float]:
-    total, n = [], 0
-    for b in data.batches(batch_size):
-        out = model(b)
-        per_task = task_losses(model, out, b.labels)
-        total.append(
-            float((per_task * torch.tensor([t.weight for t in model.spec.tasks])).sum()) * len(b)
-        )
-        n += len(b)
-    return [sum(total) / max(n, 1)]
 
 
 def fit(

@@ -75,14 +75,16 @@ class GateBank(nn.Module):
         self.per_output_input = per_output_input
 
     def _project(
-        self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, domain: torch.Tensor
+        self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, domain: torch.Tensor
     ) -> torch.Tensor:
         B = x.shape[0]
         if self.per_output_input:  # x: (B, O, d)
-            z = torch.einsum("bod,odw->bow", x, w) + b  # (B, O, K*E)
+            z = torch.einsum("bod,odw->bow", x, w)  # (B, O, K*E)
+            z = z if b is None else z + b
             z = z.view(B, self.O, self.K, self.E).transpose(1, 2)  # (B, K, O, E)
         else:  # x: (B, d)
-            z = (x @ w[0] + b[0]).view(B, self.K, self.O, self.E)  # all gates: one GEMM
+            z = x @ w[0] if b is None else x @ w[0] + b[0]  # all gates: one GEMM
+            z = z.view(B, self.K, self.O, self.E)
         idx = domain.view(B, 1, 1, 1).expand(B, 1, self.O, self.E)
         return z.gather(1, idx).squeeze(1)  # (B, O, E): the example's own domain's gates
 
@@ -92,7 +94,7 @@ class GateBank(nn.Module):
         logits = self._project(x, self.w, self.b, domain)
         std = None
         if self.noise is not None:
-            std = F.softplus(self._project(x, self.noise, self.b.detach() * 0, domain))
+            std = F.softplus(self._project(x, self.noise, None, domain))
         return logits, std, self.mask[domain]
 
 
