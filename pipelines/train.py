@@ -84,7 +84,7 @@ def train_single(cfg: Config, output: str | Path, progress: bool = True) -> dict
         metric=cfg.training.promote_metric.removeprefix("valid/"),
         progress=progress,
     )
-    users = test_df[spec_key(manifest, "user_id")].to_numpy()
+    users = test_df[manifest["keys"]["user_id"]].to_numpy()
     test_metrics, _ = evaluate_model(model, test, users=users)
     oracle = oracle_metrics(cfg, test_df, test, spec)
     out = save_model(
@@ -104,10 +104,6 @@ def train_single(cfg: Config, output: str | Path, progress: bool = True) -> dict
     (Path(out) / "metrics.json").write_text(json.dumps(summary, indent=2, default=float))
     print(table(spec, test_metrics, oracle), flush=True)
     return summary
-
-
-def spec_key(manifest: dict[str, Any], key: str) -> str:
-    return manifest["keys"][key]
 
 
 def main(argv: list[str] | None = None) -> int:

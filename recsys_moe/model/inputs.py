@@ -153,7 +153,7 @@ class ExampleTensors:
     def batch(self, idx: torch.Tensor | slice) -> Batch:
         """Gather rows ``idx`` (a slice or a 1-D index tensor) into a Batch."""
         if isinstance(idx, slice):
-            idx = torch.arange(self.n)[idx]
+            idx = torch.arange(*idx.indices(self.n))
         keys, values, lengths = [], [], []
         for f, v, ln, off in zip(
             self.spec.sparse, self.values, self.lengths, self.offsets, strict=True
