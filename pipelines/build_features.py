@@ -200,7 +200,10 @@ def _encode_block(
     vocabs: dict[str, pl.DataFrame],
     stats: dict[str, dict[str, float]],
 ) -> pa.Table:
-    return ex.encode(_pl(batch), spec, vocabs, stats).to_arrow()
+    # rows in a seeded random order: a streaming trainer reading the store with a local
+    # shuffle buffer then sees every time range and user mixed (blocks are time-sorted)
+    df = ex.encode(_pl(batch), spec, vocabs, stats)
+    return df.sample(fraction=1.0, shuffle=True, seed=df.height).to_arrow()
 
 
 # ------------------------------------------------------------------ pipeline

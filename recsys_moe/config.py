@@ -260,6 +260,9 @@ class ModelConfig:
             _fail("model", "dropout", "must be in [0, 1)")
 
 
+EMBEDDING_OPTIMIZERS = ("adagrad", "rowwise_adagrad", "sgd")
+
+
 @dataclass(frozen=True)
 class TrainingConfig:
     """Optimisation and evaluation settings."""
@@ -268,6 +271,9 @@ class TrainingConfig:
     batch_size: int = 4096
     lr: float = 3e-3
     embedding_lr: float = 0.05
+    # the embedding tables' optimiser, fused into FBGEMM's backward (the kernels on CPU
+    # support adagrad, rowwise_adagrad and sgd; dense parameters always use Adam)
+    embedding_optimizer: str = "adagrad"
     weight_decay: float = 0.0
     # learning rates are multiplied by this after every epoch
     lr_decay: float = 1.0
@@ -281,6 +287,12 @@ class TrainingConfig:
         _require_positive("training", self, "epochs", "batch_size", "workers")
         if self.lr <= 0 or self.embedding_lr <= 0:
             _fail("training", "lr/embedding_lr", "must be > 0")
+        if self.embedding_optimizer not in EMBEDDING_OPTIMIZERS:
+            _fail(
+                "training",
+                "embedding_optimizer",
+                f"must be one of {list(EMBEDDING_OPTIMIZERS)}, got {self.embedding_optimizer!r}",
+            )
         if not 0 < self.lr_decay <= 1:
             _fail("training", "lr_decay", f"must be in (0, 1], got {self.lr_decay}")
 

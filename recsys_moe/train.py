@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 
 from recsys_moe import metrics as M
 from recsys_moe.config import ModelConfig, TrainingConfig
@@ -44,16 +45,39 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def make_optimizer(model: RankingModel, cfg: TrainingConfig) -> torch.optim.Optimizer:
-    """Adam; embedding tables get their own (larger) learning rate."""
-    emb = [p for n, p in model.named_parameters() if n.startswith("embedding.") and p.requires_grad]
-    rest = [
-        p for n, p in model.named_parameters() if not n.startswith("embedding.") and p.requires_grad
-    ]
-    groups = [{"params": rest, "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
+def embedding_optimizer(cfg: TrainingConfig) -> tuple[type[torch.optim.Optimizer], dict]:
+    """The embedding tables' optimiser class and arguments. The same classes select the
+    fused FBGEMM update when torchrec shards the tables, so both paths train alike."""
+    from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+    cls = {
+        "adagrad": torch.optim.Adagrad,
+        "rowwise_adagrad": RowWiseAdagrad,
+        "sgd": torch.optim.SGD,
+    }[cfg.embedding_optimizer]
+    kw: dict[str, Any] = {"lr": cfg.embedding_lr}
+    if cfg.embedding_optimizer != "sgd":
+        kw["eps"] = EMBEDDING_EPS
+    return cls, kw
+
+
+EMBEDDING_EPS = 1e-8
+
+
+def dense_optimizer(params, cfg: TrainingConfig) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def make_optimizer(model: RankingModel, cfg: TrainingConfig) -> CombinedOptimizer:
+    """Adam for dense parameters; the embedding optimiser of ``cfg`` for the tables."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    emb = {n: p for n, p in named if n.startswith("embedding.")}
+    rest = {n: p for n, p in named if not n.startswith("embedding.")}
+    cls, kw = embedding_optimizer(cfg)
+    parts = [KeyedOptimizerWrapper(rest, lambda ps: dense_optimizer(ps, cfg))]
     if emb:
-        groups.append({"params": emb, "lr": cfg.embedding_lr, "weight_decay": 0.0})
-    return torch.optim.Adam(groups)
+        parts.append(KeyedOptimizerWrapper(emb, lambda ps: cls(ps, **kw)))
+    return CombinedOptimizer(parts)
 
 
 def loss_of(model: RankingModel, out, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

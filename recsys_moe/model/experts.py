@@ -54,8 +54,10 @@ class StackedExperts(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.last_activation = last_activation
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, d_in) -> (B, E, H)."""
+    def forward(self, x: torch.Tensor, need: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, d_in) -> (B, E, H). ``need`` (the experts each row was routed to) is for
+        :class:`~recsys_moe.distributed.expert_parallel.ExpertParallel`'s interface: here
+        every expert is one GEMM anyway, so all are computed."""
         E = self.n_experts
         w0, b0 = self.weights[0], self.biases[0]
         h = x @ w0.permute(1, 0, 2).reshape(self.d_in, -1) + b0.reshape(-1)  # (B, E*h1): one GEMM

@@ -235,8 +235,9 @@ class RankingModel(nn.Module):
             h = self.experts(x)  # (B, 1, H)
             return h.expand(-1, T, -1), []
         if self.cfg.arch in ("mmoe", "star"):
-            experts = self.experts(x)  # (B, E, H)
             r = self._route(self.gates, x, domain)  # weights (B, O, E)
+            sparse = self.cfg.routing != "softmax"
+            experts = self.experts(x, (r.weights > 0).any(1) if sparse else None)  # (B, E, H)
             reps = torch.einsum("boe,beh->boh", r.weights, experts)  # (B, O, H)
             outputs = self.task_names if self._gate_outputs == T else [SHARED]
             return reps.expand(-1, T, -1), [GateLayer("gates", outputs, r)]

@@ -1,0 +1,262 @@
+"""The ranking model across workers: torchrec-sharded embeddings, expert-parallel experts,
+DDP for the rest; optimisers; checkpoints.
+
+:func:`distribute` turns a :class:`RankingModel` (built identically on every rank from the
+same seed) into a :class:`Distributed`:
+
+- experts of MMoE / STAR (``StackedExperts``) become :class:`ExpertParallel` (E/W per rank)
+  when ``shard_experts`` and E is divisible by W; otherwise (shared-bottom, PLE) they stay
+  replicated under DDP;
+- the ``EmbeddingBagCollection`` is sharded by torchrec ``DistributedModelParallel`` with the
+  plan of ``EmbeddingShardingPlanner`` (table-wise / row-wise / data-parallel as it decides);
+  tables use FBGEMM's table-batched kernels with the fused optimiser
+  (``apply_optimizer_in_backward``: row-sparse Adam updates inside the backward pass);
+- every other parameter is data-parallel (DDP all-reduce), expert parameters excluded
+  (``params_to_ignore``) so DDP neither overwrites nor averages them.
+
+Checkpoints (:func:`save_checkpoint` / :func:`load_checkpoint`) use torch.distributed
+checkpoint from every rank: sharded tables as ShardedTensors, expert slices wrapped as
+DTensors sharded on the expert axis, so a checkpoint holds every expert and can be read
+back at any world size, or into a plain single-process model (:func:`read_model_state`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Shard
+from torchrec.distributed.model_parallel import (
+    DefaultDataParallelWrapper,
+    DistributedModelParallel,
+)
+from torchrec.distributed.planner import EmbeddingShardingPlanner
+from torchrec.distributed.planner.types import (
+    KernelConfig,
+    ParameterConstraints,
+    TopologyFactory,
+    TrainerConfig,
+)
+from torchrec.distributed.types import ShardingPlan
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+from recsys_moe.config import TrainingConfig
+from recsys_moe.distributed.expert_parallel import ExpertParallel
+from recsys_moe.model.experts import StackedExperts
+from recsys_moe.model.ranker import RankingModel
+from recsys_moe.train import dense_optimizer, embedding_optimizer
+
+LOCAL = ".local."  # expert-parallel parameter names: experts.local.weights.0, ...
+
+
+@dataclass
+class Distributed:
+    """A model ready to train on this rank."""
+
+    model: DistributedModelParallel
+    optimizer: CombinedOptimizer
+    dense_optimizer: KeyedOptimizerWrapper
+    plan: ShardingPlan
+    experts_sharded: bool
+
+    @property
+    def module(self) -> RankingModel:
+        """The wrapped RankingModel (its embedding module is the sharded one)."""
+        return self.model.module
+
+    def plan_summary(self) -> dict[str, dict[str, Any]]:
+        """Per table: sharding type, compute kernel and the ranks holding it."""
+        out: dict[str, dict[str, Any]] = {}
+        for module_path, params in self.plan.plan.items():
+            for table, ps in params.items():
+                ranks = sorted({s.placement.rank() for s in ps.sharding_spec.shards}) if (
+                    ps.sharding_spec is not None
+                ) else list(ps.ranks or [])
+                out[table.removeprefix("t_")] = {
+                    "module": module_path,
+                    "sharding": ps.sharding_type,
+                    "kernel": ps.compute_kernel,
+                    "ranks": ranks,
+                }
+        return out
+
+
+def shard_experts(model: RankingModel, group: dist.ProcessGroup | None = None) -> bool:
+    """Replace ``model.experts`` by this rank's :class:`ExpertParallel` slice when possible."""
+    experts = getattr(model, "experts", None)
+    W = dist.get_world_size(group)
+    if not isinstance(experts, StackedExperts) or model.cfg.arch not in ("mmoe", "star"):
+        return False
+    if experts.n_experts % W:
+        return False
+    model.experts = ExpertParallel(experts, group)
+    return True
+
+
+def expert_param_names(model: torch.nn.Module) -> list[str]:
+    return [n for n, _ in model.named_parameters() if LOCAL in n]
+
+
+def make_plan(
+    model: RankingModel,
+    device: torch.device,
+    *,
+    sharding_types: list[str] | None = None,
+    batch_size: int = 4096,
+) -> ShardingPlan:
+    """The planner's plan for the embedding tables (same on every rank: collective)."""
+    W = dist.get_world_size()
+    topology = TopologyFactory.create_topology(
+        trainer_config=TrainerConfig(
+            world_size=W, local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", W))
+        ),
+        kernel_config=KernelConfig(compute_device=device.type),
+    )
+    constraints = None
+    if sharding_types:
+        constraints = {
+            f"t_{n}": ParameterConstraints(sharding_types=list(sharding_types))
+            for n in model.embedding.names
+        }
+    planner = EmbeddingShardingPlanner(
+        topology=topology, batch_size=batch_size, constraints=constraints, debug=False
+    )
+    return planner.collective_plan(model, None, dist.GroupMember.WORLD)
+
+
+def distribute(
+    model: RankingModel,
+    cfg: TrainingConfig,
+    device: torch.device | None = None,
+    *,
+    shard_experts_: bool = True,
+    sharding_types: list[str] | None = None,
+) -> Distributed:
+    """Shard ``model`` over the initialised default process group (see module docstring)."""
+    device = device or torch.device("cpu")
+    tables = {k: v.detach().clone() for k, v in model.embedding.state_dict().items()}
+    sharded = shard_experts(model) if shard_experts_ else False
+    ignore = expert_param_names(model)
+    cls, kw = embedding_optimizer(cfg)
+    apply_optimizer_in_backward(cls, model.embedding.ebc.parameters(), dict(kw))
+    plan = make_plan(model, device, sharding_types=sharding_types, batch_size=cfg.batch_size)
+    dmp = DistributedModelParallel(
+        model,
+        device=device,
+        plan=plan,
+        data_parallel_wrapper=DefaultDataParallelWrapper(
+            params_to_ignore=ignore, static_graph=False, find_unused_parameters=False
+        ),
+    )
+    _copy_tables(dmp, {f"embedding.{k}": v for k, v in tables.items()})
+    rest = dict(in_backward_optimizer_filter(dmp.named_parameters()))
+    # data-parallel tables are not fused: they take the embedding optimiser here
+    tables_dp = {k: rest.pop(k) for k in list(rest) if k.startswith("embedding.")}
+    dense = KeyedOptimizerWrapper(rest, lambda params: dense_optimizer(params, cfg))
+    parts = [dmp.fused_optimizer, dense]
+    if tables_dp:
+        parts.append(KeyedOptimizerWrapper(tables_dp, lambda params: cls(params, **kw)))
+    return Distributed(dmp, CombinedOptimizer(parts), dense, plan, sharded)
+
+
+@torch.no_grad()
+def _copy_tables(dmp: DistributedModelParallel, full: dict[str, torch.Tensor]) -> None:
+    """Sharding allocates fresh tables: write the model's own weights into this rank's
+    shards, so a sharded model starts from exactly the weights it was given."""
+    for key, value in dmp.state_dict().items():
+        if key not in full:
+            continue
+        src = full[key]
+        if isinstance(value, ShardedTensor):
+            for shard in value.local_shards():
+                (r0, c0), (nr, nc) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
+                shard.tensor.copy_(src[r0 : r0 + nr, c0 : c0 + nc])
+        else:
+            value.copy_(src)
+
+
+def set_learning_rates(d: Distributed, factor: float) -> None:
+    """Multiply every learning rate (fused embedding and dense) by ``factor``."""
+    for group in d.optimizer.param_groups:
+        group["lr"] *= factor
+
+
+# ------------------------------------------------------------------ state
+
+
+def _dtensor_mesh():
+    return init_device_mesh("cpu", (dist.get_world_size(),))
+
+
+def _wrap_local(state: dict[str, Any], mesh) -> dict[str, Any]:
+    """Expert slices (and their optimiser moments) -> DTensors sharded on the expert axis."""
+    out: dict[str, Any] = {}
+    for k, v in state.items():
+        if isinstance(v, dict):
+            out[k] = _wrap_local(v, mesh) if LOCAL in k or k == "state" else v
+        elif LOCAL in k and isinstance(v, torch.Tensor) and v.dim() > 0:
+            out[k] = DTensor.from_local(v, mesh, [Shard(0)], run_check=False)
+        else:
+            out[k] = v
+    return out
+
+
+def _unwrap(state: Any) -> Any:
+    if isinstance(state, dict):
+        return {k: _unwrap(v) for k, v in state.items()}
+    if isinstance(state, DTensor):
+        return state.to_local()
+    return state
+
+
+def _state(d: Distributed) -> dict[str, Any]:
+    d.dense_optimizer.init_state() if not d.dense_optimizer.state else None
+    mesh = _dtensor_mesh()
+    return {
+        "model": _wrap_local(d.model.state_dict(), mesh),
+        "optim": _wrap_local(d.optimizer.state_dict(), mesh),
+    }
+
+
+def save_checkpoint(d: Distributed, path: str | Path, meta: dict[str, Any]) -> None:
+    """Collective: every rank writes its shards; rank 0 writes ``meta.json``."""
+    path = Path(path)
+    dcp.save(_state(d), checkpoint_id=str(path))
+    if dist.get_rank() == 0:
+        (path / "meta.json").write_text(json.dumps(meta, indent=2, default=float))
+
+
+def load_checkpoint(d: Distributed, path: str | Path) -> dict[str, Any]:
+    """Collective: restore model and optimiser state written by :func:`save_checkpoint`."""
+    path = Path(path)
+    state = _state(d)
+    dcp.load(state, checkpoint_id=str(path))
+    state = _unwrap(state)
+    d.model.load_state_dict(state["model"])
+    d.optimizer.load_state_dict(state["optim"])
+    return json.loads((path / "meta.json").read_text())
+
+
+def read_model_state(path: str | Path, model: RankingModel) -> dict[str, torch.Tensor]:
+    """A checkpoint's weights as a plain state dict for a single-process ``model`` (no
+    process group needed): sharded tables and expert slices are reassembled on load."""
+    saved = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+
+    def saved_key(k: str) -> str:
+        local = "model." + k.replace("experts.", "experts" + LOCAL, 1)
+        return local if k.startswith("experts.") and local in saved else "model." + k
+
+    own = model.state_dict()
+    template = {saved_key(k): torch.empty_like(v) for k, v in own.items()}
+    dcp.load(template, checkpoint_id=str(path), no_dist=True)
+    return {k: template[saved_key(k)] for k in own}
