@@ -13,7 +13,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export RAY_AUTH_MODE := disabled
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: install train features generate test lint format bench bench-quality clean help
+.PHONY: install train features generate ui test lint format bench bench-quality clean help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -36,10 +36,13 @@ generate: $(STAMP)  ## generate the synthetic raw log (data/raw/default)
 features: $(STAMP)  ## build the feature store from the raw log
 	$(BIN)/recsys-moe features --config $(CONFIG)
 
-train: $(STAMP)  ## generate (if missing) -> features -> train -> evaluate
+train: $(STAMP)  ## generate (if missing) -> features -> distributed train -> MLflow run + registry
 	$(BIN)/recsys-moe generate --config $(CONFIG) --if-missing
 	$(BIN)/recsys-moe features --config $(CONFIG)
 	$(BIN)/recsys-moe train --config $(CONFIG)
+
+ui: $(STAMP)  ## MLflow UI over the tracking store on 127.0.0.1:5000 (UI_PORT=...)
+	$(BIN)/recsys-moe ui --port $(or $(UI_PORT),5000)
 
 test: $(STAMP)  ## run the test suite
 	$(BIN)/python -m pytest
@@ -61,5 +64,5 @@ bench-quality: $(STAMP)  ## model-quality scripts (MMoE synthetic, Census, archi
 	$(BIN)/python -m bench.quality.archs --config configs/default.toml
 
 clean:  ## remove generated data, runs and the virtualenv
-	rm -rf $(VENV) data mlruns mlflow.db .pytest_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) data mlruns mlflow.db checkpoints models .pytest_cache .ruff_cache build *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

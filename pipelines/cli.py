@@ -19,7 +19,11 @@ COMMANDS = {
     ),
     "train": (
         "pipelines.train",
-        "train and evaluate the ranking model on the feature store",
+        "distributed training (Ray Train + torchrec), evaluation, MLflow run and registry",
+    ),
+    "ui": (
+        "pipelines.ui",
+        "the MLflow experiment UI over the tracking store (127.0.0.1:5000)",
     ),
 }
 

@@ -1,9 +1,21 @@
-"""``recsys-moe train``: train the ranking model on a feature store and evaluate it.
+"""``recsys-moe train``: distributed training on Ray Train, evaluation, MLflow run and registry.
 
-This is the single-process path (``--workers 1``): the loop from ``recsys_moe.train``
-on the whole training split in memory, early stopping on validation, metrics per task
-x domain on the test split (next to the generator's oracle AUC for synthetic data),
-the model saved to ``<output>/`` as safetensors + config + manifest.
+    driver                                   Ray Train workers (N, gloo on CPU / NCCL on GPU)
+    ------                                   -----------------------------------------------
+    open MLflow run, log config + manifest   each: its shard of train / valid (Ray Data
+    TorchTrainer(worker_loop, datasets) ---> streaming_split), RankingModel from the seed,
+                                             distribute(): torchrec-sharded tables (fused
+                                             FBGEMM + fused optimiser), experts E/W per
+                                             worker, DDP for the rest; per epoch: train,
+                                             validate (gathered on rank 0), DCP checkpoint
+                                             from every rank via ray.train.report; rank 0
+                                             logs epoch metrics to the run
+    best checkpoint -> single-process model  <---
+    test metrics (+ oracle), plots, MLflow model (pyfunc over raw rows), register, promote
+
+Checkpoints live in ``<checkpoint_dir>/<run name>``; ``--resume NAME`` continues a stopped
+run from its last checkpoint, and ``FailureConfig(max_failures)`` restarts workers that die
+(the group restarts from the last checkpoint). ``RAY_ADDRESS`` runs it on a cluster.
 """
 
 from __future__ import annotations
@@ -11,20 +23,29 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 import torch
 
-from features.store import load_manifest, read_examples
+from features.store import example_files, load_manifest, read_examples
 from recsys_moe import metrics as M
-from recsys_moe.config import Config, load_config
+from recsys_moe.config import Config, config_from_dict, load_config
 from recsys_moe.model.inputs import ExampleTensors, InputSpec
+from recsys_moe.model.observe import RouterMonitor
 from recsys_moe.model.ranker import RankingModel
-from recsys_moe.train import evaluate_model, fit, save_model
+from recsys_moe.train import loss_of, predict, save_model
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# ------------------------------------------------------------------ reporting helpers
 
 
 def oracle_metrics(
@@ -63,45 +84,407 @@ def table(spec: InputSpec, res: dict[str, float], oracle: dict[str, float] | Non
     return "\n".join(lines)
 
 
-def train_single(cfg: Config, output: str | Path, progress: bool = True) -> dict[str, Any]:
-    """Fit, evaluate on test and save; returns a summary dict."""
-    torch.set_num_threads(max(1, min(os.cpu_count() or 1, 4)))
+def default_workers() -> int:
+    """Workers that fit this machine: one per 1 CPU, at most 2 on a small box, capped at 8."""
+    n = os.cpu_count() or 1
+    return max(1, min(8, n if n > 4 else min(n, 2)))
+
+
+# ------------------------------------------------------------------ the worker loop
+
+
+def _gather_eval(d, it, spec: InputSpec, batch_size: int, device) -> dict[str, float] | None:
+    """Predict this rank's validation shard; rank 0 gets every rank's rows and the metrics."""
+    import torch.distributed as dist
+
+    d.model.eval()
+    preds, labels, domains, loss_sum, n = [], [], [], 0.0, 0
+    with torch.no_grad():
+        for tbl in it.iter_batches(batch_size=batch_size, batch_format="pyarrow"):
+            b = ExampleTensors(spec, tbl).batch(slice(None)).to(device)
+            out = d.model(b)
+            total, _ = loss_of(d.module, out, b.labels)
+            loss_sum += float(total) * len(b)
+            n += len(b)
+            preds.append(out.preds.cpu())
+            labels.append(b.labels.cpu())
+            domains.append(b.domain.cpu())
+    T = len(spec.tasks)
+    mine = (
+        torch.cat(preds) if preds else torch.zeros(0, T),
+        torch.cat(labels) if labels else torch.zeros(0, T),
+        torch.cat(domains) if domains else torch.zeros(0, dtype=torch.long),
+        loss_sum,
+        n,
+    )
+    everyone = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(mine, everyone, dst=0)
+    if everyone is None:
+        return None
+    p = torch.cat([e[0] for e in everyone]).numpy()
+    y = torch.cat([e[1] for e in everyone]).numpy()
+    dom = torch.cat([e[2] for e in everyone]).numpy()
+    res = M.evaluate(y, p, dom, [(t.name, t.kind) for t in spec.tasks], spec.domains)
+    res["loss"] = sum(e[3] for e in everyone) / max(sum(e[4] for e in everyone), 1)
+    return res
+
+
+def _maybe_fail(fail_at: dict | None, rank: int, epoch: int, step: int) -> None:
+    """Test hook: SIGKILL this worker process once at (rank, epoch, step)."""
+    if not fail_at or (fail_at["rank"], fail_at["epoch"], fail_at["step"]) != (rank, epoch, step):
+        return
+    marker = Path(fail_at["marker"])
+    if marker.exists():
+        return
+    marker.write_text(str(os.getpid()))
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def worker_loop(config: dict[str, Any]) -> None:
+    """One Ray Train worker: shard the model, train, validate, checkpoint every epoch."""
+    import ray
+    import ray.train
+    import torch.distributed as dist
+    from ray.train import Checkpoint
+
+    from recsys_moe.distributed.sharding import (
+        distribute,
+        load_checkpoint,
+        reduce_monitor,
+        save_checkpoint,
+        set_epoch_learning_rates,
+    )
+
+    torch.set_num_threads(config["threads"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    cfg = config_from_dict(config["cfg"])
+    tcfg = cfg.training
+    spec = InputSpec.from_manifest(config["manifest"])
+    device = ray.train.torch.get_device() if tcfg.use_gpu else torch.device("cpu")
+    torch.manual_seed(tcfg.seed)
+    model = RankingModel(spec, cfg.model)
+    d = distribute(
+        model,
+        tcfg,
+        device,
+        shard_experts_=config["shard_experts"],
+        sharding_types=config.get("sharding_types"),
+    )
+    client = None
+    if rank == 0 and config.get("run_id"):
+        from mlflow import MlflowClient
+
+        client = MlflowClient(config["tracking_uri"])
+        client.log_dict(config["run_id"], d.plan_summary(), "sharding_plan.json")
+        client.log_param(config["run_id"], "experts_sharded", d.experts_sharded)
+    nodes = [None] * world
+    dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+    if rank == 0:
+        plan = ", ".join(
+            f"{t}:{p['sharding']}@{','.join(map(str, p['ranks']))}"
+            for t, p in d.plan_summary().items()
+        )
+        experts = f"{world} x {cfg.model.n_experts // world}" if d.experts_sharded else "replicated"
+        print(
+            f"[train] {world} workers on {len(set(nodes))} node(s); tables {plan}; experts {experts}",
+            flush=True,
+        )
+        if client is not None:
+            client.log_param(config["run_id"], "train.nodes", len(set(nodes)))
+
+    state = {"epoch": -1, "best": None, "best_epoch": -1, "bad": 0, "history": []}
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as path:
+            state = load_checkpoint(d, path)
+        if rank == 0:
+            print(f"[train] resumed after epoch {state['epoch']} from {ckpt.path}", flush=True)
+    # learning rates follow the epoch (the decay is a schedule, not optimiser state)
+    set_epoch_learning_rates(d, tcfg, state["epoch"] + 1)
+
+    train_it = ray.train.get_dataset_shard("train")
+    valid_it = ray.train.get_dataset_shard("valid")
+    metric = tcfg.promote_metric.removeprefix("valid/")
+    rows_per_rank = config["train_rows"] // world
+    monitor = RouterMonitor(spec.domains)
+    for epoch in range(state["epoch"] + 1, tcfg.epochs):
+        d.model.train()
+        monitor.reset()
+        losses, seen, t0, next_report = [], 0, time.perf_counter(), 0.1
+        for step, tbl in enumerate(
+            train_it.iter_batches(
+                batch_size=tcfg.batch_size,
+                batch_format="pyarrow",
+                local_shuffle_buffer_size=config["shuffle_buffer"],
+                local_shuffle_seed=tcfg.seed + 1000 * epoch + rank,
+            )
+        ):
+            _maybe_fail(config.get("fail_at"), rank, epoch, step)
+            b = ExampleTensors(spec, tbl).batch(slice(None)).to(device)
+            d.optimizer.zero_grad()
+            out = d.model(b)
+            total, _ = loss_of(d.module, out, b.labels)
+            total.backward()
+            d.optimizer.step()
+            monitor.update(out, b.domain.cpu())
+            losses.append(float(total.detach()))
+            seen += len(b)
+            if rank == 0 and config["progress"] and seen >= next_report * rows_per_rank:
+                rate = seen * world / (time.perf_counter() - t0)
+                print(
+                    f"[train] epoch {epoch} {min(seen / rows_per_rank, 1):4.0%} "
+                    f"loss {np.mean(losses[-50:]):.4f} {rate:,.0f} samples/s",
+                    flush=True,
+                )
+                next_report += 0.1
+        train_seconds = time.perf_counter() - t0
+        # every rank's loss and sample count -> the epoch's global figures
+        sums = torch.tensor([float(np.sum(losses)), float(len(losses)), float(seen)])
+        dist.all_reduce(sums)
+        samples_per_s = float(sums[2]) / train_seconds
+        reduce_monitor(monitor)
+        val = _gather_eval(d, valid_it, spec, 8192, device)
+        set_epoch_learning_rates(d, tcfg, epoch + 1)
+
+        # rank 0 decides (metrics, early stopping) and tells everyone
+        decision = [None]
+        if rank == 0:
+            rec = {
+                "epoch": epoch,
+                "train/loss": float(sums[0] / sums[1]),
+                "train/samples_per_s": samples_per_s,
+                "train/seconds": train_seconds,
+                **{f"valid/{k}": v for k, v in val.items()},
+                **{f"train/{k}": v for k, v in monitor.metrics().items()},
+            }
+            score = -val["loss"] if metric == "loss" else val.get(metric, float("nan"))
+            improved = state["best"] is None or score > state["best"]
+            state["best"], state["best_epoch"] = (
+                (score, epoch) if improved else (state["best"], state["best_epoch"])
+            )
+            state["bad"] = 0 if improved else state["bad"] + 1
+            state["history"].append({k: v for k, v in rec.items() if "/router/" not in k})
+            if client is not None:
+                from recsys_moe.tracking import log_metrics
+
+                log_metrics(client, config["run_id"], rec, step=epoch)
+            print(
+                f"[train] epoch {epoch}: train loss {rec['train/loss']:.4f}, valid loss "
+                f"{val['loss']:.4f}, valid {metric} {score:.4f}, {samples_per_s:,.0f} samples/s",
+                flush=True,
+            )
+            decision = [{**state, "epoch": epoch, "valid_score": score}]
+        dist.broadcast_object_list(decision, src=0)
+        state = decision[0]
+        with tempfile.TemporaryDirectory() as tmp:
+            save_checkpoint(d, tmp, state)
+            ray.train.report(
+                {"epoch": epoch, "valid_score": state["valid_score"]},
+                checkpoint=Checkpoint.from_directory(tmp),
+            )
+        if state["bad"] > tcfg.early_stopping_patience:
+            break
+
+
+# ------------------------------------------------------------------ the driver
+
+
+def _datasets(store: str | Path) -> dict[str, Any]:
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # the trainer prints its own progress
+    ctx.print_on_execution_start = False
+    return {
+        split: ray.data.read_parquet(example_files(store, split), file_extensions=["parquet"])
+        for split in ("train", "valid")
+    }
+
+
+def fit_distributed(
+    cfg: Config,
+    *,
+    workers: int,
+    run_name: str,
+    storage: str | Path,
+    run_id: str | None = None,
+    tracking_uri: str | None = None,
+    shard_experts: bool = True,
+    sharding_types: list[str] | None = None,
+    max_failures: int = 2,
+    fail_at: dict | None = None,
+    progress: bool = True,
+) -> tuple[Any, dict[str, Any]]:
+    """Run the TorchTrainer; returns (best checkpoint, its meta: state and history)."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipelines.ray_env import init_ray
+
+    init_ray()
+    store = cfg.features.store_dir
+    manifest = load_manifest(store)
+    train_rows = int(manifest["splits"]["rows"]["train"])
+    cpus = float(ray.cluster_resources().get("CPU", 1))
+    # leave one CPU to Ray Data's readers; a worker takes at most one
+    cpus_per_worker = max(0.25, min(1.0, (cpus - 1) / workers))
+    threads = max(1, int(cpus // workers) - 1) if cpus > 2 * workers else 1
+    trainer = TorchTrainer(
+        worker_loop,
+        train_loop_config={
+            "cfg": cfg.to_dict(),
+            "manifest": manifest,
+            "run_id": run_id,
+            "tracking_uri": tracking_uri,
+            "shard_experts": shard_experts,
+            "sharding_types": sharding_types,
+            "threads": threads,
+            "train_rows": train_rows,
+            "shuffle_buffer": cfg.training.shuffle_buffer,
+            "fail_at": fail_at,
+            "progress": progress,
+        },
+        torch_config=TorchConfig(backend="nccl" if cfg.training.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=workers,
+            use_gpu=cfg.training.use_gpu,
+            resources_per_worker={"CPU": cpus_per_worker},
+            placement_strategy=cfg.training.placement_strategy,
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=str(Path(storage).resolve()),
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=None,
+                checkpoint_score_attribute="valid_score",
+                checkpoint_score_order="max",
+            ),
+            worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}},
+        ),
+        datasets=_datasets(store),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    scored = [(c, m) for c, m in (result.best_checkpoints or []) if "valid_score" in m]
+    if not scored:
+        raise RuntimeError(f"training run {run_name} reported no checkpoint")
+    best, _ = max(scored, key=lambda cm: (cm[1]["valid_score"], -cm[1]["epoch"]))
+    with best.as_directory() as path:
+        meta = json.loads((Path(path) / "meta.json").read_text())
+    return best, meta
+
+
+def model_from_checkpoint(checkpoint, spec: InputSpec, cfg: Config) -> RankingModel:
+    """The single-process model from a (sharded) training checkpoint."""
+    from recsys_moe.distributed.sharding import read_model_state
+
+    model = RankingModel(spec, cfg.model)
+    with checkpoint.as_directory() as path:
+        model.load_state_dict(read_model_state(path, model))
+    return model.eval()
+
+
+def evaluate_test(
+    cfg: Config, model: RankingModel, manifest: dict[str, Any]
+) -> tuple[dict[str, float], dict[str, float] | None, RouterMonitor, np.ndarray, pl.DataFrame]:
+    """Test metrics (with per-user AUC), oracle metrics, the router monitor over test."""
+    spec = model.spec
+    test_df = read_examples(cfg.features.store_dir, "test")
+    test = ExampleTensors(spec, test_df)
+    monitor = RouterMonitor(spec.domains)
+    preds = predict(model, test, monitor=monitor)
+    users = test_df[manifest["keys"]["user_id"]].to_numpy()
+    res = M.evaluate(
+        test.labels.numpy(),
+        preds,
+        test.domain.numpy(),
+        [(t.name, t.kind) for t in spec.tasks],
+        spec.domains,
+        users,
+    )
+    return res, oracle_metrics(cfg, test_df, test, spec), monitor, preds, test_df
+
+
+def run_training(
+    cfg: Config,
+    *,
+    workers: int,
+    output: str | Path,
+    resume: str | None = None,
+    register: bool = True,
+    shard_experts: bool | None = None,
+    sharding_types: list[str] | None = None,
+    max_failures: int | None = None,
+    fail_at: dict | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """The whole train command; returns a summary (also written to <output>/metrics.json)."""
+    from recsys_moe import tracking
+    from recsys_moe.scorer import write_bundle
+
+    started = time.perf_counter()
     store = cfg.features.store_dir
     manifest = load_manifest(store)
     spec = InputSpec.from_manifest(manifest)
-    train = ExampleTensors(spec, read_examples(store, "train"))
-    valid = ExampleTensors(spec, read_examples(store, "valid"))
-    test_df = read_examples(store, "test")
-    test = ExampleTensors(spec, test_df)
-    torch.manual_seed(cfg.training.seed)
-    model = RankingModel(spec, cfg.model)
-    started = time.perf_counter()
-    res = fit(
-        model,
-        train,
-        valid,
-        cfg.training,
-        metric=cfg.training.promote_metric.removeprefix("valid/"),
-        progress=progress,
-    )
-    users = test_df[manifest["keys"]["user_id"]].to_numpy()
-    test_metrics, _ = evaluate_model(model, test, users=users)
-    oracle = oracle_metrics(cfg, test_df, test, spec)
-    out = save_model(
-        model, output, manifest, {"config": cfg.to_dict(), "valid": res.valid, "test": test_metrics}
-    )
-    summary = {
-        "model_dir": str(Path(out).resolve()),
-        "best_epoch": res.best_epoch,
-        "train_rows": len(train),
-        "seconds": round(time.perf_counter() - started, 1),
-        "samples_per_s": round(res.samples_per_s),
-        "valid": res.valid,
-        "test": test_metrics,
-        "oracle": oracle,
-        "router": res.router,
-    }
-    (Path(out) / "metrics.json").write_text(json.dumps(summary, indent=2, default=float))
+    run_name = resume or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    storage = Path(cfg.training.checkpoint_dir)
+    tracker = tracking.Tracker.open(cfg, run_name)
+    with tracker:
+        tracker.log_start(cfg, manifest, workers=workers, run_name=run_name, storage=storage)
+        best, meta = fit_distributed(
+            cfg,
+            workers=workers,
+            run_name=run_name,
+            storage=storage,
+            run_id=tracker.run_id,
+            tracking_uri=tracker.uri,
+            shard_experts=cfg.training.expert_parallel if shard_experts is None else shard_experts,
+            sharding_types=sharding_types,
+            max_failures=cfg.training.max_failures if max_failures is None else max_failures,
+            fail_at=fail_at,
+            progress=progress,
+        )
+        model = model_from_checkpoint(best, spec, cfg)
+        test_metrics, oracle, monitor, preds, test_df = evaluate_test(cfg, model, manifest)
+        history = meta["history"]
+        best_epoch = int(meta["best_epoch"])
+        valid = {
+            k.removeprefix("valid/"): v
+            for k, v in history[[h["epoch"] for h in history].index(best_epoch)].items()
+            if k.startswith("valid/")
+        }
+        out = save_model(
+            model,
+            output,
+            manifest,
+            {"config": cfg.to_dict(), "valid": valid, "test": test_metrics, "run_name": run_name},
+        )
+        write_bundle(out, store)
+        samples = [h["train/samples_per_s"] for h in history]
+        summary = {
+            "model_dir": str(Path(out).resolve()),
+            "run_name": run_name,
+            "workers": workers,
+            "best_epoch": best_epoch,
+            "epochs_run": len(history),
+            "seconds": round(time.perf_counter() - started, 1),
+            "samples_per_s": round(float(np.mean(samples))) if samples else 0,
+            "valid": valid,
+            "test": test_metrics,
+            "oracle": oracle,
+            "router": monitor.metrics(),
+            "checkpoint": best.path,
+        }
+        (Path(out) / "metrics.json").write_text(json.dumps(summary, indent=2, default=float))
+        tracker.log_end(summary, model, monitor, preds, test_df, out)
+        if register:
+            summary["registry"] = tracker.register_and_promote(out, valid, cfg)
+    summary["run_id"] = tracker.run_id
+    summary["tracking_uri"] = tracker.uri
     print(table(spec, test_metrics, oracle), flush=True)
     return summary
 
@@ -112,21 +495,48 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--workers",
         type=int,
-        default=1,
-        help="1 = single process (distributed training: see README)",
+        default=None,
+        help=f"Ray Train workers (default: training.workers, else {default_workers()} here)",
     )
+    ap.add_argument("--use-gpu", action="store_true", help="GPU workers with NCCL")
     ap.add_argument("--output", default=None, help="model folder (default: models/<config name>)")
+    ap.add_argument("--resume", default=None, metavar="RUN", help="continue this stopped run")
+    ap.add_argument("--replicate-experts", action="store_true", help="no expert parallelism")
+    ap.add_argument("--no-register", action="store_true", help="log the run, skip the registry")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
-    cfg = load_config(args.config)
-    if args.workers != 1:
-        print("recsys-moe train: only --workers 1 is available in this version", file=sys.stderr)
-        return 2
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        overrides[key] = json.loads(value) if value[:1] in '[{0123456789-tf"' else value
+    if args.use_gpu:
+        overrides["training.use_gpu"] = True
+    cfg = load_config(args.config, overrides)
+    workers = args.workers or cfg.training.workers or default_workers()
     output = args.output or f"models/{cfg.name}"
-    s = train_single(cfg, output, progress=not args.no_progress)
+    s = run_training(
+        cfg,
+        workers=workers,
+        output=output,
+        resume=args.resume,
+        register=not args.no_register,
+        shard_experts=False if args.replicate_experts else None,
+        progress=not args.no_progress,
+    )
+    reg = s.get("registry") or {}
     print(
-        f"trained in {s['seconds']}s ({s['samples_per_s']:,} samples/s), best epoch {s['best_epoch']}; "
-        f"test auc_mean {s['test'].get('auc_mean', float('nan')):.4f}\nmodel: {s['model_dir']}",
+        f"trained on {s['workers']} workers in {s['seconds']}s ({s['samples_per_s']:,} samples/s), "
+        f"best epoch {s['best_epoch']}; valid auc_mean {s['valid'].get('auc_mean', float('nan')):.4f}, "
+        f"test auc_mean {s['test'].get('auc_mean', float('nan')):.4f}, "
+        f"worst-domain AUC {s['test'].get('auc_worst_domain', float('nan')):.4f}\n"
+        f"MLflow run: {s['run_id']} ({s['tracking_uri']})\n"
+        + (
+            f"registered: {reg['name']} version {reg['version']}; {reg['decision']}\n"
+            if reg
+            else ""
+        )
+        + f"model: {s['model_dir']}\ncheckpoints: {s['checkpoint']}",
         flush=True,
     )
     return 0

@@ -260,7 +260,7 @@ class ModelConfig:
             _fail("model", "dropout", "must be in [0, 1)")
 
 
-EMBEDDING_OPTIMIZERS = ("adagrad", "rowwise_adagrad", "sgd")
+EMBEDDING_OPTIMIZERS = ("adagrad", "rowwise_adagrad", "sgd", "adam")
 
 
 @dataclass(frozen=True)
@@ -271,8 +271,9 @@ class TrainingConfig:
     batch_size: int = 4096
     lr: float = 3e-3
     embedding_lr: float = 0.05
-    # the embedding tables' optimiser, fused into FBGEMM's backward (the kernels on CPU
-    # support adagrad, rowwise_adagrad and sgd; dense parameters always use Adam)
+    # the embedding tables' optimiser, fused into FBGEMM's backward when sharded. FBGEMM's
+    # CPU kernels support adagrad, rowwise_adagrad and sgd; adam needs GPU workers (or the
+    # single-process loop). Dense parameters always use Adam.
     embedding_optimizer: str = "adagrad"
     weight_decay: float = 0.0
     # learning rates are multiplied by this after every epoch
@@ -281,12 +282,28 @@ class TrainingConfig:
     seed: int = 0
     workers: int = 2
     use_gpu: bool = False
+    # experts of MMoE / STAR split across workers (E/W each); false = replicated (DDP)
+    expert_parallel: bool = True
+    # rows in each worker's local shuffle buffer (the store's rows are already shuffled)
+    shuffle_buffer: int = 50_000
+    # Ray Train worker placement: PACK (fewest nodes) or SPREAD (one node each where possible)
+    placement_strategy: str = "PACK"
+    # Ray Train run storage: one folder per run with its per-epoch checkpoints
+    checkpoint_dir: str = "checkpoints"
+    # Ray Train restarts the worker group from the last checkpoint up to this many times
+    max_failures: int = 2
     promote_metric: str = "valid/auc_mean"
 
     def __post_init__(self) -> None:
         _require_positive("training", self, "epochs", "batch_size", "workers")
         if self.lr <= 0 or self.embedding_lr <= 0:
             _fail("training", "lr/embedding_lr", "must be > 0")
+        if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+            _fail(
+                "training",
+                "placement_strategy",
+                f"must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, got {self.placement_strategy!r}",
+            )
         if self.embedding_optimizer not in EMBEDDING_OPTIMIZERS:
             _fail(
                 "training",

@@ -54,6 +54,7 @@ def embedding_optimizer(cfg: TrainingConfig) -> tuple[type[torch.optim.Optimizer
         "adagrad": torch.optim.Adagrad,
         "rowwise_adagrad": RowWiseAdagrad,
         "sgd": torch.optim.SGD,
+        "adam": torch.optim.Adam,
     }[cfg.embedding_optimizer]
     kw: dict[str, Any] = {"lr": cfg.embedding_lr}
     if cfg.embedding_optimizer != "sgd":

@@ -26,6 +26,38 @@ def small_config_dict(tmp: Path, n_rows: int = 20_000, **features) -> dict:
     return raw
 
 
+def _toml_value(v) -> str:
+    import json
+
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return json.dumps(v) if isinstance(v, str) else repr(v)
+
+
+def write_toml(raw: dict, path: Path) -> Path:
+    """A config dict (sections of scalars, lists and lists of tables) as a TOML file."""
+    lines = []
+    for section, body in raw.items():
+        if not isinstance(body, dict):
+            lines.append(f"{section} = {_toml_value(body)}")
+            continue
+        tables = {
+            k: v for k, v in body.items() if isinstance(v, list) and v and isinstance(v[0], dict)
+        }
+        lines.append(f"[{section}]")
+        lines += [
+            f"{k} = {_toml_value(v)}" for k, v in body.items() if k not in tables and v is not None
+        ]
+        for k, items in tables.items():
+            for item in items:
+                lines.append(f"[[{section}.{k}]]")
+                lines += [f"{a} = {_toml_value(b)}" for a, b in item.items() if b is not None]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray instance for the whole test session (never `ray stop`)."""

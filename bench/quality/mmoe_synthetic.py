@@ -68,6 +68,7 @@ def run(p: float, seed: int, epochs: int, n_train: int, n_test: int) -> dict[str
             batch_size=256,
             lr=2e-3,
             embedding_lr=2e-3,
+            embedding_optimizer="adam",
             early_stopping_patience=epochs,
             seed=seed,
         )

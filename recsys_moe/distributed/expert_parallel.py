@@ -11,7 +11,7 @@ Rank ``r`` holds experts ``[r * E/W, (r + 1) * E/W)``. Forward, on every rank at
   owning at least one expert it was routed to (after the router's capacity limit), and
   comes back filled in for those experts; the others stay zero (their combine weight is 0).
 
-Gradients flow back through the same collectives (``all_to_all_single_autograd``), so a
+Gradients flow back through the same collectives (reverse all-to-all), so a
 rank's expert gradients are the sum over every rank's loss. Dense parameters are averaged
 over ranks by DDP; to match, expert gradients are divided by W (a hook per parameter),
 which makes W workers on equal shards equal to one process on the concatenated batch.
@@ -25,13 +25,31 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed._functional_collectives import all_to_all_single_autograd
 
 from recsys_moe.model.experts import StackedExperts
 
 
+class _AllToAll(torch.autograd.Function):
+    """Uneven ``all_to_all_single`` whose backward is the reverse exchange (c10d directly:
+    on gloo it costs about half of the functional-collective wrapper)."""
+
+    @staticmethod
+    def forward(ctx, x, out_splits, in_splits, group):
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        out = x.new_empty((sum(out_splits), *x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        out_splits, in_splits = ctx.splits
+        back = grad.new_empty((sum(in_splits), *grad.shape[1:]))
+        dist.all_to_all_single(back, grad.contiguous(), in_splits, out_splits, group=ctx.group)
+        return back, None, None, None
+
+
 def _a2a(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
-    return all_to_all_single_autograd(x.contiguous(), out_splits, in_splits, group)
+    return _AllToAll.apply(x, list(out_splits), list(in_splits), group)
 
 
 def _exchange_counts(counts: list[int], group) -> list[int]:

@@ -23,6 +23,7 @@ back at any world size, or into a plain single-process model (:func:`read_model_
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from recsys_moe.config import TrainingConfig
 from recsys_moe.distributed.expert_parallel import ExpertParallel
 from recsys_moe.model.experts import StackedExperts
+from recsys_moe.model.observe import RouterMonitor
 from recsys_moe.model.ranker import RankingModel
 from recsys_moe.train import dense_optimizer, embedding_optimizer
 
@@ -68,6 +70,7 @@ class Distributed:
     dense_optimizer: KeyedOptimizerWrapper
     plan: ShardingPlan
     experts_sharded: bool
+    embedding_optimizers: list[Any]
 
     @property
     def module(self) -> RankingModel:
@@ -79,9 +82,11 @@ class Distributed:
         out: dict[str, dict[str, Any]] = {}
         for module_path, params in self.plan.plan.items():
             for table, ps in params.items():
-                ranks = sorted({s.placement.rank() for s in ps.sharding_spec.shards}) if (
-                    ps.sharding_spec is not None
-                ) else list(ps.ranks or [])
+                ranks = (
+                    sorted({s.placement.rank() for s in ps.sharding_spec.shards})
+                    if (ps.sharding_spec is not None)
+                    else list(ps.ranks or [])
+                )
                 out[table.removeprefix("t_")] = {
                     "module": module_path,
                     "sharding": ps.sharding_type,
@@ -144,20 +149,30 @@ def distribute(
 ) -> Distributed:
     """Shard ``model`` over the initialised default process group (see module docstring)."""
     device = device or torch.device("cpu")
+    if device.type == "cpu" and cfg.embedding_optimizer == "adam":
+        raise ValueError(
+            "training.embedding_optimizer = 'adam' has no fused FBGEMM kernel on CPU: "
+            "use adagrad, rowwise_adagrad or sgd (adam works on GPU workers)"
+        )
     tables = {k: v.detach().clone() for k, v in model.embedding.state_dict().items()}
     sharded = shard_experts(model) if shard_experts_ else False
     ignore = expert_param_names(model)
     cls, kw = embedding_optimizer(cfg)
     apply_optimizer_in_backward(cls, model.embedding.ebc.parameters(), dict(kw))
     plan = make_plan(model, device, sharding_types=sharding_types, batch_size=cfg.batch_size)
-    dmp = DistributedModelParallel(
-        model,
-        device=device,
-        plan=plan,
-        data_parallel_wrapper=DefaultDataParallelWrapper(
-            params_to_ignore=ignore, static_graph=False, find_unused_parameters=False
-        ),
-    )
+    root = logging.getLogger()
+    level, root.level = root.level, max(root.level, logging.WARNING)  # FBGEMM dumps its args
+    try:
+        dmp = DistributedModelParallel(
+            model,
+            device=device,
+            plan=plan,
+            data_parallel_wrapper=DefaultDataParallelWrapper(
+                params_to_ignore=ignore, static_graph=False, find_unused_parameters=False
+            ),
+        )
+    finally:
+        root.setLevel(level)
     _copy_tables(dmp, {f"embedding.{k}": v for k, v in tables.items()})
     rest = dict(in_backward_optimizer_filter(dmp.named_parameters()))
     # data-parallel tables are not fused: they take the embedding optimiser here
@@ -166,7 +181,9 @@ def distribute(
     parts = [dmp.fused_optimizer, dense]
     if tables_dp:
         parts.append(KeyedOptimizerWrapper(tables_dp, lambda params: cls(params, **kw)))
-    return Distributed(dmp, CombinedOptimizer(parts), dense, plan, sharded)
+    return Distributed(
+        dmp, CombinedOptimizer(parts), dense, plan, sharded, [dmp.fused_optimizer, *parts[2:]]
+    )
 
 
 @torch.no_grad()
@@ -185,10 +202,29 @@ def _copy_tables(dmp: DistributedModelParallel, full: dict[str, torch.Tensor]) -
             value.copy_(src)
 
 
-def set_learning_rates(d: Distributed, factor: float) -> None:
-    """Multiply every learning rate (fused embedding and dense) by ``factor``."""
-    for group in d.optimizer.param_groups:
-        group["lr"] *= factor
+def set_epoch_learning_rates(d: Distributed, cfg: TrainingConfig, epoch: int) -> None:
+    """Learning rates for ``epoch``: base x ``lr_decay ** epoch`` (tables: ``embedding_lr``)."""
+    factor = cfg.lr_decay**epoch
+    for group in d.dense_optimizer.param_groups:
+        group["lr"] = cfg.lr * factor
+    for opt in d.embedding_optimizers:
+        for group in opt.param_groups:
+            group["lr"] = cfg.embedding_lr * factor
+
+
+def reduce_monitor(monitor: RouterMonitor) -> None:
+    """Sum every rank's router statistics (collective), so each rank holds the global ones."""
+    for name in sorted(monitor.acc):
+        a = monitor.acc[name]
+        for t in (a.tokens, a.load, a.prob, a.entropy):
+            dist.all_reduce(t)
+        if a.allowed is not None:
+            allowed = a.allowed.to(torch.uint8)
+            dist.all_reduce(allowed, op=dist.ReduceOp.MAX)
+            a.allowed = allowed.bool()
+        dropped = torch.tensor([sum(a.dropped), float(len(a.dropped))])
+        dist.all_reduce(dropped)
+        a.dropped = [float(dropped[0] / dropped[1].clamp_min(1))]
 
 
 # ------------------------------------------------------------------ state

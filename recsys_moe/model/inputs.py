@@ -100,6 +100,12 @@ class Batch:
     def __len__(self) -> int:
         return self.dense.shape[0]
 
+    def to(self, device: torch.device | str) -> Batch:
+        if torch.device(device).type == "cpu" and self.dense.device.type == "cpu":
+            return self
+        labels = self.labels.to(device) if self.labels is not None else None
+        return Batch(self.sparse.to(device), self.dense.to(device), self.domain.to(device), labels)
+
 
 def _list_parts(arr: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """(flat values, lengths) of a list column; null lists have length 0."""

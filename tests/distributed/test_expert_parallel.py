@@ -29,9 +29,7 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, port: int, out: str, mcfg: dict, sharding: str, shard_experts: bool):
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_WORLD_SIZE=str(W)
-    )
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_WORLD_SIZE=str(W))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=W)
     try:
@@ -66,9 +64,7 @@ CASES = [
 
 @pytest.mark.parametrize(("mcfg", "sharding", "shard_experts"), CASES)
 def test_sharded_equals_single_process(tmp_path, mcfg, sharding, shard_experts):
-    mp.spawn(
-        _worker, args=(_free_port(), str(tmp_path), mcfg, sharding, shard_experts), nprocs=W
-    )
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path), mcfg, sharding, shard_experts), nprocs=W)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(W)]
     assert all(r["sharded"] == shard_experts for r in ranks)
     assert {t["sharding"] for t in ranks[0]["plan"].values()} == {sharding}

@@ -16,7 +16,10 @@ SPEC = InputSpec(
         SparseFeature("domain", "cat__domain", 4, False),
         SparseFeature("tags", "cat__tags", 12, True),
     ],
-    dense=[DenseFeature("price", "num__price", 1.0, 2.0), DenseFeature("cnt", "num__cnt", 0.0, 1.0)],
+    dense=[
+        DenseFeature("price", "num__price", 1.0, 2.0),
+        DenseFeature("cnt", "num__cnt", 0.0, 1.0),
+    ],
     tasks=[
         Task("click", "binary", "", 1.0, "label__click"),
         Task("like", "binary", "", 0.5, "label__like"),

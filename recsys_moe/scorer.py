@@ -1,0 +1,165 @@
+"""Scoring raw request rows with a trained model: the model bundle and :class:`Scorer`.
+
+A *bundle* is a folder that holds everything scoring needs, so a served or batch-scored
+model can never read features with another vocabulary than the one it was trained on::
+
+    model.safetensors  model.json     weights, model config, manifest (recsys_moe.train)
+    vocab/<feature>.parquet           the store's vocabularies
+    tables/<name>.parquet             the store's online lookup tables (users, items, ...)
+
+:class:`Scorer` turns rows of ``user_id, item_id, domain[, timestamp][, context...]`` into
+per-task scores with the same ``features/`` code as training (``features.online.assemble``
+then ``features.examples.encode``). Unknown users, items, domains and context values get
+the out-of-vocabulary index and cold-start defaults, never an error; a missing required
+column or a wrong type is a :class:`RequestError` naming it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+
+from features.examples import encode
+from features.online import assemble
+from features.store import (
+    TABLE_NAMES,
+    numeric_stats,
+    read_tables,
+    read_vocabs,
+    spec_from_manifest,
+)
+from recsys_moe.model.inputs import ExampleTensors
+from recsys_moe.model.ranker import RankingModel
+from recsys_moe.train import load_model, predict
+
+
+class RequestError(ValueError):
+    """Rows that cannot be scored: a missing required column or a column of the wrong type."""
+
+
+def write_bundle(model_dir: str | Path, store: str | Path) -> Path:
+    """Copy the store's vocabularies and lookup tables next to a saved model."""
+    out = Path(model_dir)
+    for sub in ("vocab", "tables"):
+        shutil.copytree(Path(store) / sub, out / sub, dirs_exist_ok=True)
+    return out
+
+
+class Scorer:
+    """A model with its manifest, vocabularies and lookup tables, ready to score rows."""
+
+    def __init__(
+        self,
+        model: RankingModel,
+        manifest: dict[str, Any],
+        vocabs: dict[str, pl.DataFrame],
+        tables: dict[str, pl.DataFrame],
+    ) -> None:
+        self.model = model.eval()
+        self.manifest = manifest
+        self.spec = spec_from_manifest(manifest)
+        self.vocabs, self.tables = vocabs, tables
+        self.stats = numeric_stats(manifest)
+        self.tasks = model.spec.task_names
+        s = self.spec
+        self.required = [s.user_id, s.item_id, s.domain]
+        self.optional = [s.timestamp, *s.context_categorical, *s.context_numeric]
+        # key dtypes of the training data: request ids are cast to them
+        self.key_types = {
+            s.user_id: tables["users"].schema[s.user_id],
+            s.item_id: tables["items"].schema[s.item_id],
+            s.domain: tables["user_domain"].schema[s.domain],
+        }
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> Scorer:
+        model, meta = load_model(path)
+        manifest = meta["manifest"]
+        return cls(model, manifest, read_vocabs(path, manifest), read_tables(path))
+
+    def input_columns(self) -> list[str]:
+        return [*self.required, *self.optional]
+
+    def check(self, rows: pl.DataFrame) -> pl.DataFrame:
+        """Required columns present, ids castable to the training key types; optional
+        columns filled (timestamp = now, context = null)."""
+        missing = [c for c in self.required if c not in rows.columns]
+        if missing:
+            raise RequestError(
+                f"missing column(s) {missing}; rows need {self.required}, optionally {self.optional}"
+            )
+        casts = []
+        for col, dtype in self.key_types.items():
+            try:
+                rows.select(pl.col(col).cast(dtype, strict=True))
+            except (pl.exceptions.InvalidOperationError, pl.exceptions.ComputeError) as e:
+                raise RequestError(
+                    f"column {col!r}: cannot read {rows.schema[col]} as {dtype}: {e}"
+                ) from None
+            casts.append(pl.col(col).cast(dtype))
+        rows = rows.with_columns(casts)
+        ts = self.spec.timestamp
+        if ts not in rows.columns:
+            rows = rows.with_columns(pl.lit(int(time.time()), dtype=pl.Int64).alias(ts))
+        types = {ts: pl.Int64, **{c: pl.Float64 for c in self.spec.context_numeric}}
+        for c in self.spec.context_categorical:
+            inner = self.vocabs[c]["value"].dtype
+            types[c] = pl.List(inner) if c in self.spec.multi_valued else inner
+        exprs = []
+        for col, dtype in types.items():
+            if col not in rows.columns or rows.schema[col] == pl.Null:
+                exprs.append(pl.lit(None, dtype=dtype).alias(col))
+                continue
+            try:
+                rows.select(pl.col(col).cast(dtype, strict=True))
+            except (pl.exceptions.InvalidOperationError, pl.exceptions.ComputeError):
+                raise RequestError(
+                    f"column {col!r}: cannot read {rows.schema[col]} as {dtype}"
+                ) from None
+            exprs.append(pl.col(col).cast(dtype))
+        return rows.with_columns(exprs)
+
+    def example_rows(self, encoded: pl.DataFrame) -> pl.DataFrame:
+        """Raw request rows (keys, timestamp, context) back from encoded store rows."""
+        s = self.spec
+        out = encoded.select(s.user_id, s.item_id, s.domain, s.timestamp)
+        for c in [*s.context_categorical, *s.context_numeric]:
+            if c in s.context_numeric:
+                out = out.with_columns(encoded["num__" + c].alias(c))
+                continue
+            vocab = self.vocabs[c].select(pl.col("index").cast(pl.Int64), "value")
+            codes = encoded.select(pl.col("cat__" + c).cast(pl.Int64).alias("index"))
+            out = out.with_columns(
+                codes.join(vocab, on="index", how="left", maintain_order="left")["value"].alias(c)
+            )
+        return out
+
+    def features(self, rows: pl.DataFrame) -> pl.DataFrame:
+        """Raw rows -> the encoded example columns the model reads (row order kept)."""
+        rows = self.check(rows)
+        keep = [c for c in self.input_columns() if c in rows.columns]
+        df = assemble(rows.select(keep), self.tables, self.spec)
+        return encode(df, self.spec, self.vocabs, self.stats, keep_split=False)
+
+    @torch.no_grad()
+    def score(self, rows: pl.DataFrame, batch_size: int = 8192) -> np.ndarray:
+        """(n, T) per-task scores (probabilities for binary tasks), in row order."""
+        if rows.height == 0:
+            return np.zeros((0, len(self.tasks)), dtype=np.float32)
+        encoded = self.features(rows)
+        data = ExampleTensors(self.model.spec, encoded, with_labels=False)
+        return predict(self.model, data, batch_size)
+
+    def score_frame(self, rows: pl.DataFrame) -> pl.DataFrame:
+        """One ``score_<task>`` column per task."""
+        p = self.score(rows)
+        return pl.DataFrame({f"score_{t}": p[:, i] for i, t in enumerate(self.tasks)})
+
+
+__all__ = ["TABLE_NAMES", "RequestError", "Scorer", "write_bundle"]

@@ -1,0 +1,313 @@
+"""MLflow tracking and registry: what every training run records, and promotion.
+
+Embedded default: a SQLite backend at ``mlruns/mlflow.db`` and artifacts under
+``mlruns/artifacts`` (relative to the working directory, i.e. the repository for ``make``);
+``MLFLOW_TRACKING_URI`` points anywhere else (a server, another database). One experiment
+per config name (``recsys-moe-<name>``).
+
+A run holds: the full config as params, the data fingerprint and the manifest, per-epoch
+train/valid loss and per task x domain metrics (logged by rank 0 while training), router
+metrics, throughput, the sharding plan, plots (expert utilisation heatmaps, per-domain AUC
+bars, calibration curves) and the model as an MLflow pyfunc that scores a table of raw
+request rows (``user_id, item_id, domain[, ts, context]``) using the manifest,
+vocabularies and lookup tables packed with it. The model is registered under
+``serving.model_name``; the ``serving.model_alias`` alias (``champion``) moves only when the
+new version beats the current champion on ``training.promote_metric``.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from recsys_moe.config import Config
+
+PACKAGES = ("recsys_moe", "features")
+REPO = Path(__file__).resolve().parent.parent
+MAX_PARAM = 500  # MLflow's limit on a param value's length
+
+
+def tracking_uri() -> str:
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    root = Path("mlruns").resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def experiment_name(cfg: Config) -> str:
+    return f"recsys-moe-{cfg.name}"
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = str(v)[:MAX_PARAM]
+    return out
+
+
+def log_metrics(client, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
+    """Log finite float metrics in batches (MLflow takes at most 1000 per call)."""
+    import time
+
+    from mlflow.entities import Metric
+
+    ts = int(time.time() * 1000)
+    items = [
+        Metric(k.replace("@", "_"), float(v), ts, step or 0)
+        for k, v in metrics.items()
+        if isinstance(v, int | float) and math.isfinite(float(v))
+    ]
+    for i in range(0, len(items), 900):
+        client.log_batch(run_id, metrics=items[i : i + 900])
+
+
+def _pip_requirements() -> list[str]:
+    names = ["torch", "torchrec", "fbgemm-gpu-cpu", "polars", "pyarrow", "safetensors", "numpy"]
+    names += ["pandas", "scikit-learn", "mlflow"]
+    out = []
+    for n in names:
+        try:
+            out.append(f"{n}=={md.version(n)}")
+        except md.PackageNotFoundError:
+            continue
+    return out
+
+
+try:  # the pyfunc class needs mlflow; the rest of the library does not
+    import mlflow.pyfunc
+
+    class RankerModel(mlflow.pyfunc.PythonModel):
+        """MLflow pyfunc: a table of raw request rows -> one ``score_<task>`` column per task."""
+
+        def load_context(self, context) -> None:
+            from recsys_moe.scorer import Scorer
+
+            self.scorer = Scorer.from_dir(context.artifacts["bundle"])
+
+        def predict(self, context, model_input, params=None):
+            import polars as pl
+
+            rows = (
+                pl.from_pandas(model_input)
+                if not isinstance(model_input, pl.DataFrame)
+                else model_input
+            )
+            return self.scorer.score_frame(rows).to_pandas()
+
+except ImportError:  # pragma: no cover
+    RankerModel = None  # type: ignore[assignment,misc]
+
+
+@dataclass
+class Tracker:
+    """One MLflow run of ``recsys-moe train`` (the driver's side; rank 0 logs epochs)."""
+
+    uri: str
+    experiment_id: str
+    run_id: str
+    model_info: Any = None
+
+    @classmethod
+    def open(cls, cfg: Config, run_name: str) -> Tracker:
+        import mlflow
+
+        uri = tracking_uri()
+        mlflow.set_tracking_uri(uri)
+        name = experiment_name(cfg)
+        exp = mlflow.get_experiment_by_name(name)
+        if exp is None:
+            location = None
+            if uri.startswith("sqlite:///") and not os.environ.get("MLFLOW_TRACKING_URI"):
+                location = (Path("mlruns").resolve() / "artifacts").as_uri()
+            exp_id = mlflow.create_experiment(name, artifact_location=location)
+        else:
+            exp_id = exp.experiment_id
+        run = mlflow.start_run(experiment_id=exp_id, run_name=run_name)
+        return cls(uri, exp_id, run.info.run_id)
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        import mlflow
+
+        mlflow.end_run(status="FAILED" if exc_type else "FINISHED")
+
+    def log_start(
+        self, cfg: Config, manifest: dict[str, Any], *, workers: int, run_name: str, storage
+    ) -> None:
+        import mlflow
+
+        mlflow.log_params(_flatten(cfg.to_dict()))
+        mlflow.set_tags(
+            {
+                "data.fingerprint": manifest.get("fingerprint", ""),
+                "data.store": str(Path(cfg.features.store_dir).resolve()),
+                "train.workers": str(workers),
+                "train.run_name": run_name,
+                "train.checkpoints": str(Path(storage).resolve() / run_name),
+            }
+        )
+        mlflow.log_dict(manifest, "manifest.json")
+
+    def log_end(self, summary, model, monitor, preds, test_df, model_dir) -> None:
+        import mlflow
+        import pandas as pd
+
+        from recsys_moe.scorer import Scorer
+
+        client = mlflow.MlflowClient(self.uri)
+        flat = {f"test/{k}": v for k, v in summary["test"].items()}
+        flat.update({f"best/valid/{k}": v for k, v in summary["valid"].items()})
+        flat.update({f"oracle/{k}": v for k, v in (summary["oracle"] or {}).items()})
+        flat.update({f"test/{k}": v for k, v in summary["router"].items()})
+        flat.update(
+            {
+                "best_epoch": summary["best_epoch"],
+                "train/samples_per_s_mean": summary["samples_per_s"],
+            }
+        )
+        log_metrics(client, self.run_id, flat)
+        with tempfile.TemporaryDirectory() as tmp:
+            for path in plots(model, monitor, summary["test"], preds, test_df, Path(tmp)):
+                mlflow.log_artifact(str(path), "plots")
+        scorer = Scorer.from_dir(model_dir)
+        example = scorer.example_rows(test_df.head(5))
+        out = scorer.score_frame(example)
+        from mlflow.models import infer_signature
+
+        sig = infer_signature(example.to_pandas(), out.to_pandas())
+        self.model_info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=RankerModel(),
+            artifacts={"bundle": str(model_dir)},
+            code_paths=[str(REPO / p) for p in PACKAGES],
+            signature=sig,
+            input_example=pd.DataFrame(example.to_pandas()),
+            pip_requirements=_pip_requirements(),
+        )
+
+    def register_and_promote(self, model_dir, valid: dict[str, float], cfg: Config) -> dict:
+        """Register the run's model; move the alias only if it beats the current champion."""
+        import mlflow
+        from mlflow.exceptions import MlflowException
+
+        client = mlflow.MlflowClient(self.uri)
+        name, alias = cfg.serving.model_name, cfg.serving.model_alias
+        metric = cfg.training.promote_metric.removeprefix("valid/")
+        mv = mlflow.register_model(self.model_info.model_uri, name)
+        client.set_model_version_tag(name, mv.version, "run_id", self.run_id)
+        score = float(valid.get(metric, float("nan")))
+        client.set_model_version_tag(name, mv.version, "promote_metric", f"valid/{metric}")
+        client.set_model_version_tag(name, mv.version, "valid_score", f"{score:.6f}")
+        try:
+            champ = client.get_model_version_by_alias(name, alias)
+        except MlflowException:
+            champ = None
+        if not math.isfinite(score):
+            promoted, why = False, f"not promoted: valid/{metric} is not available"
+        elif champ is None:
+            promoted, why = True, f"promoted to @{alias}: no current champion"
+        else:
+            old = float(champ.tags.get("valid_score", "nan"))
+            if not math.isfinite(old):
+                promoted, why = (
+                    True,
+                    f"promoted to @{alias}: champion v{champ.version} has no valid_score",
+                )
+            elif score > old:
+                promoted = True
+                why = f"promoted to @{alias}: valid/{metric} {score:.4f} > champion v{champ.version} {old:.4f}"
+            else:
+                promoted = False
+                why = f"not promoted: valid/{metric} {score:.4f} <= champion v{champ.version} {old:.4f}"
+        if promoted:
+            client.set_registered_model_alias(name, alias, mv.version)
+        client.set_model_version_tag(name, mv.version, "promotion", why)
+        mlflow.set_tag("registry.decision", why)
+        return {
+            "name": name,
+            "version": int(mv.version),
+            "alias": alias,
+            "promoted": promoted,
+            "decision": why,
+        }
+
+
+# ------------------------------------------------------------------ plots
+
+
+def plots(model, monitor, test_metrics, preds: np.ndarray, test_df, out: Path) -> list[Path]:
+    """Expert-utilisation heatmaps per gate layer, per-domain AUC bars, calibration curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    spec = model.spec
+    paths: list[Path] = []
+    for layer in monitor.acc:
+        load = monitor.load_table(layer).numpy()  # (O, K, E)
+        outputs = monitor.acc[layer].outputs
+        fig, axes = plt.subplots(1, len(outputs), figsize=(4 * len(outputs), 3), squeeze=False)
+        for o, gate in enumerate(outputs):
+            ax = axes[0][o]
+            im = ax.imshow(load[o], vmin=0, vmax=max(float(load.max()), 1e-6), cmap="viridis")
+            ax.set_title(f"{layer}: {gate}")
+            ax.set_yticks(range(len(monitor.domains)), monitor.domains)
+            ax.set_xlabel("expert")
+        fig.colorbar(im, ax=axes.ravel().tolist(), label="load share")
+        p = out / f"expert_utilisation_{layer}.png"
+        fig.savefig(p, dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        paths.append(p)
+
+    tasks = [t.name for t in spec.tasks if t.kind == "binary"]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    width = 0.8 / max(len(tasks), 1)
+    for i, t in enumerate(tasks):
+        vals = [test_metrics.get(f"{t}/{d}/auc", np.nan) for d in spec.domains]
+        ax.bar(np.arange(len(spec.domains)) + i * width, vals, width, label=t)
+    ax.set_xticks(np.arange(len(spec.domains)) + width * (len(tasks) - 1) / 2, spec.domains)
+    ax.set_ylim(0.5, 1.0)
+    ax.set_ylabel("test AUC")
+    ax.legend()
+    p = out / "auc_per_domain.png"
+    fig.savefig(p, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    paths.append(p)
+
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    for i, t in enumerate(spec.tasks):
+        if t.kind != "binary":
+            continue
+        y = test_df[t.column].to_numpy()
+        edges = np.quantile(preds[:, i], np.linspace(0, 1, 11))
+        idx = np.clip(np.searchsorted(edges, preds[:, i], side="right") - 1, 0, 9)
+        mp = [preds[idx == b, i].mean() for b in range(10) if (idx == b).any()]
+        my = [y[idx == b].mean() for b in range(10) if (idx == b).any()]
+        ax.plot(mp, my, marker="o", label=t.name)
+    lim = float(max(preds.max(), 1e-3))
+    ax.plot([0, lim], [0, lim], "k--", lw=0.8)
+    ax.set_xlabel("mean predicted")
+    ax.set_ylabel("observed rate")
+    ax.set_title("calibration (test, deciles)")
+    ax.legend()
+    p = out / "calibration.png"
+    fig.savefig(p, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    paths.append(p)
+    return paths
