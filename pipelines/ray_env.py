@@ -14,7 +14,13 @@ import ray
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # torch's spin-waiting OpenMP threads stall small ops on a shared 2-core box
-WORKER_ENV = {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "RAY_USAGE_STATS_ENABLED": "0"}
+WORKER_ENV = {
+    "OMP_NUM_THREADS": "1",
+    "OMP_WAIT_POLICY": "PASSIVE",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    # Ray Train otherwise prints every worker line twice (its own log + stdout)
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+}
 SHIP_EXCLUDES = [
     "/.venv/",
     "/data/",
@@ -27,8 +33,12 @@ SHIP_EXCLUDES = [
 ]
 
 
-def init_ray(num_cpus: int | None = None) -> None:
-    """Connect to ``RAY_ADDRESS`` if set, else start a local instance; no-op if already up."""
+def init_ray(num_cpus: int | None = None, dashboard: bool = False) -> None:
+    """Connect to ``RAY_ADDRESS`` if set, else start a local instance; no-op if already up.
+
+    ``dashboard``: start the dashboard (on 127.0.0.1) with a local instance; Ray Train's
+    controller polls the state API it serves and warns every few seconds without it.
+    """
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -44,7 +54,7 @@ def init_ray(num_cpus: int | None = None) -> None:
     else:
         ray.init(
             num_cpus=num_cpus,
-            include_dashboard=False,
+            include_dashboard=dashboard,
             runtime_env={"env_vars": WORKER_ENV},
             log_to_driver=True,
         )

@@ -207,6 +207,9 @@ def worker_loop(config: dict[str, Any]) -> None:
     valid_it = ray.train.get_dataset_shard("valid")
     metric = tcfg.promote_metric.removeprefix("valid/")
     rows_per_rank = config["train_rows"] // world
+    # training.batch_size is the global batch: W workers on B/W rows each take the same
+    # steps as one process on B rows (and the sharded model computes the same gradients)
+    batch_size = max(1, tcfg.batch_size // world)
     monitor = RouterMonitor(spec.domains)
     for epoch in range(state["epoch"] + 1, tcfg.epochs):
         d.model.train()
@@ -214,7 +217,7 @@ def worker_loop(config: dict[str, Any]) -> None:
         losses, seen, t0, next_report = [], 0, time.perf_counter(), 0.1
         for step, tbl in enumerate(
             train_it.iter_batches(
-                batch_size=tcfg.batch_size,
+                batch_size=batch_size,
                 batch_format="pyarrow",
                 local_shuffle_buffer_size=config["shuffle_buffer"],
                 local_shuffle_seed=tcfg.seed + 1000 * epoch + rank,
@@ -323,7 +326,7 @@ def fit_distributed(
 
     from pipelines.ray_env import init_ray
 
-    init_ray()
+    init_ray(dashboard=True)
     store = cfg.features.store_dir
     manifest = load_manifest(store)
     train_rows = int(manifest["splits"]["rows"]["train"])
@@ -362,7 +365,9 @@ def fit_distributed(
                 checkpoint_score_attribute="valid_score",
                 checkpoint_score_order="max",
             ),
-            worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}},
+            worker_runtime_env={
+                "env_vars": {"OMP_NUM_THREADS": str(threads), "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+            },
         ),
         datasets=_datasets(store),
     )
@@ -477,6 +482,7 @@ def run_training(
             "test": test_metrics,
             "oracle": oracle,
             "router": monitor.metrics(),
+            "history": history,
             "checkpoint": best.path,
         }
         (Path(out) / "metrics.json").write_text(json.dumps(summary, indent=2, default=float))
@@ -509,7 +515,10 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {}
     for item in args.set:
         key, _, value = item.partition("=")
-        overrides[key] = json.loads(value) if value[:1] in '[{0123456789-tf"' else value
+        try:
+            overrides[key] = json.loads(value)  # numbers, true/false, lists
+        except json.JSONDecodeError:
+            overrides[key] = value  # plain strings
     if args.use_gpu:
         overrides["training.use_gpu"] = True
     cfg = load_config(args.config, overrides)

@@ -268,6 +268,7 @@ class TrainingConfig:
     """Optimisation and evaluation settings."""
 
     epochs: int = 3
+    # the global batch: each of W distributed workers takes batch_size // W rows a step
     batch_size: int = 4096
     lr: float = 3e-3
     embedding_lr: float = 0.05

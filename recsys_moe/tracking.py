@@ -189,7 +189,16 @@ class Tracker:
         out = scorer.score_frame(example)
         from mlflow.models import infer_signature
 
+        from mlflow.types.schema import ColSpec, Schema
+
         sig = infer_signature(example.to_pandas(), out.to_pandas())
+        # only the ids and the domain are required; timestamp and context are optional
+        sig.inputs = Schema(
+            [
+                ColSpec(c.type, c.name, required=c.name in scorer.required)
+                for c in sig.inputs.inputs
+            ]
+        )
         self.model_info = mlflow.pyfunc.log_model(
             name="model",
             python_model=RankerModel(),
