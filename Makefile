@@ -13,7 +13,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export RAY_AUTH_MODE := disabled
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: install train features generate ui test lint format bench bench-quality clean help
+.PHONY: install train features generate ui score test lint format bench bench-quality clean help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -40,6 +40,14 @@ train: $(STAMP)  ## generate (if missing) -> features -> distributed train -> ML
 	$(BIN)/recsys-moe generate --config $(CONFIG) --if-missing
 	$(BIN)/recsys-moe features --config $(CONFIG)
 	$(BIN)/recsys-moe train --config $(CONFIG)
+
+CANDIDATES ?= data/candidates/default
+SCORES     ?= data/scores/default
+ROWS       ?= 1000000
+
+score: $(STAMP)  ## batch-score CANDIDATES (made from the store if missing) with the champion -> SCORES
+	test -d $(CANDIDATES) || $(BIN)/recsys-moe candidates --config $(CONFIG) --rows $(ROWS) --output $(CANDIDATES)
+	$(BIN)/recsys-moe score --config $(CONFIG) --input $(CANDIDATES) --output $(SCORES)
 
 ui: $(STAMP)  ## MLflow UI over the tracking store on 127.0.0.1:5000 (UI_PORT=...)
 	$(BIN)/recsys-moe ui --port $(or $(UI_PORT),5000)

@@ -21,6 +21,14 @@ COMMANDS = {
         "pipelines.train",
         "distributed training (Ray Train + torchrec), evaluation, MLflow run and registry",
     ),
+    "candidates": (
+        "pipelines.candidates",
+        "write a candidate file to score from the store's users and items",
+    ),
+    "score": (
+        "pipelines.batch_score",
+        "batch scoring of candidate rows on Ray Data with a registered model",
+    ),
     "ui": (
         "pipelines.ui",
         "the MLflow experiment UI over the tracking store (127.0.0.1:5000)",

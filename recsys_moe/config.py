@@ -335,6 +335,33 @@ class ServingConfig:
 
 
 @dataclass(frozen=True)
+class ScoringConfig:
+    """Batch scoring (``recsys-moe score``) and the blended ranking score.
+
+    The blended score of a candidate is ``sum_t w_t * p_t`` (``blend = "sum"``) or
+    ``prod_t p_t ** w_t`` (``"product"``) over the model's tasks; ``task_weights`` maps a
+    task name to its weight (a task left out weighs 1.0).
+    """
+
+    batch_size: int = 16384
+    # scoring actors (each loads the model once); 0 = one per CPU of the cluster (at most
+    # 8), sized to leave half a CPU to Ray Data's readers and writers
+    concurrency: int = 0
+    num_cpus_per_actor: float = 1.0
+    blend: Literal["sum", "product"] = "sum"
+    task_weights: dict[str, float] = field(default_factory=dict)
+    # keep the K best candidates per user in <output>/top_k (0 = off)
+    top_k: int = 0
+
+    def __post_init__(self) -> None:
+        _require_positive("scoring", self, "batch_size")
+        if self.concurrency < 0 or self.top_k < 0:
+            _fail("scoring", "concurrency/top_k", "must be >= 0")
+        if self.num_cpus_per_actor <= 0:
+            _fail("scoring", "num_cpus_per_actor", "must be > 0")
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration: one section per concern."""
 
@@ -345,6 +372,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     serving: ServingConfig = field(default_factory=ServingConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
     name: str = "default"
 
     def to_dict(self) -> dict[str, Any]:
@@ -376,6 +404,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
         return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {type(value).__name__} {value!r}")
+        _, inner = get_args(tp)
+        return {str(k): _coerce(v, inner, f"{where}.{k}") for k, v in value.items()}
     if origin in (typing.Union, types.UnionType):
         raise ConfigError(f"{where}: union types are not supported in configs")
     if dataclasses.is_dataclass(tp):

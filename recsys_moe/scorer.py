@@ -27,6 +27,7 @@ import torch
 
 from features.examples import encode
 from features.online import assemble
+from features.spec import SEGMENT
 from features.store import (
     TABLE_NAMES,
     numeric_stats,
@@ -34,6 +35,7 @@ from features.store import (
     read_vocabs,
     spec_from_manifest,
 )
+from recsys_moe.config import ScoringConfig
 from recsys_moe.model.inputs import ExampleTensors
 from recsys_moe.model.ranker import RankingModel
 from recsys_moe.train import load_model, predict
@@ -142,24 +144,62 @@ class Scorer:
 
     def features(self, rows: pl.DataFrame) -> pl.DataFrame:
         """Raw rows -> the encoded example columns the model reads (row order kept)."""
-        rows = self.check(rows)
-        keep = [c for c in self.input_columns() if c in rows.columns]
-        df = assemble(rows.select(keep), self.tables, self.spec)
+        df = assemble(self.check(rows).select(self.input_columns()), self.tables, self.spec)
         return encode(df, self.spec, self.vocabs, self.stats, keep_split=False)
+
+    def _predict(self, encoded: pl.DataFrame, batch_size: int) -> np.ndarray:
+        data = ExampleTensors(self.model.spec, encoded, with_labels=False)
+        return predict(self.model, data, batch_size)
 
     @torch.no_grad()
     def score(self, rows: pl.DataFrame, batch_size: int = 8192) -> np.ndarray:
         """(n, T) per-task scores (probabilities for binary tasks), in row order."""
         if rows.height == 0:
             return np.zeros((0, len(self.tasks)), dtype=np.float32)
-        encoded = self.features(rows)
-        data = ExampleTensors(self.model.spec, encoded, with_labels=False)
-        return predict(self.model, data, batch_size)
+        return self._predict(self.features(rows), batch_size)
 
-    def score_frame(self, rows: pl.DataFrame) -> pl.DataFrame:
-        """One ``score_<task>`` column per task."""
-        p = self.score(rows)
-        return pl.DataFrame({f"score_{t}": p[:, i] for i, t in enumerate(self.tasks)})
+    def score_frame(
+        self, rows: pl.DataFrame, blend: ScoringConfig | None = None, batch_size: int = 8192
+    ) -> pl.DataFrame:
+        """One ``score_<task>`` column per task; with ``blend`` also ``score`` (the blended
+        ranking score), ``segment`` (cold / casual / power), ``cold_user``, ``cold_item``."""
+        if rows.height == 0:
+            return self._empty_frame(blend)
+        checked = self.check(rows)
+        df = assemble(checked.select(self.input_columns()), self.tables, self.spec)
+        p = self._predict(
+            encode(df, self.spec, self.vocabs, self.stats, keep_split=False), batch_size
+        )
+        out = pl.DataFrame({f"score_{t}": p[:, i] for i, t in enumerate(self.tasks)})
+        if blend is None:
+            return out
+        s = self.spec
+        segment = df[SEGMENT].cast(pl.String) if SEGMENT in df.columns else pl.lit(None, pl.String)
+        return out.with_columns(
+            pl.Series("score", blended(p, self.tasks, blend)),
+            segment.alias("segment"),
+            (~checked[s.user_id].is_in(self.tables["users"][s.user_id].implode())).alias(
+                "cold_user"
+            ),
+            (~checked[s.item_id].is_in(self.tables["items"][s.item_id].implode())).alias(
+                "cold_item"
+            ),
+        )
+
+    def _empty_frame(self, blend: ScoringConfig | None) -> pl.DataFrame:
+        schema: dict[str, pl.DataType] = {f"score_{t}": pl.Float32 for t in self.tasks}
+        if blend is not None:
+            schema |= {"score": pl.Float32, "segment": pl.String, "cold_user": pl.Boolean,
+                       "cold_item": pl.Boolean}  # fmt: skip
+        return pl.DataFrame(schema=schema)
 
 
-__all__ = ["TABLE_NAMES", "RequestError", "Scorer", "write_bundle"]
+def blended(scores: np.ndarray, tasks: list[str], cfg: ScoringConfig) -> np.ndarray:
+    """The ranking score from per-task scores (n, T): weighted sum or weighted product."""
+    w = np.array([cfg.task_weights.get(t, 1.0) for t in tasks], dtype=np.float64)
+    if cfg.blend == "product":
+        return np.exp(np.log(np.clip(scores, 1e-12, None)) @ w).astype(np.float32)
+    return (scores.astype(np.float64) @ w).astype(np.float32)
+
+
+__all__ = ["TABLE_NAMES", "RequestError", "Scorer", "blended", "write_bundle"]

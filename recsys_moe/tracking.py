@@ -124,6 +124,7 @@ class Tracker:
     def open(cls, cfg: Config, run_name: str) -> Tracker:
         import mlflow
 
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         uri = tracking_uri()
         mlflow.set_tracking_uri(uri)
         name = experiment_name(cfg)
@@ -165,9 +166,6 @@ class Tracker:
 
     def log_end(self, summary, model, monitor, preds, test_df, model_dir) -> None:
         import mlflow
-        import pandas as pd
-
-        from recsys_moe.scorer import Scorer
 
         client = mlflow.MlflowClient(self.uri)
         flat = {f"test/{k}": v for k, v in summary["test"].items()}
@@ -184,20 +182,25 @@ class Tracker:
         with tempfile.TemporaryDirectory() as tmp:
             for path in plots(model, monitor, summary["test"], preds, test_df, Path(tmp)):
                 mlflow.log_artifact(str(path), "plots")
-        scorer = Scorer.from_dir(model_dir)
-        example = scorer.example_rows(test_df.head(5))
-        out = scorer.score_frame(example)
-        from mlflow.models import infer_signature
+        self.log_model(model_dir, test_df.head(5))
 
+    def log_model(self, model_dir, encoded_rows) -> None:
+        """Log the bundle as an MLflow pyfunc over raw request rows (signature + example
+        rebuilt from a few encoded store rows)."""
+        import mlflow
+        import pandas as pd
+        from mlflow.models import infer_signature
         from mlflow.types.schema import ColSpec, Schema
 
+        from recsys_moe.scorer import Scorer
+
+        scorer = Scorer.from_dir(model_dir)
+        example = scorer.example_rows(encoded_rows)
+        out = scorer.score_frame(example)
         sig = infer_signature(example.to_pandas(), out.to_pandas())
         # only the ids and the domain are required; timestamp and context are optional
         sig.inputs = Schema(
-            [
-                ColSpec(c.type, c.name, required=c.name in scorer.required)
-                for c in sig.inputs.inputs
-            ]
+            [ColSpec(c.type, c.name, required=c.name in scorer.required) for c in sig.inputs.inputs]
         )
         self.model_info = mlflow.pyfunc.log_model(
             name="model",

@@ -145,7 +145,9 @@ def test_resume_continues_from_last_checkpoint(small_store, tracked):
     # epoch 1 was trained by the second invocation
     assert [h["epoch"] for h in second["history"]] == [0, 1]
     assert second["history"][0] == first["history"][0]
-    checkpoints = [p for p in (tracked / "ckpt" / first["run_name"]).glob("checkpoint_*") if p.is_dir()]
+    checkpoints = [
+        p for p in (tracked / "ckpt" / first["run_name"]).glob("checkpoint_*") if p.is_dir()
+    ]
     assert len(checkpoints) == 2
 
 

@@ -1,0 +1,298 @@
+"""``recsys-moe score``: batch scoring of candidate rows on Ray Data.
+
+    recsys-moe score --model models:/recsys_moe_ranker@champion --input cands/ --output scored/
+
+1. The model is resolved (an MLflow ``models:/<name>@<alias>`` or ``models:/<name>/<version>``
+   URI, or a local model bundle folder) and the input's schema is checked before any work:
+   a missing column or a column of the wrong type stops here with a message naming it.
+2. Rows whose ``user_id``, ``item_id`` or domain is null are written to
+   ``<output>/rejects/`` with the reason (never dropped silently).
+3. Ray Data streams the rest through an actor pool (``map_batches`` with a callable
+   class: each actor loads the model once), which joins user and item features with the
+   same ``features/`` code as training and serving and scores every row.
+4. ``<output>/scores/`` gets the input rows plus ``score_<task>`` per task, the blended
+   ``score``, the user ``segment``, ``cold_user`` / ``cold_item`` and ``model_version``.
+   Rows in = rows out + rejects is checked; optionally ``<output>/top_k/`` keeps the K best
+   candidates per user (``--top-k``).
+
+Streaming throughout: memory is bounded by the blocks in flight, never the whole input.
+Runs locally or on a cluster (``RAY_ADDRESS``); ``--use-gpu`` puts each actor on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.dataset as pads
+
+from recsys_moe.config import Config, ScoringConfig, load_config
+from recsys_moe.scorer import RequestError, Scorer
+
+REJECT_REASON = "reject_reason"
+# Ray Data's read / filter / write tasks are I/O-light: a quarter CPU each, so they are
+# never starved by the scoring actors (which would deadlock the stream)
+IO_CPUS = 0.25
+
+
+@dataclass
+class ResolvedModel:
+    bundle: Path
+    name: str
+    version: str  # registry version, or "local"
+    uri: str
+
+
+def resolve_model(uri: str, tracking_uri: str | None = None) -> ResolvedModel:
+    """A local bundle folder, or an MLflow registry URI downloaded to a local folder."""
+    p = Path(uri)
+    if p.is_dir():
+        if not (p / "model.json").exists():
+            raise RequestError(f"{p} is not a model bundle (no model.json)")
+        return ResolvedModel(p.resolve(), p.name, "local", str(p.resolve()))
+    if not uri.startswith("models:/"):
+        raise RequestError(
+            f"--model {uri!r}: expected models:/<name>@<alias>, models:/<name>/<version> or a folder"
+        )
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from recsys_moe.tracking import tracking_uri as default_uri
+
+    client = mlflow.MlflowClient(tracking_uri or default_uri())
+    ref = uri.removeprefix("models:/")
+    try:
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            mv = client.get_model_version_by_alias(name, alias)
+        else:
+            name, version = ref.rsplit("/", 1)
+            mv = client.get_model_version(name, version)
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{name}/{mv.version}", tracking_uri=client.tracking_uri
+        )
+    except MlflowException as e:
+        raise RequestError(f"cannot load {uri}: {e.message}") from None
+    bundles = list(Path(local).glob("artifacts/*/model.json"))
+    if not bundles:
+        raise RequestError(f"{uri}: the model has no recsys-moe bundle (artifacts/*/model.json)")
+    return ResolvedModel(bundles[0].parent, name, str(mv.version), uri)
+
+
+def check_input(path: str | Path, scorer: Scorer) -> pa.Schema:
+    """Fail before any work on a missing input, missing column or incompatible type."""
+    p = Path(path)
+    if not p.exists():
+        raise RequestError(f"--input {p}: no such file or folder")
+    try:
+        schema = pads.dataset(str(p), format="parquet").schema
+    except (pa.ArrowInvalid, OSError) as e:
+        raise RequestError(f"--input {p}: not readable as Parquet: {e}") from None
+    empty = pl.from_arrow(schema.empty_table())
+    scorer.check(empty)  # missing required columns, uncastable context columns
+    for col, want in scorer.key_types.items():
+        got = empty.schema[col]
+        if got.is_numeric() != want.is_numeric() and got != pl.Null:
+            raise RequestError(f"--input {p}: column {col!r} is {got}, the model's ids are {want}")
+    return schema
+
+
+def _null_key(keys: list[str]) -> pl.Expr:
+    return pl.any_horizontal([pl.col(k).is_null() for k in keys])
+
+
+def _rejected(batch: pa.Table, keys: list[str]) -> pa.Table:
+    """The rows of a block with a null key, with the reason (the first null key)."""
+    df = pl.from_arrow(batch).filter(_null_key(keys))
+    reason = pl.lit(None, dtype=pl.String)
+    for k in reversed(keys):
+        reason = pl.when(pl.col(k).is_null()).then(pl.lit(f"null {k}")).otherwise(reason)
+    return df.with_columns(reason.alias(REJECT_REASON)).to_arrow()
+
+
+def _accepted(batch: pa.Table, keys: list[str]) -> pa.Table:
+    return pl.from_arrow(batch).filter(~_null_key(keys)).to_arrow()
+
+
+class ScoreBatch:
+    """The actor: loads the bundle once, scores pyarrow batches."""
+
+    def __init__(self, bundle: str, version: str, blend: dict[str, Any], threads: int) -> None:
+        import torch
+
+        torch.set_num_threads(threads)
+        self.scorer = Scorer.from_dir(bundle)
+        self.version = version
+        self.blend = ScoringConfig(**blend)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = pl.from_arrow(batch)
+        if isinstance(rows, pl.Series):  # pragma: no cover - a one-column table
+            rows = rows.to_frame()
+        scored = self.scorer.score_frame(rows, self.blend)
+        return (
+            pl.concat([rows, scored], how="horizontal")
+            .with_columns(pl.lit(self.version).alias("model_version"))
+            .to_arrow()
+        )
+
+
+def _parquet_rows(path: Path) -> int:
+    files = list(path.rglob("*.parquet"))
+    return sum(pads.dataset(str(f), format="parquet").count_rows() for f in files)
+
+
+def run_score(
+    cfg: Config,
+    *,
+    model: str,
+    input_path: str | Path,
+    output: str | Path,
+    top_k: int | None = None,
+    use_gpu: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """The whole job; returns the summary (also written to <output>/summary.json)."""
+    import ray
+    import ray.data
+
+    from pipelines.ray_env import init_ray
+
+    started = time.perf_counter()
+    sc = cfg.scoring
+    resolved = resolve_model(model)
+    scorer = Scorer.from_dir(resolved.bundle)
+    check_input(input_path, scorer)
+    out = Path(output)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+
+    init_ray()
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = progress
+    keys = list(scorer.required)
+    src = str(Path(input_path).resolve())
+    cpus = float(ray.cluster_resources().get("CPU", 1))
+    if sc.concurrency:
+        concurrency, actor_cpus = sc.concurrency, sc.num_cpus_per_actor
+    else:  # one actor per CPU, leaving half a CPU to Ray Data's read and write tasks
+        concurrency = max(1, min(8, int(cpus)))
+        actor_cpus = min(sc.num_cpus_per_actor, max(IO_CPUS, (cpus - 2 * IO_CPUS) / concurrency))
+    threads = max(1, int(actor_cpus))
+
+    # pass 1: rows with a null key go to rejects/ with the reason
+    light = {"num_cpus": IO_CPUS}
+    ray.data.read_parquet(src, ray_remote_args=light).map_batches(
+        _rejected, batch_format="pyarrow", fn_kwargs={"keys": keys}, batch_size=None, **light
+    ).write_parquet(str((out / "rejects").resolve()), ray_remote_args=light)
+    n_rejects = _parquet_rows(out / "rejects") if (out / "rejects").exists() else 0
+
+    # pass 2: score the good rows with the actor pool
+    good = ray.data.read_parquet(src, ray_remote_args=light).map_batches(
+        _accepted, batch_format="pyarrow", fn_kwargs={"keys": keys}, batch_size=None, **light
+    )
+    scored = good.map_batches(
+        ScoreBatch,
+        fn_constructor_kwargs={
+            "bundle": str(resolved.bundle),
+            "version": resolved.version,
+            "blend": {"blend": sc.blend, "task_weights": dict(sc.task_weights)},
+            "threads": threads,
+        },
+        batch_size=sc.batch_size,
+        batch_format="pyarrow",
+        concurrency=concurrency,
+        num_cpus=actor_cpus,
+        num_gpus=1 if use_gpu else 0,
+    )
+    scored.write_parquet(str((out / "scores").resolve()), ray_remote_args=light)
+    rows_out = _parquet_rows(out / "scores")
+    rows_in = pads.dataset(src, format="parquet").count_rows()
+    if rows_in != rows_out + n_rejects:
+        raise RuntimeError(
+            f"row accounting failed: {rows_in} rows in != {rows_out} scored + {n_rejects} rejected"
+        )
+    cold = (
+        pl.scan_parquet(str(out / "scores" / "*.parquet"))
+        .select(pl.col("cold_user").sum(), pl.col("cold_item").sum())
+        .collect()
+    )
+    k = sc.top_k if top_k is None else top_k
+    if k:
+        user = scorer.spec.user_id
+        (
+            pl.scan_parquet(str(out / "scores" / "*.parquet"))
+            .sort([user, "score"], descending=[False, True])
+            .group_by(user, maintain_order=True)
+            .head(k)
+            .with_columns(pl.int_range(pl.len()).over(user).add(1).alias("rank"))
+            .sink_parquet(out / "top_k.parquet")
+        )
+    seconds = time.perf_counter() - started
+    summary = {
+        "model": resolved.uri,
+        "model_version": resolved.version,
+        "input": src,
+        "output": str(out.resolve()),
+        "rows_in": rows_in,
+        "rows_out": rows_out,
+        "rows_rejected": n_rejects,
+        "rows_cold_user": int(cold["cold_user"][0] or 0),
+        "rows_cold_item": int(cold["cold_item"][0] or 0),
+        "seconds": round(seconds, 2),
+        "rows_per_s": round(rows_in / max(seconds, 1e-9)),
+        "actors": concurrency,
+        "top_k": k,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="recsys-moe score", description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="configs/default.toml")
+    ap.add_argument(
+        "--model",
+        default=None,
+        help="models:/<name>@<alias> (default: the config's serving model and alias), models:/<name>/<version> or a bundle folder",
+    )
+    ap.add_argument("--input", required=True, help="Parquet file or folder of candidate rows")
+    ap.add_argument("--output", required=True, help="output folder (replaced)")
+    ap.add_argument("--top-k", type=int, default=None, help="also write the K best per user")
+    ap.add_argument("--use-gpu", action="store_true")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    cfg = load_config(args.config)
+    model = args.model or f"models:/{cfg.serving.model_name}@{cfg.serving.model_alias}"
+    try:
+        s = run_score(
+            cfg, model=model, input_path=args.input, output=args.output, top_k=args.top_k,
+            use_gpu=args.use_gpu, progress=not args.no_progress,
+        )  # fmt: skip
+    except RequestError as e:
+        print(f"recsys-moe score: error: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"scored {s['rows_out']:,} of {s['rows_in']:,} rows ({s['rows_rejected']:,} rejected; "
+        f"cold-start users {s['rows_cold_user']:,}, items {s['rows_cold_item']:,}) with "
+        f"{s['model']} (version {s['model_version']}) in {s['seconds']}s, "
+        f"{s['rows_per_s']:,} rows/s on {s['actors']} actors\n"
+        f"scores: {s['output']}/scores"
+        + (f"\ntop-{s['top_k']}: {s['output']}/top_k.parquet" if s["top_k"] else "")
+        + (f"\nrejects: {s['output']}/rejects" if s["rows_rejected"] else ""),
+        flush=True,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""Batch scoring on Ray Data: scores equal the in-process model's, row accounting with
+rejects, bad input stopped before any work, a run against a registered alias, top-K."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import numpy as np
+import polars as pl
+import pytest
+
+from pipelines.batch_score import run_score
+from pipelines.candidates import write_candidates
+from recsys_moe.config import ScoringConfig
+from recsys_moe.scorer import RequestError, Scorer
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def model(small_store, tmp_path_factory):
+    """A model trained in-process for one epoch, bundled, logged and registered in a
+    temporary MLflow store (alias ``champion``)."""
+    import dataclasses
+
+    import torch
+
+    from features.store import load_manifest, read_examples
+    from recsys_moe import tracking
+    from recsys_moe.model.inputs import ExampleTensors, InputSpec
+    from recsys_moe.model.ranker import RankingModel
+    from recsys_moe.scorer import write_bundle
+    from recsys_moe.train import fit, save_model
+
+    cfg, _ = small_store
+    tmp = tmp_path_factory.mktemp("scoring")
+    store = cfg.features.store_dir
+    manifest = load_manifest(store)
+    spec = InputSpec.from_manifest(manifest)
+    torch.manual_seed(0)
+    m = RankingModel(spec, dataclasses.replace(cfg.model, n_experts=4, expert_hidden=[16, 8]))
+    fit(m, ExampleTensors(spec, read_examples(store, "train")),
+        ExampleTensors(spec, read_examples(store, "valid")),
+        dataclasses.replace(cfg.training, epochs=1, batch_size=512), progress=False)  # fmt: skip
+    bundle = write_bundle(save_model(m, tmp / "bundle", manifest), store)
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    old = mlflow.get_tracking_uri()
+    import os
+
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        with tracking.Tracker.open(cfg, "scoring-test") as tracker:
+            tracker.log_model(bundle, read_examples(store, "test").head(5))
+            reg = tracker.register_and_promote(bundle, {"auc_mean": 0.6}, cfg)
+    finally:
+        del os.environ["MLFLOW_TRACKING_URI"]
+        mlflow.set_tracking_uri(old)
+    assert reg["promoted"]
+    return cfg, bundle, uri, tmp
+
+
+@pytest.fixture(scope="module")
+def candidates(model):
+    cfg, _, _, tmp = model
+    return write_candidates(cfg.features.store_dir, tmp / "cands", 30_000, null_fraction=0.01,
+                            part_rows=10_000)  # fmt: skip
+
+
+def test_scores_equal_in_process_model_and_rows_add_up(model, candidates, tmp_path):
+    cfg, bundle, _, _ = model
+    s = run_score(cfg, model=str(bundle), input_path=candidates, output=tmp_path / "out",
+                  progress=False)  # fmt: skip
+    inp = pl.read_parquet(candidates)
+    assert s["rows_in"] == inp.height == 30_000
+    assert s["rows_rejected"] == inp["user_id"].null_count() > 0
+    assert s["rows_out"] + s["rows_rejected"] == s["rows_in"]
+
+    out = pl.read_parquet(tmp_path / "out" / "scores")
+    assert out.height == s["rows_out"]
+    for col in ("score_click", "score_like", "score_conversion", "score", "segment",
+                "cold_user", "cold_item", "model_version", "hour", "device", "ts"):  # fmt: skip
+        assert col in out.columns, col
+    assert set(out["model_version"].unique()) == {"local"}
+    assert out["cold_user"].sum() == s["rows_cold_user"] > 0
+    # the same rows through the in-process scorer
+    scorer = Scorer.from_dir(bundle)
+    key = ["user_id", "item_id", "domain", "hour", "device"]
+    out = out.sort(key)
+    ref = scorer.score_frame(out.select(inp.columns), ScoringConfig())
+    np.testing.assert_allclose(
+        out.select(ref.columns[:3]).to_numpy(), ref.select(ref.columns[:3]).to_numpy(), rtol=1e-5,
+        atol=1e-6,
+    )  # fmt: skip
+    np.testing.assert_allclose(out["score"].to_numpy(), ref["score"].to_numpy(), rtol=1e-5)
+    assert (out["segment"] == ref["segment"]).all()
+
+    rejects = pl.read_parquet(tmp_path / "out" / "rejects")
+    assert rejects.height == s["rows_rejected"]
+    assert set(rejects["reject_reason"].unique()) == {"null user_id"}
+    assert rejects.drop("reject_reason").columns == inp.columns
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["rows_out"] == s["rows_out"]
+
+
+def test_registered_alias_and_top_k(model, candidates, tmp_path, monkeypatch):
+    cfg, _, uri, _ = model
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    s = run_score(cfg, model="models:/recsys_moe_ranker@champion", input_path=candidates,
+                  output=tmp_path / "out", top_k=3, progress=False)  # fmt: skip
+    assert s["model_version"] == "1"
+    out = pl.read_parquet(tmp_path / "out" / "scores")
+    assert set(out["model_version"].unique()) == {"1"}
+    top = pl.read_parquet(tmp_path / "out" / "top_k.parquet")
+    per_user = top.group_by("user_id").agg(pl.len(), pl.col("score").is_sorted(descending=True))
+    assert per_user["len"].max() <= 3 and per_user["score"].all()
+    best = out.group_by("user_id").agg(pl.col("score").max()).sort("user_id")
+    first = top.filter(pl.col("rank") == 1).sort("user_id")
+    np.testing.assert_allclose(first["score"].to_numpy(), best["score"].to_numpy())
+
+
+def test_bad_input_fails_before_any_work(model, tmp_path):
+    cfg, bundle, uri, _ = model
+    pl.DataFrame({"user_id": [1], "domain": ["feed"]}).write_parquet(tmp_path / "missing.parquet")
+    with pytest.raises(RequestError, match="item_id"):
+        run_score(cfg, model=str(bundle), input_path=tmp_path / "missing.parquet",
+                  output=tmp_path / "o1", progress=False)  # fmt: skip
+    pl.DataFrame({"user_id": ["a"], "item_id": [1], "domain": ["feed"]}).write_parquet(
+        tmp_path / "types.parquet"
+    )
+    with pytest.raises(RequestError, match="user_id"):
+        run_score(cfg, model=str(bundle), input_path=tmp_path / "types.parquet",
+                  output=tmp_path / "o2", progress=False)  # fmt: skip
+    with pytest.raises(RequestError, match="no such file"):
+        run_score(cfg, model=str(bundle), input_path=tmp_path / "nope", output=tmp_path / "o3",
+                  progress=False)  # fmt: skip
+    with pytest.raises(RequestError, match="cannot load"):
+        import os
+
+        os.environ["MLFLOW_TRACKING_URI"] = uri
+        try:
+            run_score(cfg, model="models:/recsys_moe_ranker@nope", input_path=tmp_path,
+                      output=tmp_path / "o4", progress=False)  # fmt: skip
+        finally:
+            del os.environ["MLFLOW_TRACKING_URI"]
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
