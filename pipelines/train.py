@@ -35,12 +35,11 @@ import polars as pl
 import torch
 
 from features.store import example_files, load_manifest, read_examples
-from recsys_moe import metrics as M
 from recsys_moe.config import Config, config_from_dict, load_config
 from recsys_moe.model.inputs import ExampleTensors, InputSpec
 from recsys_moe.model.observe import RouterMonitor
 from recsys_moe.model.ranker import RankingModel
-from recsys_moe.train import loss_of, predict, save_model
+from recsys_moe.train import evaluate_model, loss_of, save_model, task_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -58,13 +57,7 @@ def oracle_metrics(
     truth = pl.read_parquet(str(truth_dir / "*.parquet"))
     joined = test.select("event_id").join(truth, on="event_id", how="left", maintain_order="left")
     p = joined.select([f"p_{t}" for t in spec.task_names]).to_numpy()
-    return M.evaluate(
-        data.labels.numpy(),
-        p,
-        data.domain.numpy(),
-        [(t.name, t.kind) for t in spec.tasks],
-        spec.domains,
-    )
+    return task_metrics(spec, data.labels.numpy(), p, data.domain.numpy())
 
 
 def table(spec: InputSpec, res: dict[str, float], oracle: dict[str, float] | None) -> str:
@@ -124,7 +117,7 @@ def _gather_eval(d, it, spec: InputSpec, batch_size: int, device) -> dict[str, f
     p = torch.cat([e[0] for e in everyone]).numpy()
     y = torch.cat([e[1] for e in everyone]).numpy()
     dom = torch.cat([e[2] for e in everyone]).numpy()
-    res = M.evaluate(y, p, dom, [(t.name, t.kind) for t in spec.tasks], spec.domains)
+    res = task_metrics(spec, y, p, dom)
     res["loss"] = sum(e[3] for e in everyone) / max(sum(e[4] for e in everyone), 1)
     return res
 
@@ -401,16 +394,8 @@ def evaluate_test(
     test_df = read_examples(cfg.features.store_dir, "test")
     test = ExampleTensors(spec, test_df)
     monitor = RouterMonitor(spec.domains)
-    preds = predict(model, test, monitor=monitor)
     users = test_df[manifest["keys"]["user_id"]].to_numpy()
-    res = M.evaluate(
-        test.labels.numpy(),
-        preds,
-        test.domain.numpy(),
-        [(t.name, t.kind) for t in spec.tasks],
-        spec.domains,
-        users,
-    )
+    res, preds = evaluate_model(model, test, users, monitor=monitor)
     return res, oracle_metrics(cfg, test_df, test, spec), monitor, preds, test_df
 
 

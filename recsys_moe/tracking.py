@@ -262,6 +262,14 @@ class Tracker:
 # ------------------------------------------------------------------ plots
 
 
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
 def plots(model, monitor, test_metrics, preds: np.ndarray, test_df, out: Path) -> list[Path]:
     """Expert-utilisation heatmaps per gate layer, per-domain AUC bars, calibration curves."""
     import matplotlib
@@ -282,10 +290,7 @@ def plots(model, monitor, test_metrics, preds: np.ndarray, test_df, out: Path) -
             ax.set_yticks(range(len(monitor.domains)), monitor.domains)
             ax.set_xlabel("expert")
         fig.colorbar(im, ax=axes.ravel().tolist(), label="load share")
-        p = out / f"expert_utilisation_{layer}.png"
-        fig.savefig(p, dpi=100, bbox_inches="tight")
-        plt.close(fig)
-        paths.append(p)
+        paths.append(_save(fig, out / f"expert_utilisation_{layer}.png"))
 
     tasks = [t.name for t in spec.tasks if t.kind == "binary"]
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -297,10 +302,7 @@ def plots(model, monitor, test_metrics, preds: np.ndarray, test_df, out: Path) -
     ax.set_ylim(0.5, 1.0)
     ax.set_ylabel("test AUC")
     ax.legend()
-    p = out / "auc_per_domain.png"
-    fig.savefig(p, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    paths.append(p)
+    paths.append(_save(fig, out / "auc_per_domain.png"))
 
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     for i, t in enumerate(spec.tasks):
@@ -318,8 +320,5 @@ def plots(model, monitor, test_metrics, preds: np.ndarray, test_df, out: Path) -
     ax.set_ylabel("observed rate")
     ax.set_title("calibration (test, deciles)")
     ax.legend()
-    p = out / "calibration.png"
-    fig.savefig(p, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    paths.append(p)
+    paths.append(_save(fig, out / "calibration.png"))
     return paths

@@ -142,23 +142,28 @@ def predict(
     return _predict_and_loss(model, data, batch_size, monitor)[0]
 
 
+def task_metrics(
+    spec: InputSpec,
+    labels: np.ndarray,
+    preds: np.ndarray,
+    domains: np.ndarray,
+    users: np.ndarray | None = None,
+) -> dict[str, float]:
+    """recsys_moe.metrics.evaluate with the spec's tasks and domains."""
+    tasks = [(t.name, t.kind) for t in spec.tasks]
+    return M.evaluate(labels, preds, domains, tasks, spec.domains, users)
+
+
 def evaluate_model(
     model: RankingModel,
     data: ExampleTensors,
     users: np.ndarray | None = None,
     batch_size: int = 8192,
+    monitor: RouterMonitor | None = None,
 ) -> tuple[dict[str, float], np.ndarray]:
     """Metrics per task x domain (recsys_moe.metrics.evaluate) plus "loss", and the predictions."""
-    preds, loss = _predict_and_loss(model, data, batch_size)
-    spec = model.spec
-    res = M.evaluate(
-        data.labels.numpy(),
-        preds,
-        data.domain.numpy(),
-        [(t.name, t.kind) for t in spec.tasks],
-        spec.domains,
-        users,
-    )
+    preds, loss = _predict_and_loss(model, data, batch_size, monitor)
+    res = task_metrics(model.spec, data.labels.numpy(), preds, data.domain.numpy(), users)
     res["loss"] = loss
     return res, preds
 

@@ -256,7 +256,8 @@ def _unwrap(state: Any) -> Any:
 
 
 def _state(d: Distributed) -> dict[str, Any]:
-    d.dense_optimizer.init_state() if not d.dense_optimizer.state else None
+    if not d.dense_optimizer.state:  # Adam's state is lazy: DCP needs it allocated
+        d.dense_optimizer.init_state()
     mesh = _dtensor_mesh()
     return {
         "model": _wrap_local(d.model.state_dict(), mesh),
