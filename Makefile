@@ -13,7 +13,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export RAY_AUTH_MODE := disabled
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: install train features generate ui score test lint format bench bench-quality clean help
+.PHONY: install train features generate ui serve score test lint format bench bench-quality clean help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -49,6 +49,9 @@ score: $(STAMP)  ## batch-score CANDIDATES (made from the store if missing) with
 	test -d $(CANDIDATES) || $(BIN)/recsys-moe candidates --config $(CONFIG) --rows $(ROWS) --output $(CANDIDATES)
 	$(BIN)/recsys-moe score --config $(CONFIG) --input $(CANDIDATES) --output $(SCORES)
 
+serve: $(STAMP)  ## the ranking service (serving/config.yaml) on 127.0.0.1:8000 over the champion
+	$(BIN)/recsys-moe serve --serve-config $(or $(SERVE_CONFIG),serving/config.yaml)
+
 ui: $(STAMP)  ## MLflow UI over the tracking store on 127.0.0.1:5000 (UI_PORT=...)
 	$(BIN)/recsys-moe ui --port $(or $(UI_PORT),5000)
 
@@ -63,8 +66,11 @@ format: $(STAMP)  ## ruff format + autofix
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-bench: $(STAMP)  ## throughput benchmarks (writes bench/RESULTS.md sections)
+bench: $(STAMP)  ## throughput benchmarks (after `make train`; writes bench/RESULTS.md sections)
 	$(BIN)/python -m bench.features
+	$(BIN)/python -m bench.train_throughput
+	$(BIN)/python -m bench.batch_score
+	$(BIN)/python -m bench.serve_latency
 
 bench-quality: $(STAMP)  ## model-quality scripts (MMoE synthetic, Census, architectures; ~40 min)
 	$(BIN)/python -m bench.quality.mmoe_synthetic

@@ -76,8 +76,11 @@ def resolve_model(uri: str, tracking_uri: str | None = None) -> ResolvedModel:
         else:
             name, version = ref.rsplit("/", 1)
             mv = client.get_model_version(name, version)
+        # the version's own artifact location: a models:/ URI would be resolved against
+        # the process-wide registry, not this client's store
+        source = client.get_model_version_download_uri(name, mv.version)
         local = mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{name}/{mv.version}", tracking_uri=client.tracking_uri
+            artifact_uri=source, tracking_uri=client.tracking_uri
         )
     except MlflowException as e:
         raise RequestError(f"cannot load {uri}: {e.message}") from None
@@ -179,25 +182,32 @@ def run_score(
     init_ray()
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress
+    # the V1 Parquet reader: V2 adds a file-listing task that asks for a whole CPU, which
+    # a cluster shared with serving replicas or busy actors may never have free
+    ctx.use_datasource_v2 = False
     keys = list(scorer.required)
     src = str(Path(input_path).resolve())
-    cpus = float(ray.cluster_resources().get("CPU", 1))
+    # what is free now (a Serve app or another job may hold part of the cluster)
+    cpus = float(ray.available_resources().get("CPU", 0.0))
     if sc.concurrency:
         concurrency, actor_cpus = sc.concurrency, sc.num_cpus_per_actor
-    else:  # one actor per CPU, leaving half a CPU to Ray Data's read and write tasks
+        pool: int | tuple[int, int] = concurrency
+    else:  # one actor per free CPU, leaving half a CPU to Ray Data's read and write tasks
         concurrency = max(1, min(8, int(cpus)))
         actor_cpus = min(sc.num_cpus_per_actor, max(IO_CPUS, (cpus - 2 * IO_CPUS) / concurrency))
+        # an autoscaling pool from one actor: never waits for actors that cannot be placed
+        pool = (1, concurrency) if concurrency > 1 else 1
     threads = max(1, int(actor_cpus))
 
     # pass 1: rows with a null key go to rejects/ with the reason
     light = {"num_cpus": IO_CPUS}
-    ray.data.read_parquet(src, ray_remote_args=light).map_batches(
+    ray.data.read_parquet(src, **light).map_batches(
         _rejected, batch_format="pyarrow", fn_kwargs={"keys": keys}, batch_size=None, **light
     ).write_parquet(str((out / "rejects").resolve()), ray_remote_args=light)
     n_rejects = _parquet_rows(out / "rejects") if (out / "rejects").exists() else 0
 
     # pass 2: score the good rows with the actor pool
-    good = ray.data.read_parquet(src, ray_remote_args=light).map_batches(
+    good = ray.data.read_parquet(src, **light).map_batches(
         _accepted, batch_format="pyarrow", fn_kwargs={"keys": keys}, batch_size=None, **light
     )
     scored = good.map_batches(
@@ -210,7 +220,7 @@ def run_score(
         },
         batch_size=sc.batch_size,
         batch_format="pyarrow",
-        concurrency=concurrency,
+        concurrency=pool,
         num_cpus=actor_cpus,
         num_gpus=1 if use_gpu else 0,
     )

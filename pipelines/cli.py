@@ -29,6 +29,10 @@ COMMANDS = {
         "pipelines.batch_score",
         "batch scoring of candidate rows on Ray Data with a registered model",
     ),
+    "serve": (
+        "serving.run",
+        "the segment-routed ranking service on Ray Serve (127.0.0.1:8000)",
+    ),
     "ui": (
         "pipelines.ui",
         "the MLflow experiment UI over the tracking store (127.0.0.1:5000)",

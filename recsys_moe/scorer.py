@@ -37,7 +37,9 @@ from features.store import (
 )
 from recsys_moe.config import ScoringConfig
 from recsys_moe.model.inputs import ExampleTensors
+from recsys_moe.model.observe import RouterMonitor
 from recsys_moe.model.ranker import RankingModel
+from recsys_moe.model.slicing import domain_slice
 from recsys_moe.train import load_model, predict
 
 
@@ -78,6 +80,8 @@ class Scorer:
             s.item_id: tables["items"].schema[s.item_id],
             s.domain: tables["user_domain"].schema[s.domain],
         }
+        # domain index -> the model slice computing only that domain's experts
+        self.slices: dict[int, RankingModel] = {}
 
     @classmethod
     def from_dir(cls, path: str | Path) -> Scorer:
@@ -147,9 +151,43 @@ class Scorer:
         df = assemble(self.check(rows).select(self.input_columns()), self.tables, self.spec)
         return encode(df, self.spec, self.vocabs, self.stats, keep_split=False)
 
-    def _predict(self, encoded: pl.DataFrame, batch_size: int) -> np.ndarray:
+    def domain_index(self, domain: str) -> int:
+        """The model's index of a domain name (0: out of vocabulary)."""
+        names = self.model.spec.domains
+        return names.index(domain) + 1 if domain in names else 0
+
+    def slice_domains(self, domains: list[str]) -> dict[int, list[int]]:
+        """Score rows of these domains with their domain slices (only the experts each
+        domain's gates can reach are computed; see :mod:`recsys_moe.model.slicing`).
+        Returns domain index -> the global expert ids its slice computes."""
+        self.slices = {}
+        for d in domains:
+            k = self.domain_index(d)
+            if k:
+                self.slices[k] = domain_slice(self.model, k)
+        return {k: getattr(m, "active", []) for k, m in self.slices.items()}
+
+    def _predict(
+        self,
+        encoded: pl.DataFrame,
+        batch_size: int,
+        monitors: dict[int, RouterMonitor] | None = None,
+    ) -> np.ndarray:
         data = ExampleTensors(self.model.spec, encoded, with_labels=False)
-        return predict(self.model, data, batch_size)
+        dom = data.domain.numpy()
+        groups = np.unique(dom) if self.slices else np.array([], dtype=np.int64)
+        if len(groups) <= 1:  # one domain (a served request) or no slices: no reordering
+            k = int(groups[0]) if len(groups) else -1
+            monitor = (monitors or {}).get(k)
+            return predict(self.slices.get(k, self.model), data, batch_size, monitor)
+        out = np.empty((len(data), len(self.tasks)), dtype=np.float32)
+        for k in groups.tolist():
+            rows = np.flatnonzero(dom == k)
+            sub = ExampleTensors(self.model.spec, encoded[rows], with_labels=False)
+            out[rows] = predict(
+                self.slices.get(k, self.model), sub, batch_size, (monitors or {}).get(k)
+            )
+        return out
 
     @torch.no_grad()
     def score(self, rows: pl.DataFrame, batch_size: int = 8192) -> np.ndarray:
@@ -159,7 +197,11 @@ class Scorer:
         return self._predict(self.features(rows), batch_size)
 
     def score_frame(
-        self, rows: pl.DataFrame, blend: ScoringConfig | None = None, batch_size: int = 8192
+        self,
+        rows: pl.DataFrame,
+        blend: ScoringConfig | None = None,
+        batch_size: int = 8192,
+        monitors: dict[int, RouterMonitor] | None = None,
     ) -> pl.DataFrame:
         """One ``score_<task>`` column per task; with ``blend`` also ``score`` (the blended
         ranking score), ``segment`` (cold / casual / power), ``cold_user``, ``cold_item``."""
@@ -168,7 +210,7 @@ class Scorer:
         checked = self.check(rows)
         df = assemble(checked.select(self.input_columns()), self.tables, self.spec)
         p = self._predict(
-            encode(df, self.spec, self.vocabs, self.stats, keep_split=False), batch_size
+            encode(df, self.spec, self.vocabs, self.stats, keep_split=False), batch_size, monitors
         )
         out = pl.DataFrame({f"score_{t}": p[:, i] for i, t in enumerate(self.tasks)})
         if blend is None:

@@ -104,3 +104,50 @@ def need_shared(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} not present (real data lives in ../shared/data, never in this repo)")
     return path
+
+
+@pytest.fixture(scope="session")
+def scoring_model(small_store, tmp_path_factory):
+    """A small STAR model (shared + per-domain experts) trained in-process for one epoch,
+    bundled, logged and registered as version 1 ``@champion`` in a temporary MLflow store.
+
+    Returns ``(cfg, bundle, tracking_uri, tmp)``; scoring and serving tests share it.
+    """
+    import dataclasses
+
+    import mlflow
+    import torch
+
+    from features.store import load_manifest, read_examples
+    from recsys_moe import tracking
+    from recsys_moe.model.inputs import ExampleTensors, InputSpec
+    from recsys_moe.model.ranker import RankingModel
+    from recsys_moe.scorer import write_bundle
+    from recsys_moe.train import fit, save_model
+
+    cfg, _ = small_store
+    tmp = tmp_path_factory.mktemp("scoring")
+    store = cfg.features.store_dir
+    manifest = load_manifest(store)
+    spec = InputSpec.from_manifest(manifest)
+    torch.manual_seed(0)
+    mcfg = dataclasses.replace(
+        cfg.model, arch="star", shared_experts=2, specific_experts=1, expert_hidden=[16, 8]
+    )
+    m = RankingModel(spec, mcfg)
+    fit(m, ExampleTensors(spec, read_examples(store, "train")),
+        ExampleTensors(spec, read_examples(store, "valid")),
+        dataclasses.replace(cfg.training, epochs=1, batch_size=512), progress=False)  # fmt: skip
+    bundle = write_bundle(save_model(m, tmp / "bundle", manifest), store)
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    old = mlflow.get_tracking_uri()
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        with tracking.Tracker.open(cfg, "scoring-test") as tracker:
+            tracker.log_model(bundle, read_examples(store, "test").head(5))
+            reg = tracker.register_and_promote(bundle, {"auc_mean": 0.6}, cfg)
+    finally:
+        del os.environ["MLFLOW_TRACKING_URI"]
+        mlflow.set_tracking_uri(old)
+    assert reg["promoted"]
+    return cfg, bundle, uri, tmp

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-import mlflow
 import numpy as np
 import polars as pl
 import pytest
@@ -15,54 +14,12 @@ from pipelines.candidates import write_candidates
 from recsys_moe.config import ScoringConfig
 from recsys_moe.scorer import RequestError, Scorer
 
-pytestmark = [
-    pytest.mark.ray,
-    pytest.mark.skip(
-        reason="issue 7 in progress: not yet verified to finish on 2 CPUs (an earlier version deadlocked)"
-    ),
-]
+pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module")
-def model(small_store, tmp_path_factory):
-    """A model trained in-process for one epoch, bundled, logged and registered in a
-    temporary MLflow store (alias ``champion``)."""
-    import dataclasses
-
-    import torch
-
-    from features.store import load_manifest, read_examples
-    from recsys_moe import tracking
-    from recsys_moe.model.inputs import ExampleTensors, InputSpec
-    from recsys_moe.model.ranker import RankingModel
-    from recsys_moe.scorer import write_bundle
-    from recsys_moe.train import fit, save_model
-
-    cfg, _ = small_store
-    tmp = tmp_path_factory.mktemp("scoring")
-    store = cfg.features.store_dir
-    manifest = load_manifest(store)
-    spec = InputSpec.from_manifest(manifest)
-    torch.manual_seed(0)
-    m = RankingModel(spec, dataclasses.replace(cfg.model, n_experts=4, expert_hidden=[16, 8]))
-    fit(m, ExampleTensors(spec, read_examples(store, "train")),
-        ExampleTensors(spec, read_examples(store, "valid")),
-        dataclasses.replace(cfg.training, epochs=1, batch_size=512), progress=False)  # fmt: skip
-    bundle = write_bundle(save_model(m, tmp / "bundle", manifest), store)
-    uri = f"sqlite:///{tmp}/mlflow.db"
-    old = mlflow.get_tracking_uri()
-    import os
-
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    try:
-        with tracking.Tracker.open(cfg, "scoring-test") as tracker:
-            tracker.log_model(bundle, read_examples(store, "test").head(5))
-            reg = tracker.register_and_promote(bundle, {"auc_mean": 0.6}, cfg)
-    finally:
-        del os.environ["MLFLOW_TRACKING_URI"]
-        mlflow.set_tracking_uri(old)
-    assert reg["promoted"]
-    return cfg, bundle, uri, tmp
+def model(scoring_model):
+    return scoring_model
 
 
 @pytest.fixture(scope="module")

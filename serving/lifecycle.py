@@ -1,0 +1,155 @@
+"""Model lifecycle in a replica: load ``models:/<name>@<alias>``, poll the alias, swap.
+
+:class:`ModelWatcher` holds the current :class:`Loaded` (version + whatever the loader
+built from the bundle) and a daemon thread that polls the registry every ``poll_s``. When
+the alias points at a new version the loader runs *beside* the serving one; only when it
+succeeds is ``current`` replaced, in one assignment, so a request (or a batch) that read
+``current`` keeps its version to the end. A version that fails to load is logged,
+reported by :meth:`ModelWatcher.status` (``/readyz``) and not retried until the alias
+moves again; the old version keeps serving.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import logging
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("ray.serve")
+
+
+@contextlib.contextmanager
+def registry_lock(tracking_uri: str | None) -> Iterator[None]:
+    """One process at a time on a SQLite tracking store: MLflow checks (and may migrate)
+    the schema when a process first opens it, and concurrent replicas starting together
+    race on that. A no-op lock for server stores costs nothing."""
+    from recsys_moe.tracking import tracking_uri as default_uri
+
+    key = hashlib.sha1((tracking_uri or default_uri()).encode()).hexdigest()[:16]
+    path = Path(tempfile.gettempdir()) / f"recsys-moe-mlflow-{key}.lock"
+    with path.open("w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@dataclass(frozen=True)
+class Loaded:
+    version: str
+    payload: Any
+    loaded_at: float
+
+
+class ModelWatcher:
+    """The current model of a replica and the thread that keeps it on the alias.
+
+    Args:
+        uri: ``models:/<name>@<alias>`` (polled) or a bundle folder (loaded once).
+        tracking_uri: the MLflow store (None: ``recsys_moe.tracking.tracking_uri()``).
+        loader: ``(bundle_dir, version) -> payload``; raising means the version is bad.
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        tracking_uri: str | None,
+        loader: Callable[[str, str], Any],
+        poll_s: float = 10.0,
+        name: str = "model",
+    ) -> None:
+        self.uri, self.tracking_uri, self.loader = uri, tracking_uri, loader
+        self.poll_s, self.name = poll_s, name
+        self.load_error: str | None = None
+        self.failed_version: str | None = None
+        self.swaps = 0
+        self._lock = threading.Lock()
+        # the first load must succeed: a replica without a model is not started
+        with registry_lock(tracking_uri):
+            version = self._resolve_version()
+            bundle = self._download(version)
+        self.current: Loaded = self._build(bundle, version)
+        self._stop = threading.Event()
+        if uri.startswith("models:/"):
+            self._thread = threading.Thread(target=self._poll, daemon=True, name=f"watch-{name}")
+            self._thread.start()
+
+    def _resolve_version(self) -> str:
+        if not self.uri.startswith("models:/"):
+            return "local"
+        import mlflow
+
+        from recsys_moe.tracking import tracking_uri
+
+        name, alias = self.uri.removeprefix("models:/").split("@", 1)
+        client = mlflow.MlflowClient(self.tracking_uri or tracking_uri())
+        return str(client.get_model_version_by_alias(name, alias).version)
+
+    def _download(self, version: str) -> Path:
+        from pipelines.batch_score import resolve_model
+
+        if version == "local":
+            return resolve_model(self.uri).bundle
+        name = self.uri.removeprefix("models:/").split("@", 1)[0]
+        return resolve_model(f"models:/{name}/{version}", self.tracking_uri).bundle
+
+    def _build(self, bundle: Path, version: str) -> Loaded:
+        t = time.perf_counter()
+        payload = self.loader(str(bundle), version)
+        log.info("%s: loaded %s version %s in %.2fs", self.name, self.uri, version,
+                 time.perf_counter() - t)  # fmt: skip
+        return Loaded(version, payload, time.time())
+
+    def check_now(self) -> None:
+        """One poll: swap if the alias moved and the new version loads."""
+        with self._lock:
+            try:
+                with registry_lock(self.tracking_uri):
+                    version = self._resolve_version()
+            except Exception as e:  # registry unreachable: keep serving, say so
+                self.load_error = f"cannot read {self.uri}: {type(e).__name__}: {e}"
+                return
+            if version in (self.current.version, self.failed_version):
+                return
+            try:
+                with registry_lock(self.tracking_uri):
+                    bundle = self._download(version)
+                loaded = self._build(bundle, version)
+            except Exception as e:
+                self.failed_version = version
+                self.load_error = f"version {version}: {type(e).__name__}: {e}"
+                log.error("%s: %s failed to load, still serving version %s: %s", self.name,
+                          self.uri, self.current.version, self.load_error)  # fmt: skip
+                return
+            self.current = loaded  # the swap: one reference assignment
+            self.load_error, self.failed_version = None, None
+            self.swaps += 1
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            self.check_now()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "ready": self.current is not None,
+            "model": self.uri,
+            "model_version": self.current.version,
+            "loaded_at": self.current.loaded_at,
+            "swaps": self.swaps,
+            "load_error": self.load_error,
+        }
+
+
+__all__ = ["Loaded", "ModelWatcher"]

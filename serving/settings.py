@@ -1,0 +1,122 @@
+"""The serve config's ``args``: model, limits and segments, validated at start-up.
+
+A *segment* is one ranker deployment: the domains (and optionally the user segments) it
+answers for, its replica count, the model alias it serves and its task blend. A request
+goes to the first segment whose ``domains`` hold its domain and whose ``user_segments``
+(default: all) hold the user's segment; a domain no segment names gets a 422 unless
+``default_segment`` names a segment to send it to.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from features.spec import SEGMENTS
+
+
+class SettingsError(ValueError):
+    """A bad serve config: the message names the key."""
+
+
+@dataclass(frozen=True)
+class Segment:
+    name: str
+    domains: list[str]
+    user_segments: list[str] = field(default_factory=lambda: list(SEGMENTS))
+    replicas: int = 1
+    model_alias: str | None = None  # None: the application's alias
+    blend: Literal["sum", "product"] = "sum"
+    task_weights: dict[str, float] = field(default_factory=dict)
+    max_batch_size: int = 32
+    batch_wait_timeout_s: float = 0.002
+    # Ray's logical CPUs per replica (scheduling only; torch runs one thread per replica)
+    num_cpus: float = 0.25
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.name.replace("_", "").isalnum():
+            raise SettingsError(f"segments: name {self.name!r} must be alphanumeric/underscore")
+        if not self.domains:
+            raise SettingsError(f"segments.{self.name}.domains: name at least one domain")
+        bad = set(self.user_segments) - set(SEGMENTS)
+        if bad:
+            raise SettingsError(
+                f"segments.{self.name}.user_segments: {sorted(bad)} not in {SEGMENTS}"
+            )
+        if self.replicas < 1 or self.max_batch_size < 1 or self.batch_wait_timeout_s < 0:
+            raise SettingsError(f"segments.{self.name}: replicas, max_batch_size must be >= 1")
+        if self.blend not in ("sum", "product"):
+            raise SettingsError(f"segments.{self.name}.blend: 'sum' or 'product'")
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    model_name: str = "recsys_moe_ranker"
+    model_alias: str = "champion"
+    # None: MLFLOW_TRACKING_URI or the repository's mlruns/ store (recsys_moe.tracking)
+    tracking_uri: str | None = None
+    # a model bundle folder instead of the registry (tests, air-gapped use); no polling
+    model_dir: str | None = None
+    poll_s: float = 10.0
+    max_candidates: int = 1000
+    max_id_length: int = 64
+    max_body_bytes: int = 1_000_000
+    default_segment: str | None = None
+    ingress_replicas: int = 1
+    ingress_num_cpus: float = 0.1
+    segments: list[Segment] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.segments:
+            raise SettingsError("segments: declare at least one segment")
+        names = [s.name for s in self.segments]
+        if len(set(names)) != len(names):
+            raise SettingsError(f"segments: duplicate names in {names}")
+        if self.default_segment is not None and self.default_segment not in names:
+            raise SettingsError(f"default_segment: {self.default_segment!r} is not in {names}")
+        if not 1 <= self.max_candidates <= 10_000:
+            raise SettingsError("max_candidates: must be in 1..10000")
+        if self.poll_s <= 0:
+            raise SettingsError("poll_s: must be > 0")
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ServeSettings:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(raw) - known
+        if unknown:
+            raise SettingsError(f"unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
+        segs = []
+        for s in raw.get("segments", []):
+            s = dict(s)
+            extra = set(s) - {f.name for f in dataclasses.fields(Segment)}
+            if extra:
+                raise SettingsError(f"segments.{s.get('name')}: unknown key(s) {sorted(extra)}")
+            segs.append(s if isinstance(s, Segment) else Segment(**s))
+        return cls(**{**raw, "segments": segs})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def segment(self, name: str) -> Segment:
+        for s in self.segments:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def model_uri(self, alias: str | None) -> str:
+        if self.model_dir:
+            return self.model_dir
+        return f"models:/{self.model_name}@{alias or self.model_alias}"
+
+    def route(self, domain: str, user_segment: str) -> Segment | None:
+        """The segment answering a request (None: unknown domain, no default segment)."""
+        for s in self.segments:
+            if domain in s.domains and user_segment in s.user_segments:
+                return s
+        if self.default_segment is not None:
+            return self.segment(self.default_segment)
+        return None
+
+
+__all__ = ["Segment", "ServeSettings", "SettingsError"]

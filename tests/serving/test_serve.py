@@ -1,0 +1,275 @@
+"""The ranking service on real Ray Serve (loopback) over a small STAR model registered in a
+temporary MLflow store: ranking against the in-process scorer and the batch job, segment
+routing, domain-sliced rankers, online/offline parity, hot swap under load, a version
+that fails to load, and every class of bad input."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import numpy as np
+import polars as pl
+import pytest
+import requests
+
+from recsys_moe.config import ScoringConfig
+from recsys_moe.scorer import Scorer
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+SEGMENTS = [
+    {"name": "cold", "domains": ["feed", "search", "video"], "user_segments": ["cold"],
+     "task_weights": {"click": 1.0, "like": 0.5, "conversion": 1.0}},
+    {"name": "feed", "domains": ["feed"], "task_weights": {"click": 1.0, "conversion": 2.0}},
+    {"name": "other", "domains": ["search", "video"], "blend": "product"},
+]  # fmt: skip
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def service(scoring_model, ray_session):
+    from ray import serve
+
+    from serving.run import start
+
+    cfg, bundle, uri, _tmp = scoring_model
+    port = _free_port()
+    raw = {
+        "http_options": {"host": "127.0.0.1", "port": port},
+        "applications": [{
+            "name": "ranking",
+            "route_prefix": "/",
+            "args": {"tracking_uri": uri, "poll_s": 0.5, "max_candidates": 200,
+                     "segments": SEGMENTS},
+        }],
+    }  # fmt: skip
+    url = start(raw, blocking_ready_s=240)
+    yield url, cfg, bundle, uri
+    serve.shutdown()
+
+
+def _rank(url, body, **kw):
+    return requests.post(f"{url}/rank", json=body, timeout=30, **kw)
+
+
+def _users(bundle):
+    """The scorer, a power user and the known items, from the bundle."""
+    from features.history import segment_expr
+    from features.spec import AGG
+    from features.store import spec_from_manifest
+
+    sc = Scorer.from_dir(bundle)
+    spec = spec_from_manifest(sc.manifest)
+    users = sc.tables["users"].with_columns(
+        segment_expr(pl.col(f"{AGG}user_n").fill_null(0), spec).alias("seg")
+    )
+    power = users.filter(pl.col("seg") == "power")["user_id"][0]
+    items = sc.tables["items"]["item_id"].to_list()
+    return sc, int(power), items
+
+
+def test_health_ready_and_openapi(service):
+    url, *_ = service
+    h = requests.get(f"{url}/healthz", timeout=10)
+    assert h.status_code == 200 and h.json() == {"status": "ok"}, (h.status_code, h.text)
+    ready = requests.get(f"{url}/readyz", timeout=10)
+    assert ready.status_code == 200 and ready.json()["ready"]
+    assert set(ready.json()["segments"]) == {"cold", "feed", "other"}
+    schema = requests.get(f"{url}/openapi.json", timeout=10).json()
+    req = schema["components"]["schemas"]["RankRequest"]["properties"]
+    for field in ("user_id", "domain", "candidates", "context", "top_k"):
+        assert req[field].get("description"), field
+
+
+def test_ranking_equals_in_process_scores_and_routes_segments(service):
+    url, _cfg, bundle, _ = service
+    sc, power, items = _users(bundle)
+    cands = items[:50]
+    req = {"user_id": power, "domain": "feed", "candidates": cands,
+           "context": {"hour": "9", "device": "ios"}, "timestamp": 1_700_000_000}  # fmt: skip
+    r = _rank(url, req)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["segment"] == "feed" and body["user_segment"] == "power"
+    assert body["model_version"] == "1" and body["model"] == "recsys_moe_ranker"
+    rows = pl.DataFrame({"user_id": [power] * 50, "item_id": cands, "domain": ["feed"] * 50,
+                         "ts": [1_700_000_000] * 50, "hour": ["9"] * 50, "device": ["ios"] * 50})  # fmt: skip
+    blend = ScoringConfig(task_weights={"click": 1.0, "conversion": 2.0})
+    ref = sc.score_frame(rows, blend)
+    got = {it["item_id"]: it for it in body["items"]}
+    assert len(got) == 50
+    for i, item in enumerate(cands):
+        for t in sc.tasks:
+            assert got[item]["scores"][t] == pytest.approx(ref[f"score_{t}"][i], rel=1e-5, abs=1e-6)
+        assert got[item]["score"] == pytest.approx(ref["score"][i], rel=1e-5)
+    scores = [it["score"] for it in body["items"]]
+    assert scores == sorted(scores, reverse=True)
+    top = _rank(url, {**req, "top_k": 5}).json()
+    assert [it["item_id"] for it in top["items"]] == [it["item_id"] for it in body["items"]][:5]
+    # an unknown user goes to the cold segment; other domains to their segment
+    cold = _rank(url, {"user_id": 987654321, "domain": "video", "candidates": cands[:3]}).json()
+    assert cold["segment"] == "cold" and cold["user_segment"] == "cold" and cold["cold_user"]
+    other = _rank(url, {"user_id": power, "domain": "search", "candidates": [*cands[:3], 10**9]})
+    assert other.status_code == 200 and other.json()["segment"] in ("other", "cold")
+    assert next(it for it in other.json()["items"] if it["item_id"] == 10**9)["cold_item"]
+
+
+def test_rankers_compute_only_their_domains_experts(service):
+    from ray import serve
+
+    _url, *_ = service
+    h = serve.get_deployment_handle("Ranker_feed", app_name="ranking")
+    experts = h.experts.remote().result()
+    # STAR, 2 shared + 1 per domain: feed's ranker computes 3 of the 2 + 4 experts
+    assert list(experts) == ["feed"] and len(experts["feed"]) == 3
+    assert experts["feed"][:2] == [0, 1]
+    h2 = serve.get_deployment_handle("Ranker_other", app_name="ranking")
+    assert set(h2.experts.remote().result()) == {"search", "video"}
+
+
+def test_online_scores_equal_batch_job(service, tmp_path):
+    """Parity: test-split rows scored one request each through the service equal the
+    Ray Data batch job's scores for the same rows, and the online feature vectors equal
+    the batch path's."""
+    from features.store import read_examples
+    from pipelines.batch_score import run_score
+
+    url, cfg, bundle, _ = service
+    sc = Scorer.from_dir(bundle)
+    enc = read_examples(cfg.features.store_dir, "test").sample(40, seed=3)
+    rows = sc.example_rows(enc).with_columns(pl.col("hour").cast(pl.String))
+    rows.write_parquet(tmp_path / "rows.parquet")
+    run_score(cfg, model=str(bundle), input_path=tmp_path / "rows.parquet",
+              output=tmp_path / "out", progress=False)  # fmt: skip
+    batch = pl.read_parquet(tmp_path / "out" / "scores")
+    for row in rows.iter_rows(named=True):
+        body = {"user_id": row["user_id"], "domain": row["domain"], "candidates": [row["item_id"]],
+                "timestamp": row["ts"], "context": {"hour": row["hour"], "device": row["device"]}}  # fmt: skip
+        r = _rank(url, body)
+        assert r.status_code == 200, r.text
+        online = r.json()["items"][0]["scores"]
+        want = batch.filter(
+            (pl.col("user_id") == row["user_id"]) & (pl.col("item_id") == row["item_id"])
+            & (pl.col("ts") == row["ts"]) & (pl.col("domain") == row["domain"])
+        ).row(0, named=True)  # fmt: skip
+        for t in sc.tasks:
+            assert online[t] == pytest.approx(want[f"score_{t}"], rel=1e-5, abs=1e-6)
+    # feature vectors: one request at a time == the whole batch at once
+    one_by_one = pl.concat([sc.features(rows.slice(i, 1)) for i in range(rows.height)])
+    assert one_by_one.equals(sc.features(rows))
+
+
+BAD = [
+    (b"{not json", "json"),
+    (b"\xff\xfe\x00garbage", "json"),
+    (json.dumps({"domain": "feed", "candidates": [1]}).encode(), "user_id"),
+    (json.dumps({"user_id": 1, "domain": "feed", "candidates": "abc"}).encode(), "candidates"),
+    (json.dumps({"user_id": [1], "domain": "feed", "candidates": [1]}).encode(), "user_id"),
+    (json.dumps({"user_id": 1, "domain": "feed", "candidates": []}).encode(), "candidates"),
+    (json.dumps({"user_id": 1, "domain": "feed", "candidates": list(range(201))}).encode(), "limit"),
+    (json.dumps({"user_id": 1, "domain": "feed", "candidates": [3, 4, 3]}).encode(), "duplicate"),
+    (json.dumps({"user_id": 1, "domain": "mars", "candidates": [1]}).encode(), "unknown domain"),
+    (json.dumps({"user_id": "u" * 500, "domain": "feed", "candidates": [1]}).encode(), "user_id"),
+    (json.dumps({"user_id": "abc", "domain": "feed", "candidates": [1]}).encode(), "user_id"),
+    (json.dumps({"user_id": 1, "domain": "feed", "candidates": [1], "top_k": 0}).encode(), "top_k"),
+    (json.dumps({"user_id": 1, "domain": "feed", "candidates": [1], "extra": 1}).encode(), "extra"),
+]  # fmt: skip
+
+
+def test_bad_input_gets_4xx_and_service_keeps_answering(service):
+    url, _, bundle, _ = service
+    _, power, items = _users(bundle)
+    for body, word in BAD:
+        r = requests.post(f"{url}/rank", data=body, headers={"content-type": "application/json"},
+                          timeout=30)  # fmt: skip
+        assert 400 <= r.status_code < 500, (body[:60], r.status_code, r.text)
+        assert word.lower() in r.text.lower(), (body[:60], r.text)
+    big = b'{"user_id": 1, "domain": "feed", "candidates": [' + b"1," * 600_000 + b"1]}"
+    r = requests.post(f"{url}/rank", data=big, headers={"content-type": "application/json"},
+                      timeout=30)  # fmt: skip
+    assert r.status_code == 413
+    ok = _rank(url, {"user_id": power, "domain": "feed", "candidates": items[:5]})
+    assert ok.status_code == 200
+
+
+def _register_version(scoring_model, bundle_dir, metric):
+    import os
+
+    import mlflow
+
+    from features.store import read_examples
+    from recsys_moe import tracking
+
+    cfg, _, uri, _ = scoring_model
+    old = mlflow.get_tracking_uri()
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        with tracking.Tracker.open(cfg, "serve-swap") as tracker:
+            tracker.log_model(bundle_dir, read_examples(cfg.features.store_dir, "test").head(5))
+            return tracker.register_and_promote(bundle_dir, {"auc_mean": metric}, cfg)
+    finally:
+        del os.environ["MLFLOW_TRACKING_URI"]
+        mlflow.set_tracking_uri(old)
+
+
+def test_hot_swap_under_load_then_bad_version_keeps_old(service, scoring_model, tmp_path):
+    import mlflow
+
+    url, _cfg, bundle, uri = service
+    _, power, items = _users(bundle)
+    body = {"user_id": power, "domain": "feed", "candidates": items[:20]}
+    seen, failures, stop = set(), [], threading.Event()
+
+    def client():
+        while not stop.is_set():
+            try:
+                r = _rank(url, body)
+                if r.status_code != 200:
+                    failures.append(r.text)
+                else:
+                    seen.add(r.json()["model_version"])
+            except requests.RequestException as e:
+                failures.append(repr(e))
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        reg = _register_version(scoring_model, bundle, 0.7)  # better: the alias moves to 2
+        assert reg["promoted"]
+        deadline = time.monotonic() + 120
+        while "2" not in seen and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert failures == []
+    assert seen == {"1", "2"}
+
+    # version 3: registered without a loadable bundle; the alias moves, the rankers keep 2
+    client_ = mlflow.MlflowClient(uri)
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "MLmodel").write_text("not a model\n")
+    mv = client_.create_model_version("recsys_moe_ranker", str(junk))
+    client_.set_registered_model_alias("recsys_moe_ranker", "champion", mv.version)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        ready = requests.get(f"{url}/readyz", timeout=10).json()
+        if ready["segments"]["feed"]["load_error"]:
+            break
+        time.sleep(0.5)
+    assert f"version {mv.version}" in ready["segments"]["feed"]["load_error"]
+    assert ready["segments"]["feed"]["model_version"] == "2"
+    r = _rank(url, body)
+    assert r.status_code == 200 and r.json()["model_version"] == "2"
+    np.testing.assert_equal(len(r.json()["items"]), 20)
