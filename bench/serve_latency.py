@@ -47,7 +47,11 @@ def make_requests(bundle: Path, n: int, seed: int = 0) -> list[dict]:
     domains = sc.model.spec.domains
     out = []
     for _ in range(n):
-        u = int(rng.choice(users)) if rng.random() > 0.05 else int(users.max()) + 1 + int(rng.integers(1e6))
+        u = (
+            int(rng.choice(users))
+            if rng.random() > 0.05
+            else int(users.max()) + 1 + int(rng.integers(1e6))
+        )
         cands = rng.choice(items, size=CANDIDATES, replace=False).astype(int).tolist()
         if rng.random() < 0.5:
             cands[-1] = int(items.max()) + 1 + int(rng.integers(1e6))  # an unknown item
