@@ -113,10 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     m = cfg.model
     lines = [
         f"Machine: {machine()}. Config `{args.config}`: {m.arch}, {m.n_experts} experts "
-        f"{m.expert_hidden}, embedding dim {m.embedding_dim}, batch {cfg.training.batch_size} "
-        f"per worker, one thread per worker, gloo. Step = training step on in-memory batches "
-        f"({args.steps} steps after 5 warm-up); epoch = one Ray Train epoch over the train "
-        "split (Ray Data shards + local shuffle), as the workers time it.",
+        f"{m.expert_hidden}, embedding dim {m.embedding_dim}, one thread per worker, gloo. "
+        f"Step = training step on in-memory batches of {cfg.training.batch_size} rows per "
+        f"worker ({args.steps} steps after 5 warm-up); epoch = one Ray Train epoch over the "
+        f"train split (Ray Data shards + local shuffle; the global batch of "
+        f"{cfg.training.batch_size} split across the workers), as the workers time it.",
         "",
         "| workers | experts | step samples/s | vs 1 worker | Ray Train epoch samples/s | vs 1 worker |",
         "|---:|---|---:|---:|---:|---:|",

@@ -5,12 +5,12 @@
 1. The model is resolved (an MLflow ``models:/<name>@<alias>`` or ``models:/<name>/<version>``
    URI, or a local model bundle folder) and the input's schema is checked before any work:
    a missing column or a column of the wrong type stops here with a message naming it.
-2. Rows whose ``user_id``, ``item_id`` or domain is null are written to
-   ``<output>/rejects/`` with the reason (never dropped silently).
-3. Ray Data streams the rest through an actor pool (``map_batches`` with a callable
+2. Ray Data streams the input once through an actor pool (``map_batches`` with a callable
    class: each actor loads the model once), which joins user and item features with the
-   same ``features/`` code as training and serving and scores every row.
-4. ``<output>/scores/`` gets the input rows plus ``score_<task>`` per task, the blended
+   same ``features/`` code as training and serving and scores every row; rows whose
+   ``user_id``, ``item_id`` or domain is null are written by the actor to
+   ``<output>/rejects/`` with the reason (never dropped silently).
+3. ``<output>/scores/`` gets the input rows plus ``score_<task>`` per task, the blended
    ``score``, the user ``segment``, ``cold_user`` / ``cold_item`` and ``model_version``.
    Rows in = rows out + rejects is checked; optionally ``<output>/top_k/`` keeps the K best
    candidates per user (``--top-k``).
@@ -121,25 +121,37 @@ def _rejected(batch: pa.Table, keys: list[str]) -> pa.Table:
     return df.with_columns(reason.alias(REJECT_REASON)).to_arrow()
 
 
-def _accepted(batch: pa.Table, keys: list[str]) -> pa.Table:
-    return pl.from_arrow(batch).filter(~_null_key(keys)).to_arrow()
-
-
 class ScoreBatch:
-    """The actor: loads the bundle once, scores pyarrow batches."""
+    """The actor: loads the bundle once, scores pyarrow batches. Rows with a null key are
+    written to ``rejects`` (one Parquet file per batch that has any, with the reason) and
+    left out of the output, so the input is read once."""
 
-    def __init__(self, bundle: str, version: str, blend: dict[str, Any], threads: int) -> None:
+    def __init__(
+        self, bundle: str, version: str, blend: dict[str, Any], threads: int, rejects: str
+    ) -> None:
         import torch
 
         torch.set_num_threads(threads)
         self.scorer = Scorer.from_dir(bundle)
         self.version = version
         self.blend = ScoringConfig(**blend)
+        self.keys = list(self.scorer.required)
+        self.rejects = Path(rejects)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        import uuid
+
+        import pyarrow.parquet as pq
+
         rows = pl.from_arrow(batch)
         if isinstance(rows, pl.Series):  # pragma: no cover - a one-column table
             rows = rows.to_frame()
+        null = rows.select(_null_key(self.keys)).to_series()
+        if null.any():
+            bad = _rejected(batch, self.keys)
+            self.rejects.mkdir(parents=True, exist_ok=True)
+            pq.write_table(bad, self.rejects / f"part-{uuid.uuid4().hex}.parquet")
+            rows = rows.filter(~null)
         scored = self.scorer.score_frame(rows, self.blend)
         return (
             pl.concat([rows, scored], how="horizontal")
@@ -185,7 +197,9 @@ def run_score(
     # the V1 Parquet reader: V2 adds a file-listing task that asks for a whole CPU, which
     # a cluster shared with serving replicas or busy actors may never have free
     ctx.use_datasource_v2 = False
-    keys = list(scorer.required)
+    # blocks of ~16 MiB: a large Parquet file becomes many blocks, shared by every actor
+    # (one 1M-row block would keep all its batches on one actor)
+    ctx.target_max_block_size = 16 * 1024 * 1024
     src = str(Path(input_path).resolve())
     # what is free now (a Serve app or another job may hold part of the cluster)
     cpus = float(ray.available_resources().get("CPU", 0.0))
@@ -195,28 +209,20 @@ def run_score(
     else:  # one actor per free CPU, leaving half a CPU to Ray Data's read and write tasks
         concurrency = max(1, min(8, int(cpus)))
         actor_cpus = min(sc.num_cpus_per_actor, max(IO_CPUS, (cpus - 2 * IO_CPUS) / concurrency))
-        # an autoscaling pool from one actor: never waits for actors that cannot be placed
-        pool = (1, concurrency) if concurrency > 1 else 1
+        pool = concurrency  # sized to the free CPUs, so every actor can be placed
     threads = max(1, int(actor_cpus))
 
-    # pass 1: rows with a null key go to rejects/ with the reason
+    # one pass: the actors score the good rows and write the null-key rows to rejects/
     light = {"num_cpus": IO_CPUS}
-    ray.data.read_parquet(src, **light).map_batches(
-        _rejected, batch_format="pyarrow", fn_kwargs={"keys": keys}, batch_size=None, **light
-    ).write_parquet(str((out / "rejects").resolve()), ray_remote_args=light)
-    n_rejects = _parquet_rows(out / "rejects") if (out / "rejects").exists() else 0
-
-    # pass 2: score the good rows with the actor pool
-    good = ray.data.read_parquet(src, **light).map_batches(
-        _accepted, batch_format="pyarrow", fn_kwargs={"keys": keys}, batch_size=None, **light
-    )
-    scored = good.map_batches(
+    rejects = (out / "rejects").resolve()
+    scored = ray.data.read_parquet(src, **light).map_batches(
         ScoreBatch,
         fn_constructor_kwargs={
             "bundle": str(resolved.bundle),
             "version": resolved.version,
             "blend": {"blend": sc.blend, "task_weights": dict(sc.task_weights)},
             "threads": threads,
+            "rejects": str(rejects),
         },
         batch_size=sc.batch_size,
         batch_format="pyarrow",
@@ -226,6 +232,7 @@ def run_score(
     )
     scored.write_parquet(str((out / "scores").resolve()), ray_remote_args=light)
     rows_out = _parquet_rows(out / "scores")
+    n_rejects = _parquet_rows(rejects) if rejects.exists() else 0
     rows_in = pads.dataset(src, format="parquet").count_rows()
     if rows_in != rows_out + n_rejects:
         raise RuntimeError(

@@ -232,6 +232,8 @@ class ModelConfig:
     gates: Literal["task", "one"] = "task"
     gate_by_domain: bool = True
     routing: Literal["softmax", "topk", "noisy_topk", "expert_choice"] = "softmax"
+    # how the stacked experts are computed (recsys_moe/model/experts.py); same results
+    expert_impl: Literal["loop", "bmm", "concat", "blockdiag", "compiled", "auto"] = "concat"
     top_k: int = 2
     capacity_factor: float = 1.25
     aux_loss_coef: float = 0.0

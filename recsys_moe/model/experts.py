@@ -2,6 +2,19 @@
 
 Every expert reads the same input, so the first layer of all ``E`` experts is ONE GEMM
 of width ``E * h``; later layers are one batched matmul over the expert axis.
+
+The same parameters (``weights[l]: [E, in, out]``, ``biases[l]: [E, out]``) can be computed
+several ways (:data:`EXPERT_IMPLS`, :func:`expert_forward`), chosen by ``model.expert_impl``:
+
+- ``loop``: one GEMM per expert and layer in a Python loop (the reference);
+- ``bmm``: every layer one batched matmul over the expert axis (input broadcast E times);
+- ``concat``: the first layer one concatenated GEMM ``[B, d] @ [d, E*h1]`` (all experts
+  share the input), later layers one einsum over the expert axis (the default);
+- ``blockdiag``: the first layer concatenated, later layers one GEMM against the
+  block-diagonal ``[E*h_i, E*h_o]`` matrix (E x the FLOPs, but one large GEMM);
+- ``compiled``: ``concat`` through ``torch.compile`` (Inductor emits fused C++ on CPU);
+- ``auto``: times the eager candidates' forward once per batch-size bucket on first use
+  and keeps the fastest.
 """
 
 from __future__ import annotations
@@ -20,6 +33,86 @@ def _init_stacked(w: torch.Tensor, b: torch.Tensor) -> None:
     nn.init.uniform_(b, -bound, bound)
 
 
+EXPERT_IMPLS = ("loop", "bmm", "concat", "blockdiag", "compiled", "auto")
+
+
+def _act(h: torch.Tensor, last: bool, i: int, n: int, dropout: nn.Module) -> torch.Tensor:
+    return (
+        h
+        if (i == n - 1 and not last)
+        else (torch.relu(h) if i == n - 1 else dropout(torch.relu(h)))
+    )
+
+
+def _loop(x, weights, biases, last, dropout):
+    outs = []
+    n = len(weights)
+    for e in range(weights[0].shape[0]):
+        h = x
+        for i in range(n):
+            h = _act(torch.addmm(biases[i][e], h, weights[i][e]), last, i, n, dropout)
+        outs.append(h)
+    return torch.stack(outs, dim=1)
+
+
+def _bmm(x, weights, biases, last, dropout):
+    E, n = weights[0].shape[0], len(weights)
+    h = x.unsqueeze(0).expand(E, -1, -1)  # (E, B, d)
+    for i in range(n):
+        h = _act(torch.baddbmm(biases[i].unsqueeze(1), h, weights[i]), last, i, n, dropout)
+    return h.transpose(0, 1)  # (B, E, H)
+
+
+def _first_concat(x, w0, b0):
+    E = w0.shape[0]
+    h = x @ w0.permute(1, 0, 2).reshape(w0.shape[1], -1) + b0.reshape(-1)  # (B, E*h1)
+    return h.view(x.shape[0], E, w0.shape[2])
+
+
+def _concat(x, weights, biases, last, dropout):
+    n = len(weights)
+    h = _act(_first_concat(x, weights[0], biases[0]), last, 0, n, dropout)
+    for i in range(1, n):
+        h = torch.einsum("beh,eho->beo", h, weights[i]) + biases[i]
+        h = _act(h, last, i, n, dropout)
+    return h
+
+
+def _blockdiag(x, weights, biases, last, dropout):
+    n, B = len(weights), x.shape[0]
+    h = _act(_first_concat(x, weights[0], biases[0]), last, 0, n, dropout)
+    for i in range(1, n):
+        E, a = weights[i].shape[:2]
+        h = h.reshape(B, E * a) @ torch.block_diag(*weights[i]) + biases[i].reshape(-1)
+        h = _act(h.view(B, weights[i].shape[0], weights[i].shape[2]), last, i, n, dropout)
+    return h
+
+
+_EAGER = {"loop": _loop, "bmm": _bmm, "concat": _concat, "blockdiag": _blockdiag}
+_COMPILED: dict[str, object] = {}
+
+
+def expert_forward(
+    x: torch.Tensor,
+    weights: list[torch.Tensor],
+    biases: list[torch.Tensor],
+    impl: str = "concat",
+    last_activation: bool = True,
+    dropout: nn.Module | None = None,
+) -> torch.Tensor:
+    """x: (B, d_in) -> (B, E, H) through E MLP experts, by implementation ``impl``."""
+    drop = dropout if dropout is not None else nn.Identity()
+    if impl == "compiled":
+        fn = _COMPILED.get("concat")
+        if fn is None:
+            fn = _COMPILED["concat"] = torch.compile(_concat, dynamic=False)
+        return fn(x, list(weights), list(biases), last_activation, drop)
+    try:
+        return _EAGER[impl](x, list(weights), list(biases), last_activation, drop)
+    except KeyError:
+        raise ValueError(f"expert implementation {impl!r}; have {EXPERT_IMPLS}") from None
+
+
 class StackedExperts(nn.Module):
     """``E`` MLP experts with weights ``[E, in, out]`` per layer, ReLU between layers.
 
@@ -29,6 +122,7 @@ class StackedExperts(nn.Module):
         hidden: layer widths; the last is the expert output width H.
         dropout: dropout after every hidden activation (training only).
         last_activation: apply ReLU after the last layer too (experts feed gates and towers).
+        impl: how to compute them (:data:`EXPERT_IMPLS`); every choice gives the same result.
     """
 
     def __init__(
@@ -39,6 +133,7 @@ class StackedExperts(nn.Module):
         hidden: list[int],
         dropout: float = 0.0,
         last_activation: bool = True,
+        impl: str = "concat",
     ) -> None:
         super().__init__()
         widths = [d_in, *hidden]
@@ -53,20 +148,39 @@ class StackedExperts(nn.Module):
             _init_stacked(w, b)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.last_activation = last_activation
+        if impl not in EXPERT_IMPLS:
+            raise ValueError(f"expert implementation {impl!r}; have {EXPERT_IMPLS}")
+        self.impl = impl
+        self._auto_choice: dict[int, str] = {}
 
     def forward(self, x: torch.Tensor, need: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, d_in) -> (B, E, H). ``need`` (the experts each row was routed to) is for
         :class:`~recsys_moe.distributed.expert_parallel.ExpertParallel`'s interface: here
         every expert is one GEMM anyway, so all are computed."""
-        E = self.n_experts
-        w0, b0 = self.weights[0], self.biases[0]
-        h = x @ w0.permute(1, 0, 2).reshape(self.d_in, -1) + b0.reshape(-1)  # (B, E*h1): one GEMM
-        h = h.view(x.shape[0], E, -1)  # (B, E, h1)
-        n = len(self.weights)
-        for i in range(1, n):
-            h = self.dropout(torch.relu(h))
-            h = torch.einsum("beh,eho->beo", h, self.weights[i]) + self.biases[i]  # (B, E, h_i)
-        return torch.relu(h) if self.last_activation else h
+        impl = self.impl if self.impl != "auto" else self._auto(x)
+        return expert_forward(
+            x, list(self.weights), list(self.biases), impl, self.last_activation, self.dropout
+        )
+
+    @torch.no_grad()
+    def _auto(self, x: torch.Tensor) -> str:
+        """The fastest eager implementation for this batch-size bucket (forward timed once,
+        without autograd, so no gradient or distributed hook is touched)."""
+        import time
+
+        key = 1 << max(0, x.shape[0] - 1).bit_length()
+        best = self._auto_choice.get(key)
+        if best is None:
+            times: dict[str, float] = {}
+            for name in ("bmm", "concat", "blockdiag"):
+                for rep in range(3):
+                    t = time.perf_counter()
+                    expert_forward(x, list(self.weights), list(self.biases), name,
+                                   self.last_activation)  # fmt: skip
+                    if rep:
+                        times[name] = min(times.get(name, 1e9), time.perf_counter() - t)
+            best = self._auto_choice[key] = min(times, key=times.__getitem__)
+        return best
 
 
 class GroupedExperts(nn.Module):

@@ -138,11 +138,19 @@ class RankingModel(nn.Module):
         self._gate_outputs, self._gate_domains = gate_outputs, gate_domains
         if cfg.arch == "shared_bottom":
             self.experts = StackedExperts(
-                n_experts=1, d_in=d_in, hidden=cfg.expert_hidden, dropout=cfg.dropout
+                n_experts=1,
+                d_in=d_in,
+                hidden=cfg.expert_hidden,
+                dropout=cfg.dropout,
+                impl=cfg.expert_impl,
             )
         elif cfg.arch == "mmoe":
             self.experts = StackedExperts(
-                n_experts=cfg.n_experts, d_in=d_in, hidden=cfg.expert_hidden, dropout=cfg.dropout
+                n_experts=cfg.n_experts,
+                d_in=d_in,
+                hidden=cfg.expert_hidden,
+                dropout=cfg.dropout,
+                impl=cfg.expert_impl,
             )
             self.gates = GateBank(
                 d_in=d_in,
@@ -159,7 +167,11 @@ class RankingModel(nn.Module):
             for k in range(K):
                 mask[k, :, S + k * P : S + (k + 1) * P] = True
             self.experts = StackedExperts(
-                n_experts=E, d_in=d_in, hidden=cfg.expert_hidden, dropout=cfg.dropout
+                n_experts=E,
+                d_in=d_in,
+                hidden=cfg.expert_hidden,
+                dropout=cfg.dropout,
+                impl=cfg.expert_impl,
             )
             self.gates = GateBank(
                 d_in=d_in, n_outputs=gate_outputs, n_domains=K, n_experts=E, mask=mask, noisy=noisy
@@ -175,7 +187,11 @@ class RankingModel(nn.Module):
                 din = d_in if level == 0 else H
                 self.shared_experts.append(
                     StackedExperts(
-                        n_experts=S, d_in=din, hidden=cfg.expert_hidden, dropout=cfg.dropout
+                        n_experts=S,
+                        d_in=din,
+                        hidden=cfg.expert_hidden,
+                        dropout=cfg.dropout,
+                        impl=cfg.expert_impl,
                     )
                 )
                 self.task_experts.append(

@@ -273,3 +273,28 @@ def test_hot_swap_under_load_then_bad_version_keeps_old(service, scoring_model, 
     r = _rank(url, body)
     assert r.status_code == 200 and r.json()["model_version"] == "2"
     np.testing.assert_equal(len(r.json()["items"]), 20)
+
+
+def test_prometheus_metrics_per_segment(service):
+    """The rankers' own metrics reach Ray's Prometheus endpoint, tagged by segment."""
+    import ray
+
+    url, _, bundle, _ = service
+    _, power, items = _users(bundle)
+    for _ in range(3):
+        assert _rank(url, {"user_id": power, "domain": "feed", "candidates": items[:10]}).ok
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    want = (
+        "recsys_moe_rank_requests",
+        "recsys_moe_candidates_scored",
+        "recsys_moe_rank_latency_ms",
+    )
+    deadline, text = time.monotonic() + 90, ""
+    while time.monotonic() < deadline:
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        if all(w in text for w in want) and 'segment="feed"' in text:
+            break
+        time.sleep(2)
+    for w in want:
+        assert w in text, w
+    assert 'segment="feed"' in text

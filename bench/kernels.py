@@ -1,0 +1,268 @@
+"""Kernels against the hardware limit: expert implementations, fused embeddings (TBE)
+vs one ``nn.EmbeddingBag`` per table, the full training step, and a roofline.
+
+    python -m bench.kernels [--threads 1 2] [--quick]
+
+In one run, per thread count (``torch.set_num_threads``, 1 and 2):
+
+1. **peaks**: SGEMM GFLOP/s (square 2048 matmul) and random-gather GB/s (``index_select``
+   of 32-float rows from a 1M-row table);
+2. **experts**: samples/s of each implementation (``recsys_moe.model.experts``) for three
+   model sizes x batch 1 / 64 / 4096, forward (inference) and forward + backward (training),
+   as a ratio to the per-expert loop; inference GFLOP/s and the fraction of the SGEMM peak;
+3. **embeddings**: FBGEMM's table-batched embedding bag with the fused Adagrad update
+   vs one ``nn.EmbeddingBag`` per table + ``torch.optim.Adagrad``, a training step
+   (lookup, backward, update) on the default model's tables, batch 4096;
+4. **model**: full training step and inference at batch 4096 on the default store: the
+   reference model (per-expert loop, per-table ``EmbeddingBag``, dense Adam) vs the
+   fastest path (torchrec-sharded TBE with the fused optimiser, fastest expert impl).
+
+Results go to bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import os
+import time
+
+import torch
+
+from bench.common import machine, write_section
+from recsys_moe.model.experts import StackedExperts
+
+SIZES = {  # name: (E, d_in, hidden)
+    "small": (4, 192, [64, 32]),
+    "default": (8, 448, [128, 64]),
+    "large": (16, 832, [256, 128]),
+}
+BATCHES = (1, 64, 4096)
+IMPLS = ("loop", "bmm", "concat", "blockdiag", "compiled")
+
+
+def _rate(fn, n: int, min_s: float = 0.3, max_reps: int = 2000) -> float:
+    """Calls/s of ``fn`` (after 2 warm-up calls), timed over at least ``min_s``."""
+    fn()
+    fn()
+    reps, t0 = 0, time.perf_counter()
+    while True:
+        fn()
+        reps += 1
+        dt = time.perf_counter() - t0
+        if dt >= min_s or reps >= max_reps:
+            return reps / dt * n
+
+
+def peaks() -> tuple[float, float]:
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    gflops = _rate(lambda: a @ b, 1, 1.0) * 2 * 2048**3 / 1e9
+    table = torch.randn(1_000_000, 32)
+    idx = torch.randint(0, 1_000_000, (65536,))
+    gbs = _rate(lambda: table.index_select(0, idx), 1, 1.0) * 65536 * 32 * 4 / 1e9
+    return gflops, gbs
+
+
+def expert_flops(E: int, d_in: int, hidden: list[int]) -> int:
+    widths = [d_in, *hidden]
+    return 2 * E * sum(a * b for a, b in itertools.pairwise(widths))
+
+
+def bench_experts(quick: bool) -> list[dict]:
+    rows = []
+    for size, (E, d, hidden) in SIZES.items():
+        for B in BATCHES:
+            x = torch.randn(B, d)
+            res = {}
+            for impl in IMPLS:
+                if impl == "compiled" and (quick or B == 1):
+                    continue
+                torch.manual_seed(0)
+                m = StackedExperts(n_experts=E, d_in=d, hidden=hidden, impl=impl)
+
+                def infer(m=m, x=x):
+                    with torch.no_grad():
+                        m(x)
+
+                def train(m=m, x=x):
+                    m(x).sum().backward()
+
+                res[impl] = (_rate(infer, B), _rate(train, B))
+            rows.append({"size": size, "B": B, "flops": expert_flops(E, d, hidden), **res})
+    return rows
+
+
+def bench_embeddings(spec, B: int = 4096) -> tuple[float, float]:
+    """(TBE fused step samples/s, per-table EmbeddingBag + Adagrad samples/s)."""
+    from fbgemm_gpu.split_embedding_configs import EmbOptimType
+    from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation
+    from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
+        ComputeDevice,
+        SplitTableBatchedEmbeddingBagsCodegen,
+    )
+
+    D = 32
+    tables = [(f.name, f.num_embeddings) for f in spec.sparse]
+    g = torch.Generator().manual_seed(0)
+    ids = [torch.randint(0, n, (B,), generator=g) for _, n in tables]
+    tbe = SplitTableBatchedEmbeddingBagsCodegen(
+        [(n, D, EmbeddingLocation.HOST, ComputeDevice.CPU) for _, n in tables],
+        optimizer=EmbOptimType.EXACT_ADAGRAD,
+        learning_rate=0.05,
+    )
+    indices = torch.cat(ids)
+    offsets = torch.arange(0, len(tables) * B + 1, dtype=torch.long)
+
+    def tbe_step():
+        out = tbe(indices, offsets)  # (B, T*D); backward applies the fused update
+        out.sum().backward()
+
+    bags = torch.nn.ModuleList([torch.nn.EmbeddingBag(n, D, mode="sum") for _, n in tables])
+    opt = torch.optim.Adagrad(bags.parameters(), lr=0.05)
+    offs = torch.arange(B)
+
+    def ref_step():
+        opt.zero_grad()
+        out = torch.cat([bag(i, offs) for bag, i in zip(bags, ids, strict=True)], dim=1)
+        out.sum().backward()
+        opt.step()
+
+    return _rate(tbe_step, B, 1.0), _rate(ref_step, B, 1.0)
+
+
+def bench_model(cfg, best_impl: str, B: int = 4096) -> dict:
+    """Reference model vs the fastest path: training step and inference samples/s."""
+    import polars as pl
+    import torch.distributed as dist
+
+    from features.store import example_files, load_manifest
+    from recsys_moe.distributed.sharding import distribute
+    from recsys_moe.model.inputs import ExampleTensors, InputSpec
+    from recsys_moe.model.ranker import RankingModel
+    from recsys_moe.train import loss_of
+
+    store = cfg.features.store_dir
+    spec = InputSpec.from_manifest(load_manifest(store))
+    data = ExampleTensors(spec, pl.read_parquet(example_files(store, "train")[0]).head(B * 4))
+    batches = [data.batch(slice(i * B, (i + 1) * B)) for i in range(4)]
+    out = {}
+
+    torch.manual_seed(0)
+    ref = RankingModel(spec, dataclasses.replace(cfg.model, expert_impl="loop"))
+    opt = torch.optim.Adam(ref.parameters(), lr=1e-3)
+    it = iter(range(10**9))
+
+    def ref_step():
+        b = batches[next(it) % 4]
+        opt.zero_grad()
+        loss, _ = loss_of(ref, ref(b), b.labels)
+        loss.backward()
+        opt.step()
+
+    def ref_infer():
+        with torch.no_grad():
+            ref(batches[0])
+
+    out["ref_train"], out["ref_infer"] = _rate(ref_step, B, 2.0), _rate(ref_infer, B, 1.0)
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29591")
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    torch.manual_seed(0)
+    fast = RankingModel(spec, dataclasses.replace(cfg.model, expert_impl=best_impl))
+    d = distribute(fast, cfg.training)
+
+    def fast_step():
+        b = batches[next(it) % 4]
+        d.optimizer.zero_grad()
+        loss, _ = loss_of(d.module, d.model(b), b.labels)
+        loss.backward()
+        d.optimizer.step()
+
+    def fast_infer():
+        with torch.no_grad():
+            d.model(batches[0])
+
+    out["fast_train"], out["fast_infer"] = _rate(fast_step, B, 2.0), _rate(fast_infer, B, 1.0)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="configs/default.toml")
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--quick", action="store_true", help="no torch.compile, no model step")
+    args = ap.parse_args(argv)
+    from features.store import load_manifest
+    from recsys_moe.config import load_config
+    from recsys_moe.model.inputs import InputSpec
+
+    cfg = load_config(args.config)
+    have_store = os.path.exists(os.path.join(cfg.features.store_dir, "manifest.json"))
+    lines = [f"Machine: {machine()}. torch {torch.__version__}, float32, CPU."]
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        gemm, gather = peaks()
+        print(f"[{threads} thread(s)] peak SGEMM {gemm:.1f} GFLOP/s, gather {gather:.2f} GB/s",
+              flush=True)  # fmt: skip
+        rows = bench_experts(args.quick)
+        lines += [
+            "",
+            f"### {threads} thread(s): peak SGEMM {gemm:.1f} GFLOP/s, random gather {gather:.2f} GB/s",
+            "",
+            "Experts, samples/s as a ratio to the per-expert loop (inference / training "
+            "step); `loop` column in samples/s; best inference GFLOP/s and its fraction "
+            "of the SGEMM peak.",
+            "",
+            "| size | batch | loop inf | loop train | "
+            + " | ".join(f"{i} inf / train" for i in IMPLS[1:])
+            + " | best inf GFLOP/s | of peak |",
+            "|---|---:|---:|---:|" + "---:|" * (len(IMPLS) - 1) + "---:|---:|",
+        ]
+        best_default = {}
+        for r in rows:
+            li, lt = r["loop"]
+            cells = []
+            for impl in IMPLS[1:]:
+                if impl in r:
+                    i, t = r[impl]
+                    cells.append(f"{i / li:.2f}x / {t / lt:.2f}x")
+                else:
+                    cells.append("-")
+            best = max((k for k in IMPLS if k in r), key=lambda k: r[k][0])
+            gf = r[best][0] * r["flops"] / 1e9
+            if r["size"] == "default" and r["B"] == 4096:
+                best_default = {"impl": max((k for k in IMPLS if k in r), key=lambda k: r[k][1]),
+                                "infer_gflops": gf, "frac": gf / gemm}  # fmt: skip
+            lines.append(
+                f"| {r['size']} | {r['B']} | {li:,.0f} | {lt:,.0f} | " + " | ".join(cells)
+                + f" | {gf:.1f} ({best}) | {gf / gemm:.0%} |"
+            )  # fmt: skip
+            print(lines[-1], flush=True)
+        if have_store:
+            spec = InputSpec.from_manifest(load_manifest(cfg.features.store_dir))
+            tbe, bag = bench_embeddings(spec)
+            lines += ["", f"Embeddings (default tables, dim 32, batch 4096, training step with "
+                      f"Adagrad): FBGEMM TBE fused {tbe:,.0f} samples/s vs per-table "
+                      f"EmbeddingBag {bag:,.0f} samples/s = {tbe / bag:.2f}x."]  # fmt: skip
+            print(lines[-1], flush=True)
+            if not args.quick:
+                m = bench_model(cfg, best_default.get("impl", "concat"))
+                lines += ["", f"Model (default config, batch 4096): training step reference "
+                          f"(loop experts, per-table EmbeddingBag, Adam) {m['ref_train']:,.0f} "
+                          f"samples/s vs fastest (TBE fused Adagrad, {best_default.get('impl')} "
+                          f"experts) {m['fast_train']:,.0f} = {m['fast_train'] / m['ref_train']:.2f}x; "
+                          f"inference {m['ref_infer']:,.0f} vs {m['fast_infer']:,.0f} = "
+                          f"{m['fast_infer'] / m['ref_infer']:.2f}x. Default-size experts at "
+                          f"batch 4096 reach {best_default.get('infer_gflops', 0):.1f} GFLOP/s "
+                          f"in inference, {best_default.get('frac', 0):.0%} of the SGEMM peak."]  # fmt: skip
+                print(lines[-1], flush=True)
+    write_section("Kernels: experts, embeddings, roofline (bench/kernels.py)", "\n".join(lines))
+    print("results: bench/RESULTS.md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
