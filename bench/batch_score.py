@@ -149,9 +149,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{cfg.model.arch}, {cfg.model.n_experts} experts). Candidates from the default "
         f"store's users and items (2% unknown), Parquet in 1M-row files; batch "
         f"{cfg.scoring.batch_size}. In-process: one process, torch on every core, streaming "
-        "Parquet batches in and out. Ray Data: `recsys-moe score` (rejects pass, actor pool "
+        "Parquet batches in and out. Ray Data: `recsys-moe score` (one streaming pass: actors score and write null-key rows to rejects, actor pool "
         f"of one actor per CPU, Parquet out, row accounting); Ray start-up ({ray_start:.1f} s) "
-        "excluded. Peak memory: resident set of the whole process tree incl. Ray.",
+        "excluded. Peak memory: resident set of the whole process tree incl. Ray (shared object-store pages count once per process that maps them, so the Ray figure overstates).",
         "",
         "| rows | in-process rows/s | peak GiB | Ray Data rows/s | wall s | peak GiB | actors | Ray / in-process |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|",

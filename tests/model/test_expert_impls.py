@@ -18,6 +18,9 @@ SHAPES = [  # (B, E, d_in, hidden, last_activation)
     (1, 1, 9, [4], True),
     (33, 5, 17, [9, 7, 3], False),
     (0, 4, 6, [5, 3], True),
+    (3, 1, 5, [7], True),
+    (17, 3, 13, [11, 5, 3], True),
+    (1, 8, 40, [64, 32], True),
 ]
 
 
