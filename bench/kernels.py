@@ -70,6 +70,9 @@ def expert_flops(E: int, d_in: int, hidden: list[int]) -> int:
 
 
 def bench_experts(quick: bool) -> list[dict]:
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = 64  # one graph per shape and grad mode here
     rows = []
     for size, (E, d, hidden) in SIZES.items():
         for B in BATCHES:
@@ -103,7 +106,7 @@ def bench_embeddings(spec, B: int = 4096) -> tuple[float, float]:
     )
 
     D = 32
-    tables = [(f.name, f.num_embeddings) for f in spec.sparse]
+    tables = [(f.name, f.vocab_size) for f in spec.sparse]
     g = torch.Generator().manual_seed(0)
     ids = [torch.randint(0, n, (B,), generator=g) for _, n in tables]
     tbe = SplitTableBatchedEmbeddingBagsCodegen(

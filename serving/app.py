@@ -62,7 +62,10 @@ class RankRequest(BaseModel):
         description="Request context (e.g. hour, device); unknown values fall back to OOV.",
     )
     timestamp: int | None = Field(
-        default=None, description="Unix seconds of the request (default: now), for recency."
+        default=None,
+        ge=0,
+        le=2**40,
+        description="Unix seconds of the request (default: now), for recency.",
     )
     top_k: int | None = Field(default=None, ge=1, description="Return only the K best.")
     request_id: str | None = Field(default=None, max_length=128, description="Echoed back.")
@@ -170,11 +173,10 @@ class Ranker:
         out: list[dict[str, Any] | None] = [None] * len(reqs)
         frames, ok = [], []
         for i, r in enumerate(reqs):
-            rows = _rows(r, scorer)
             try:  # a request whose ids cannot be read never fails its batch-mates
-                frames.append(scorer.check(rows))
+                frames.append(scorer.check(_rows(r, scorer)))
                 ok.append(i)
-            except ValueError as e:
+            except (ValueError, TypeError, OverflowError, pl.exceptions.PolarsError) as e:
                 out[i] = {"error": str(e)}
         if frames:
             rows = pl.concat(frames, how="diagonal_relaxed")

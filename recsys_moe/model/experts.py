@@ -105,7 +105,7 @@ def expert_forward(
     if impl == "compiled":
         fn = _COMPILED.get("concat")
         if fn is None:
-            fn = _COMPILED["concat"] = torch.compile(_concat, dynamic=False)
+            fn = _COMPILED["concat"] = torch.compile(_concat)  # dynamic after a shape change
         return fn(x, list(weights), list(biases), last_activation, drop)
     try:
         return _EAGER[impl](x, list(weights), list(biases), last_activation, drop)

@@ -181,6 +181,8 @@ BAD = [
     (json.dumps({"user_id": "abc", "domain": "feed", "candidates": [1]}).encode(), "user_id"),
     (json.dumps({"user_id": 1, "domain": "feed", "candidates": [1], "top_k": 0}).encode(), "top_k"),
     (json.dumps({"user_id": 1, "domain": "feed", "candidates": [1], "extra": 1}).encode(), "extra"),
+    (json.dumps({"user_id": 1, "domain": "feed", "candidates": [1, "x"]}).encode(), "item_id"),
+    (json.dumps({"user_id": 1, "domain": "feed", "candidates": [1], "timestamp": 10**30}).encode(), "timestamp"),
 ]  # fmt: skip
 
 
