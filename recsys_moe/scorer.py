@@ -167,6 +167,15 @@ class Scorer:
                 self.slices[k] = domain_slice(self.model, k)
         return {k: getattr(m, "active", []) for k, m in self.slices.items()}
 
+    def offload_experts(self, directory: str | Path, capacity: int = 2):
+        """Serve every domain from its slice, at most ``capacity`` slices in memory and
+        the rest memory-mapped from ``directory`` on demand
+        (:class:`recsys_moe.model.offload.DomainSliceCache`)."""
+        from recsys_moe.model.offload import DomainSliceCache
+
+        self.slices = DomainSliceCache(self.model, directory, capacity)  # type: ignore[assignment]
+        return self.slices
+
     def _predict(
         self,
         encoded: pl.DataFrame,

@@ -1,0 +1,111 @@
+"""Expert offloading: domain slices kept on disk, memory-mapped on demand, LRU-cached.
+
+A multi-domain model serves traffic whose domain mix is skewed; with domain-specific
+experts (STAR) most of the expert weights belong to domains that are rarely asked for.
+:class:`DomainSliceCache` writes every domain's slice (its experts and gate rows, see
+:mod:`recsys_moe.model.slicing`) to ``<dir>/domain_<k>.safetensors`` once, drops them from
+memory, and brings a domain's slice back (``safetensors`` memory-maps the file) when a
+request for it arrives, keeping at most ``capacity`` slices resident (least recently used
+evicted). Embeddings, towers and everything shared stay resident. Offloaded and resident
+slices hold the same tensors, so they give identical scores.
+
+On a GPU the same cache would hold device copies and page host -> device; on CPU the
+saving is resident memory (the page cache may still hold the file).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from recsys_moe.model.ranker import RankingModel
+from recsys_moe.model.slicing import domain_slice
+
+
+def _slice_state(m: RankingModel) -> dict[str, torch.Tensor]:
+    state = {f"experts.{k}": v for k, v in m.experts.state_dict().items()}
+    state |= {f"gates.{k}": v for k, v in m.gates.state_dict().items()}
+    state["mask"] = m.gates.mask  # a non-persistent buffer: not in state_dict
+    return {k: v.detach().contiguous() for k, v in state.items()}
+
+
+class DomainSliceCache:
+    """Domain index -> its slice, at most ``capacity`` resident, the rest on disk.
+
+    Args:
+        model: a trained :class:`RankingModel` (``mmoe`` or ``star``).
+        directory: where the slices are written (one safetensors file per domain).
+        capacity: how many domain slices stay in memory.
+    """
+
+    def __init__(self, model: RankingModel, directory: str | Path, capacity: int = 2) -> None:
+        if capacity < 1:
+            raise ValueError("capacity must be >= 1")
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.capacity = capacity
+        self.hits = self.misses = self.evictions = 0
+        self._resident: OrderedDict[int, RankingModel] = OrderedDict()
+        self._active: dict[int, list[int]] = {}
+        # one template slice: the shared parts, with experts and gates to be filled in
+        K = model.spec.n_domains
+        for k in range(K):
+            s = domain_slice(model, k)
+            if s is model:
+                raise ValueError(f"model.arch {model.cfg.arch!r} has no domain slices to offload")
+            save_file(_slice_state(s), str(self.dir / f"domain_{k}.safetensors"))
+            self._active[k] = list(s.active)
+        self._template = s
+        self.full_expert_bytes = sum(
+            p.numel() * p.element_size()
+            for name, p in model.named_parameters()
+            if name.startswith(("experts.", "gates."))
+        )
+
+    def __contains__(self, k: int) -> bool:
+        return k in self._active
+
+    def get(self, k: int, default: RankingModel | None = None) -> RankingModel | None:
+        """Domain ``k``'s slice (loaded from disk if not resident); ``default`` for a
+        domain the model does not have."""
+        if k not in self._active:
+            return default
+        m = self._resident.get(k)
+        if m is not None:
+            self.hits += 1
+            self._resident.move_to_end(k)
+            return m
+        self.misses += 1
+        m = copy.copy(self._template)
+        m._modules = dict(self._template._modules)
+        m._modules["experts"] = copy.deepcopy(self._template.experts)
+        m._modules["gates"] = copy.deepcopy(self._template.gates)
+        state = load_file(str(self.dir / f"domain_{k}.safetensors"))
+        m.experts.load_state_dict(
+            {k_[8:]: v for k_, v in state.items() if k_.startswith("experts.")}
+        )
+        m.gates.load_state_dict({k_[6:]: v for k_, v in state.items() if k_.startswith("gates.")})
+        m.gates.mask = state["mask"]
+        m.active = self._active[k]
+        self._resident[k] = m
+        while len(self._resident) > self.capacity:
+            self._resident.popitem(last=False)
+            self.evictions += 1
+        return m
+
+    def resident(self) -> list[int]:
+        return list(self._resident)
+
+    def resident_bytes(self) -> int:
+        return sum(
+            p.numel() * p.element_size()
+            for m in self._resident.values()
+            for p in [*m.experts.parameters(), *m.gates.parameters()]
+        )
+
+
+__all__ = ["DomainSliceCache"]

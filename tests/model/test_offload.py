@@ -1,0 +1,78 @@
+"""Expert offloading: offloaded and resident domain slices give identical scores, and
+the LRU keeps at most ``capacity`` domains resident under a domain mix."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from recsys_moe.model.offload import DomainSliceCache
+from recsys_moe.model.slicing import domain_slice
+
+
+@pytest.fixture(scope="module")
+def star(small_store):
+    from features.store import load_manifest, read_examples
+    from recsys_moe.model.inputs import ExampleTensors, InputSpec
+    from recsys_moe.model.ranker import RankingModel
+
+    cfg, _ = small_store
+    store = cfg.features.store_dir
+    spec = InputSpec.from_manifest(load_manifest(store))
+    torch.manual_seed(2)
+    mcfg = dataclasses.replace(cfg.model, arch="star", shared_experts=2, specific_experts=2,
+                               expert_hidden=[16, 8])  # fmt: skip
+    model = RankingModel(spec, mcfg).eval()
+    with torch.no_grad():
+        model.gates.w.normal_(0, 0.5)
+    test = read_examples(store, "test")
+    return model, spec, test, ExampleTensors(spec, test)
+
+
+def test_offloaded_slices_score_like_resident_ones(star, tmp_path):
+    from recsys_moe.model.inputs import ExampleTensors
+    from recsys_moe.train import predict
+
+    model, spec, test, data = star
+    cache = DomainSliceCache(model, tmp_path / "experts", capacity=1)
+    dom = data.domain.numpy()
+    for k in range(1, spec.n_domains):
+        rows = np.flatnonzero(dom == k)
+        sub = ExampleTensors(spec, test[rows])
+        resident = predict(domain_slice(model, k), sub, 512)
+        offloaded = predict(cache.get(k), sub, 512)
+        np.testing.assert_array_equal(offloaded, resident)
+        np.testing.assert_allclose(offloaded, predict(model, data, 512)[rows], rtol=1e-5, atol=1e-6)
+    assert cache.get(99) is None and cache.get(99, model) is model
+
+
+def test_lru_eviction_under_a_domain_mix(star, tmp_path):
+    model = star[0]
+    cache = DomainSliceCache(model, tmp_path / "experts", capacity=2)
+    mix = [1, 1, 2, 1, 3, 3, 1, 2]  # feed-heavy traffic with search and video
+    for k in mix:
+        cache.get(k)
+        assert len(cache.resident()) <= 2
+    # 1 miss, hit, 2 miss, hit, 3 miss (evicts 2), hit, 1 hit, 2 miss (evicts 3)
+    assert (cache.misses, cache.hits, cache.evictions) == (4, 4, 2)
+    assert cache.resident() == [1, 2]
+    # two of four domain slices resident: less than the full model's experts and gates
+    assert 0 < cache.resident_bytes() < cache.full_expert_bytes
+
+
+def test_scorer_with_offloaded_experts_scores_like_the_full_model(scoring_model, tmp_path):
+    import polars as pl
+
+    from features.store import read_examples
+    from recsys_moe.scorer import Scorer
+
+    cfg, bundle, _, _ = scoring_model
+    full, off = Scorer.from_dir(bundle), Scorer.from_dir(bundle)
+    cache = off.offload_experts(tmp_path / "experts", capacity=1)
+    rows = full.example_rows(read_examples(cfg.features.store_dir, "test").head(300))
+    rows = pl.concat([rows, rows.head(5).with_columns(pl.lit("mars").alias("domain"))])
+    np.testing.assert_allclose(off.score(rows), full.score(rows), rtol=1e-5, atol=1e-6)
+    assert len(cache.resident()) == 1 and cache.misses >= 3
