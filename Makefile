@@ -72,6 +72,7 @@ bench: $(STAMP)  ## throughput benchmarks (after `make train`; writes bench/RESU
 	$(BIN)/python -m bench.batch_score
 	$(BIN)/python -m bench.serve_latency
 	$(BIN)/python -m bench.kernels
+	$(BIN)/python -m bench.offload
 
 bench-quality: $(STAMP)  ## model-quality scripts (MMoE synthetic, Census, architectures; ~40 min)
 	$(BIN)/python -m bench.quality.mmoe_synthetic
