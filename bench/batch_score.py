@@ -162,7 +162,6 @@ def main(argv: list[str] | None = None) -> int:
             f"{actors} | {rr / lr:.2f}x |"
         )
     write_section("Batch scoring throughput (Ray Data vs in-process)", "\n".join(lines))
-    print("results: bench/RESULTS.md")
     ray.shutdown()
     return 0
 

@@ -48,7 +48,7 @@ def best_of(fn: Callable[[], object], repeat: int) -> float:
 
 
 def write_section(name: str, body: str) -> None:
-    """Replace (or append) the section ``## name`` of bench/RESULTS.md."""
+    """Replace (or append) the section ``## name`` of bench/RESULTS.md, and say where."""
     text = (
         RESULTS.read_text()
         if RESULTS.exists()
@@ -62,3 +62,4 @@ def write_section(name: str, body: str) -> None:
         else text.rstrip() + "\n\n" + section
     )
     RESULTS.write_text(text.rstrip() + "\n")
+    print(f"results: {RESULTS} (section: {name})", flush=True)

@@ -208,7 +208,6 @@ def main() -> None:
         for rows, _, tim in rows_out
     )]  # fmt: skip
     write_section("Feature pipeline throughput (bench/features.py)", "\n".join(lines))
-    print(f"results: {Path('bench/RESULTS.md').resolve()}")
 
 
 if __name__ == "__main__":

@@ -263,7 +263,6 @@ def main(argv: list[str] | None = None) -> int:
                           f"in inference, {best_default.get('frac', 0):.0%} of the SGEMM peak."]  # fmt: skip
                 print(lines[-1], flush=True)
     write_section("Kernels: experts, embeddings, roofline (bench/kernels.py)", "\n".join(lines))
-    print("results: bench/RESULTS.md")
     return 0
 
 

@@ -98,7 +98,6 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {name} | {b / 2**20:.1f} | {p50:.2f} | {p99:.2f} |")
         print(lines[-1], flush=True)
     write_section("Expert offloading (bench/offload.py)", "\n".join(lines))
-    print("results: bench/RESULTS.md")
     return 0
 
 

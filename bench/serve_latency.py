@@ -196,7 +196,6 @@ def main(argv: list[str] | None = None) -> int:
         f"p50 latency ratio {at8['p50'] / local['p50']:.2f}x (target: overhead < 2x).",
     ]
     write_section("Serving latency (Ray Serve vs in-process)", "\n".join(lines))
-    print("results: bench/RESULTS.md")
     return 0
 
 

@@ -131,7 +131,6 @@ def main(argv: list[str] | None = None) -> int:
     write_section(
         "Training throughput (Ray Train, torchrec sharding, expert parallelism)", "\n".join(lines)
     )
-    print("results: bench/RESULTS.md")
     return 0
 
 
