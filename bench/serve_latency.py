@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import polars as pl
 import requests
 
 from bench.common import machine, write_section
@@ -110,6 +109,7 @@ def in_process(bundle: Path, reqs: list[dict]) -> dict:
 
     from recsys_moe.config import ScoringConfig
     from recsys_moe.scorer import Scorer
+    from serving.app import _rows as request_rows
 
     torch.set_num_threads(1)  # like one ranker replica
     sc = Scorer.from_dir(bundle)
@@ -118,12 +118,7 @@ def in_process(bundle: Path, reqs: list[dict]) -> dict:
     t0 = time.perf_counter()
     for r in reqs:
         t = time.perf_counter()
-        n = len(r["candidates"])
-        rows = pl.DataFrame({
-            "user_id": [r["user_id"]] * n, "item_id": r["candidates"], "domain": [r["domain"]] * n,
-            "hour": [r["context"]["hour"]] * n, "device": [r["context"]["device"]] * n,
-        })  # fmt: skip
-        scored = sc.score_frame(rows, blend)
+        scored = sc.score_frame(request_rows(r, sc), blend)  # the rows a ranker builds
         scored["score"].to_numpy().argsort()
         lat.append(time.perf_counter() - t)
     wall = time.perf_counter() - t0

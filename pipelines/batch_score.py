@@ -112,13 +112,12 @@ def _null_key(keys: list[str]) -> pl.Expr:
     return pl.any_horizontal([pl.col(k).is_null() for k in keys])
 
 
-def _rejected(batch: pa.Table, keys: list[str]) -> pa.Table:
-    """The rows of a block with a null key, with the reason (the first null key)."""
-    df = pl.from_arrow(batch).filter(_null_key(keys))
+def _rejected(bad: pl.DataFrame, keys: list[str]) -> pa.Table:
+    """Rows with a null key, with the reason (the first null key)."""
     reason = pl.lit(None, dtype=pl.String)
     for k in reversed(keys):
         reason = pl.when(pl.col(k).is_null()).then(pl.lit(f"null {k}")).otherwise(reason)
-    return df.with_columns(reason.alias(REJECT_REASON)).to_arrow()
+    return bad.with_columns(reason.alias(REJECT_REASON)).to_arrow()
 
 
 class ScoreBatch:
@@ -148,7 +147,7 @@ class ScoreBatch:
             rows = rows.to_frame()
         null = rows.select(_null_key(self.keys)).to_series()
         if null.any():
-            bad = _rejected(batch, self.keys)
+            bad = _rejected(rows.filter(null), self.keys)
             self.rejects.mkdir(parents=True, exist_ok=True)
             pq.write_table(bad, self.rejects / f"part-{uuid.uuid4().hex}.parquet")
             rows = rows.filter(~null)

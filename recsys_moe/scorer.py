@@ -182,17 +182,18 @@ class Scorer:
         batch_size: int,
         monitors: dict[int, RouterMonitor] | None = None,
     ) -> np.ndarray:
-        data = ExampleTensors(self.model.spec, encoded, with_labels=False)
-        dom = data.domain.numpy()
-        groups = np.unique(dom) if self.slices else np.array([], dtype=np.int64)
+        spec = self.model.spec
+        dom = encoded[spec.domain_column].to_numpy() if self.slices else None
+        groups = np.unique(dom) if dom is not None else np.array([], dtype=np.int64)
         if len(groups) <= 1:  # one domain (a served request) or no slices: no reordering
             k = int(groups[0]) if len(groups) else -1
+            data = ExampleTensors(spec, encoded, with_labels=False)
             monitor = (monitors or {}).get(k)
             return predict(self.slices.get(k, self.model), data, batch_size, monitor)
-        out = np.empty((len(data), len(self.tasks)), dtype=np.float32)
+        out = np.empty((encoded.height, len(self.tasks)), dtype=np.float32)
         for k in groups.tolist():
             rows = np.flatnonzero(dom == k)
-            sub = ExampleTensors(self.model.spec, encoded[rows], with_labels=False)
+            sub = ExampleTensors(spec, encoded[rows], with_labels=False)
             out[rows] = predict(
                 self.slices.get(k, self.model), sub, batch_size, (monitors or {}).get(k)
             )
@@ -216,7 +217,18 @@ class Scorer:
         ranking score), ``segment`` (cold / casual / power), ``cold_user``, ``cold_item``."""
         if rows.height == 0:
             return self._empty_frame(blend)
-        checked = self.check(rows)
+        return self.score_checked(self.check(rows), blend, batch_size, monitors)
+
+    def score_checked(
+        self,
+        checked: pl.DataFrame,
+        blend: ScoringConfig | None = None,
+        batch_size: int = 8192,
+        monitors: dict[int, RouterMonitor] | None = None,
+    ) -> pl.DataFrame:
+        """:meth:`score_frame` for rows already through :meth:`check` (no second check)."""
+        if checked.height == 0:
+            return self._empty_frame(blend)
         df = assemble(checked.select(self.input_columns()), self.tables, self.spec)
         p = self._predict(
             encode(df, self.spec, self.vocabs, self.stats, keep_split=False), batch_size, monitors

@@ -26,6 +26,7 @@ import importlib
 import logging
 import time
 import uuid
+from collections import Counter
 from typing import Any
 
 import polars as pl
@@ -180,7 +181,7 @@ class Ranker:
                 out[i] = {"error": str(e)}
         if frames:
             rows = pl.concat(frames, how="diagonal_relaxed")
-            scored = scorer.score_frame(
+            scored = scorer.score_checked(
                 rows, cur.payload["blend"], monitors=cur.payload["monitors"]
             )
             start = 0
@@ -205,7 +206,8 @@ class Ranker:
         dead = 0.0
         for k, mon in cur.payload["monitors"].items():
             active = cur.payload["active"][k]
-            for key, v in mon.metrics().items():
+            metrics = mon.metrics()
+            for key, v in metrics.items():
                 parts = key.split("/")  # router/<layer>/<gate>/<domain>/load_e<i>
                 if len(parts) == 5 and parts[4].startswith("load_e"):
                     e = active[int(parts[4][6:])] if active else int(parts[4][6:])
@@ -213,7 +215,7 @@ class Ranker:
                         v, {"segment": self.segment.name, "gate": parts[2], "domain": names[k],
                             "expert": str(e)},
                     )  # fmt: skip
-            dead += mon.metrics().get("router/dead_experts", 0.0)
+            dead += metrics.get("router/dead_experts", 0.0)
             mon.reset()
         self.m_dead.set(dead, {"segment": self.segment.name})
 
@@ -369,9 +371,7 @@ class Ingress:
                 f"candidates: {len(req.candidates)} items exceed the limit of {s.max_candidates}",
             )
         if len(set(req.candidates)) != len(req.candidates):
-            seen, dup = set(), []
-            for c in req.candidates:
-                (dup.append(c) if c in seen else seen.add(c))
+            dup = [c for c, n in Counter(req.candidates).items() if n > 1]
             return _error(422, f"candidates: duplicate item ids {dup[:5]}")
         for name, v in [("user_id", req.user_id), *(("candidates", c) for c in req.candidates)]:
             if isinstance(v, str) and len(v) > s.max_id_length:

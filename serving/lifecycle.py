@@ -11,36 +11,15 @@ moves again; the old version keeps serving.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import hashlib
 import logging
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("ray.serve")
-
-
-@contextlib.contextmanager
-def registry_lock(tracking_uri: str | None) -> Iterator[None]:
-    """One process at a time on a SQLite tracking store: MLflow checks (and may migrate)
-    the schema when a process first opens it, and concurrent replicas starting together
-    race on that. A no-op lock for server stores costs nothing."""
-    from recsys_moe.tracking import tracking_uri as default_uri
-
-    key = hashlib.sha1((tracking_uri or default_uri()).encode()).hexdigest()[:16]
-    path = Path(tempfile.gettempdir()) / f"recsys-moe-mlflow-{key}.lock"
-    with path.open("w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @dataclass(frozen=True)
@@ -74,10 +53,8 @@ class ModelWatcher:
         self.swaps = 0
         self._lock = threading.Lock()
         # the first load must succeed: a replica without a model is not started
-        with registry_lock(tracking_uri):
-            version = self._resolve_version()
-            bundle = self._download(version)
-        self.current: Loaded = self._build(bundle, version)
+        version = self._resolve_version()
+        self.current: Loaded = self._build(self._download(version), version)
         self._stop = threading.Event()
         if uri.startswith("models:/"):
             self._thread = threading.Thread(target=self._poll, daemon=True, name=f"watch-{name}")
@@ -113,17 +90,14 @@ class ModelWatcher:
         """One poll: swap if the alias moved and the new version loads."""
         with self._lock:
             try:
-                with registry_lock(self.tracking_uri):
-                    version = self._resolve_version()
+                version = self._resolve_version()
             except Exception as e:  # registry unreachable: keep serving, say so
                 self.load_error = f"cannot read {self.uri}: {type(e).__name__}: {e}"
                 return
             if version in (self.current.version, self.failed_version):
                 return
             try:
-                with registry_lock(self.tracking_uri):
-                    bundle = self._download(version)
-                loaded = self._build(bundle, version)
+                loaded = self._build(self._download(version), version)
             except Exception as e:
                 self.failed_version = version
                 self.load_error = f"version {version}: {type(e).__name__}: {e}"

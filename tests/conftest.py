@@ -115,11 +115,9 @@ def scoring_model(small_store, tmp_path_factory):
     """
     import dataclasses
 
-    import mlflow
     import torch
 
     from features.store import load_manifest, read_examples
-    from recsys_moe import tracking
     from recsys_moe.model.inputs import ExampleTensors, InputSpec
     from recsys_moe.model.ranker import RankingModel
     from recsys_moe.scorer import write_bundle
@@ -140,14 +138,24 @@ def scoring_model(small_store, tmp_path_factory):
         dataclasses.replace(cfg.training, epochs=1, batch_size=512), progress=False)  # fmt: skip
     bundle = write_bundle(save_model(m, tmp / "bundle", manifest), store)
     uri = f"sqlite:///{tmp}/mlflow.db"
+    assert register_bundle(cfg, bundle, uri, 0.6, "scoring-test")["promoted"]
+    return cfg, bundle, uri, tmp
+
+
+def register_bundle(cfg, bundle, uri: str, metric: float, run_name: str) -> dict:
+    """Log ``bundle`` in a run of the MLflow store ``uri`` and register it behind the
+    promotion gate (validation metric ``metric``); returns the registration summary."""
+    import mlflow
+
+    from features.store import read_examples
+    from recsys_moe import tracking
+
     old = mlflow.get_tracking_uri()
     os.environ["MLFLOW_TRACKING_URI"] = uri
     try:
-        with tracking.Tracker.open(cfg, "scoring-test") as tracker:
-            tracker.log_model(bundle, read_examples(store, "test").head(5))
-            reg = tracker.register_and_promote(bundle, {"auc_mean": 0.6}, cfg)
+        with tracking.Tracker.open(cfg, run_name) as tracker:
+            tracker.log_model(bundle, read_examples(cfg.features.store_dir, "test").head(5))
+            return tracker.register_and_promote(bundle, {"auc_mean": metric}, cfg)
     finally:
         del os.environ["MLFLOW_TRACKING_URI"]
         mlflow.set_tracking_uri(old)
-    assert reg["promoted"]
-    return cfg, bundle, uri, tmp

@@ -37,11 +37,10 @@ EXPERT_IMPLS = ("loop", "bmm", "concat", "blockdiag", "compiled", "auto")
 
 
 def _act(h: torch.Tensor, last: bool, i: int, n: int, dropout: nn.Module) -> torch.Tensor:
-    return (
-        h
-        if (i == n - 1 and not last)
-        else (torch.relu(h) if i == n - 1 else dropout(torch.relu(h)))
-    )
+    """ReLU + dropout between layers; after the last layer ReLU only if ``last``."""
+    if i < n - 1:
+        return dropout(torch.relu(h))
+    return torch.relu(h) if last else h
 
 
 def _loop(x, weights, biases, last, dropout):

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from recsys_moe.model.ranker import RankingModel
-from recsys_moe.model.slicing import domain_slice
+from recsys_moe.model.slicing import domain_slice, with_experts
 
 
 def _slice_state(m: RankingModel) -> dict[str, torch.Tensor]:
@@ -80,17 +80,13 @@ class DomainSliceCache:
             self._resident.move_to_end(k)
             return m
         self.misses += 1
-        m = copy.copy(self._template)
-        m._modules = dict(self._template._modules)
-        m._modules["experts"] = copy.deepcopy(self._template.experts)
-        m._modules["gates"] = copy.deepcopy(self._template.gates)
         state = load_file(str(self.dir / f"domain_{k}.safetensors"))
-        m.experts.load_state_dict(
-            {k_[8:]: v for k_, v in state.items() if k_.startswith("experts.")}
-        )
-        m.gates.load_state_dict({k_[6:]: v for k_, v in state.items() if k_.startswith("gates.")})
-        m.gates.mask = state["mask"]
-        m.active = self._active[k]
+        experts = copy.deepcopy(self._template.experts)
+        experts.load_state_dict({n[8:]: v for n, v in state.items() if n.startswith("experts.")})
+        gates = copy.deepcopy(self._template.gates)
+        gates.load_state_dict({n[6:]: v for n, v in state.items() if n.startswith("gates.")})
+        gates.mask = state["mask"]
+        m = with_experts(self._template, experts, gates, self._active[k])
         self._resident[k] = m
         while len(self._resident) > self.capacity:
             self._resident.popitem(last=False)

@@ -72,13 +72,26 @@ def domain_slice(model: RankingModel, domain: int) -> RankingModel:
     if model.gates.per_output_input:  # pragma: no cover - mmoe/star gates read one input
         return model
     keep = torch.tensor(active_experts(model, domain), dtype=torch.long)
-    out = copy.copy(model)  # shares embeddings, towers, buffers; experts and gates replaced
+    return with_experts(
+        model,
+        _slice_experts(model.experts, keep),
+        _slice_gates(model.gates, domain, keep),
+        keep.tolist(),
+    )
+
+
+def with_experts(
+    model: RankingModel, experts: nn.Module, gates: GateBank, active: list[int]
+) -> RankingModel:
+    """A one-domain copy of ``model`` sharing embeddings, towers and buffers, with its own
+    ``experts`` and ``gates`` (``active``: the global ids of those experts)."""
+    out = copy.copy(model)
     out._modules = dict(model._modules)
-    out._modules["experts"] = _slice_experts(model.experts, keep)
-    out._modules["gates"] = _slice_gates(model.gates, domain, keep)
+    out._modules["experts"] = experts
+    out._modules["gates"] = gates
     out._gate_domains = 1
-    out.active = keep.tolist()
+    out.active = active
     return out.eval()
 
 
-__all__ = ["active_experts", "domain_slice"]
+__all__ = ["active_experts", "domain_slice", "with_experts"]

@@ -17,6 +17,7 @@ import requests
 
 from recsys_moe.config import ScoringConfig
 from recsys_moe.scorer import Scorer
+from tests.conftest import register_bundle
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -202,26 +203,19 @@ def test_bad_input_gets_4xx_and_service_keeps_answering(service):
     assert ok.status_code == 200
 
 
-def _register_version(scoring_model, bundle_dir, metric):
-    import os
-
+@pytest.fixture
+def champion_restored(scoring_model):
+    """The shared registry's ``champion`` points at version 1 again after the test (other
+    modules score the champion and expect version 1)."""
     import mlflow
 
-    from features.store import read_examples
-    from recsys_moe import tracking
-
-    cfg, _, uri, _ = scoring_model
-    old = mlflow.get_tracking_uri()
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    try:
-        with tracking.Tracker.open(cfg, "serve-swap") as tracker:
-            tracker.log_model(bundle_dir, read_examples(cfg.features.store_dir, "test").head(5))
-            return tracker.register_and_promote(bundle_dir, {"auc_mean": metric}, cfg)
-    finally:
-        del os.environ["MLFLOW_TRACKING_URI"]
-        mlflow.set_tracking_uri(old)
+    yield
+    mlflow.MlflowClient(scoring_model[2]).set_registered_model_alias(
+        "recsys_moe_ranker", "champion", "1"
+    )
 
 
+@pytest.mark.usefixtures("champion_restored")
 def test_hot_swap_under_load_then_bad_version_keeps_old(service, scoring_model, tmp_path):
     import mlflow
 
@@ -245,7 +239,9 @@ def test_hot_swap_under_load_then_bad_version_keeps_old(service, scoring_model, 
     for t in threads:
         t.start()
     try:
-        reg = _register_version(scoring_model, bundle, 0.7)  # better: the alias moves to 2
+        reg = register_bundle(
+            scoring_model[0], bundle, uri, 0.7, "serve-swap"
+        )  # better: the alias moves to 2
         assert reg["promoted"]
         deadline = time.monotonic() + 120
         while "2" not in seen and time.monotonic() < deadline:
