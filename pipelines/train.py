@@ -480,6 +480,47 @@ def run_training(
     return summary
 
 
+def train_single(cfg: Config, output: str | Path, progress: bool = True) -> dict[str, Any]:
+    """One process, no Ray and no MLflow: fit on the store, evaluate on test, save the model.
+    The quality benchmarks (bench/quality/) use it to compare models on equal terms."""
+    from recsys_moe.train import fit
+
+    torch.set_num_threads(max(1, min(os.cpu_count() or 1, 4)))
+    store = cfg.features.store_dir
+    manifest = load_manifest(store)
+    spec = InputSpec.from_manifest(manifest)
+    train = ExampleTensors(spec, read_examples(store, "train"))
+    valid = ExampleTensors(spec, read_examples(store, "valid"))
+    test_df = read_examples(store, "test")
+    test = ExampleTensors(spec, test_df)
+    torch.manual_seed(cfg.training.seed)
+    model = RankingModel(spec, cfg.model)
+    started = time.perf_counter()
+    res = fit(model, train, valid, cfg.training,
+              metric=cfg.training.promote_metric.removeprefix("valid/"), progress=progress)  # fmt: skip
+    users = test_df[manifest["keys"]["user_id"]].to_numpy()
+    test_metrics, _ = evaluate_model(model, test, users=users)
+    oracle = oracle_metrics(cfg, test_df, test, spec)
+    out = save_model(
+        model, output, manifest, {"config": cfg.to_dict(), "valid": res.valid, "test": test_metrics}
+    )
+    summary = {
+        "model_dir": str(Path(out).resolve()),
+        "best_epoch": res.best_epoch,
+        "train_rows": len(train),
+        "seconds": round(time.perf_counter() - started, 1),
+        "samples_per_s": round(res.samples_per_s),
+        "valid": res.valid,
+        "test": test_metrics,
+        "oracle": oracle,
+        "router": res.router,
+    }
+    (Path(out) / "metrics.json").write_text(json.dumps(summary, indent=2, default=float))
+    if progress:
+        print(table(spec, test_metrics, oracle), flush=True)
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="recsys-moe train", description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="configs/default.toml")
