@@ -13,7 +13,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export RAY_AUTH_MODE := disabled
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: install train features generate ui serve score test lint format bench bench-quality clean help
+.PHONY: install train features generate ui serve score extend test lint format bench bench-quality clean help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -49,6 +49,13 @@ score: $(STAMP)  ## batch-score CANDIDATES (made from the store if missing) with
 	test -d $(CANDIDATES) || $(BIN)/recsys-moe candidates --config $(CONFIG) --rows $(ROWS) --output $(CANDIDATES)
 	$(BIN)/recsys-moe score --config $(CONFIG) --input $(CANDIDATES) --output $(SCORES)
 
+DOMAIN ?=
+DATA   ?=
+
+extend: $(STAMP)  ## add domain DOMAIN from the raw log DATA to the champion (new version, gated promotion)
+	@test -n "$(DOMAIN)" -a -n "$(DATA)" || { echo "usage: make extend DOMAIN=<name> DATA=<raw log folder>"; exit 2; }
+	$(BIN)/recsys-moe extend --config $(CONFIG) --domain $(DOMAIN) --data $(DATA)
+
 serve: $(STAMP)  ## the ranking service (serving/config.yaml) on 127.0.0.1:8000 over the champion
 	$(BIN)/recsys-moe serve --serve-config $(or $(SERVE_CONFIG),serving/config.yaml)
 
@@ -74,10 +81,11 @@ bench: $(STAMP)  ## throughput benchmarks (after `make train`; writes bench/RESU
 	$(BIN)/python -m bench.kernels
 	$(BIN)/python -m bench.offload
 
-bench-quality: $(STAMP)  ## model-quality scripts (MMoE synthetic, Census, architectures; ~40 min)
+bench-quality: $(STAMP)  ## model-quality scripts (MMoE synthetic, Census, architectures, extend; ~50 min)
 	$(BIN)/python -m bench.quality.mmoe_synthetic
 	$(BIN)/python -m bench.quality.archs --config configs/census.toml --archs shared_bottom mmoe ple
 	$(BIN)/python -m bench.quality.archs --config configs/default.toml
+	$(BIN)/python -m bench.quality.extend
 
 clean:  ## remove generated data, runs and the virtualenv
 	rm -rf $(VENV) data mlruns mlflow.db checkpoints models .pytest_cache .ruff_cache build *.egg-info

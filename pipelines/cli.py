@@ -29,6 +29,10 @@ COMMANDS = {
         "pipelines.batch_score",
         "batch scoring of candidate rows on Ray Data with a registered model",
     ),
+    "extend": (
+        "pipelines.extend",
+        "add a new domain (experts + gates) to a registered model, the rest frozen",
+    ),
     "serve": (
         "serving.run",
         "the segment-routed ranking service on Ray Serve (127.0.0.1:8000)",

@@ -337,6 +337,52 @@ class ServingConfig:
 
 
 @dataclass(frozen=True)
+class ExtendConfig:
+    """``recsys-moe extend``: a new domain added to a trained model (recsys_moe/model/extend.py)."""
+
+    # experts of the new domain (its gates also reach the parent's shared experts)
+    experts: int = 3
+    epochs: int = 3
+    batch_size: int = 2048
+    lr: float = 3e-3
+    # learning rate x this after every epoch (as [training] lr_decay)
+    lr_decay: float = 0.3
+    # the new domain's own crosses: a learned D x D transform of each interaction's first
+    # side, (A left) * right, fed to its experts only (needs model.interactions)
+    cross: bool = True
+    # the parent's activations of the new domain's rows are constants while only the new
+    # parameters train: cache them in memory up to this size (0: never)
+    cache_gb: float = 4.0
+    # append values first seen in the new data to the vocabularies and train their
+    # embedding rows (old rows never change). Rows of existing domains that carry such a
+    # value (a user first seen in the new domain) then score differently from the parent,
+    # which had no embedding for it; false keeps them out-of-vocabulary, as in the parent
+    new_embedding_rows: bool = True
+    # parent parts to train as well ("embeddings", "experts", "gates", "towers"): existing
+    # domains' scores then change, and the promotion gate below must allow it
+    unfreeze: list[str] = field(default_factory=list)
+    # share of the existing domains' training rows (from the parent's raw log) mixed in
+    replay_fraction: float = 0.0
+    # promotion gate: the new domain's valid auc_mean must reach this and beat the parent's
+    # own scores for the domain (an unknown domain to it); existing domains may move at most
+    # existing_tolerance (0: bit-identical) on probe rows
+    min_auc: float = 0.55
+    existing_tolerance: float = 0.0
+    probe_rows: int = 2000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require_positive("extend", self, "experts", "epochs", "batch_size", "probe_rows")
+        bad = set(self.unfreeze) - {"embeddings", "experts", "gates", "towers"}
+        if bad:
+            _fail("extend", "unfreeze", f"unknown part(s) {sorted(bad)}")
+        if not 0.0 <= self.replay_fraction <= 1.0:
+            _fail("extend", "replay_fraction", "must be in [0, 1]")
+        if self.existing_tolerance < 0:
+            _fail("extend", "existing_tolerance", "must be >= 0")
+
+
+@dataclass(frozen=True)
 class ScoringConfig:
     """Batch scoring (``recsys-moe score``) and the blended ranking score.
 
@@ -375,6 +421,7 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     serving: ServingConfig = field(default_factory=ServingConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    extend: ExtendConfig = field(default_factory=ExtendConfig)
     name: str = "default"
 
     def to_dict(self) -> dict[str, Any]:

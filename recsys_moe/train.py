@@ -24,7 +24,7 @@ from recsys_moe import metrics as M
 from recsys_moe.config import ModelConfig, TrainingConfig
 from recsys_moe.model.inputs import ExampleTensors, InputSpec
 from recsys_moe.model.observe import RouterMonitor
-from recsys_moe.model.ranker import RankingModel, task_losses
+from recsys_moe.model.ranker import Extension, RankingModel, task_losses
 
 
 @dataclass
@@ -269,7 +269,12 @@ def save_model(
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out / WEIGHTS))
-    meta = {"model_config": asdict(model.cfg), "manifest": manifest, **(extra or {})}
+    meta = {
+        "model_config": asdict(model.cfg),
+        "manifest": manifest,
+        "extensions": [asdict(e) for e in model.extension_specs],
+        **(extra or {}),
+    }
     (out / META).write_text(json.dumps(meta, indent=2, default=str))
     return out
 
@@ -279,7 +284,12 @@ def load_model(path: str | Path) -> tuple[RankingModel, dict[str, Any]]:
     p = Path(path)
     meta = json.loads((p / META).read_text())
     model = RankingModel(
-        InputSpec.from_manifest(meta["manifest"]), ModelConfig(**meta["model_config"])
+        InputSpec.from_manifest(meta["manifest"]),
+        ModelConfig(**meta["model_config"]),
+        extensions=[
+            Extension(e["domain"], int(e["experts"]), tuple(e["reach"]), bool(e.get("cross")))
+            for e in meta.get("extensions", [])
+        ],
     )
     model.load_state_dict(load_file(str(p / WEIGHTS)))
     model.eval()

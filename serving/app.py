@@ -24,8 +24,11 @@ Built by :func:`app_builder` from the ``args`` of ``serving/config.yaml``.
 
 import importlib
 import logging
+import shutil
+import tempfile
 import time
 import uuid
+import weakref
 from collections import Counter
 from typing import Any
 
@@ -147,7 +150,15 @@ class Ranker:
         from recsys_moe.scorer import Scorer
 
         scorer = Scorer.from_dir(bundle)
-        active = scorer.slice_domains(self.segment.domains)
+        if self.segment.offload_capacity and scorer.model.cfg.arch in ("mmoe", "star"):
+            # one folder per loaded version: a swap never reads another version's slices
+            where = tempfile.mkdtemp(prefix=f"recsys-moe-{self.segment.name}-v{version}-")
+            cache = scorer.offload_experts(where, self.segment.offload_capacity)
+            weakref.finalize(cache, shutil.rmtree, where, True)  # gone with its version
+            mine = {scorer.domain_index(d) for d in self.segment.domains} - {0}
+            active = {k: cache.active(k) for k in sorted(mine) if k in cache}
+        else:
+            active = scorer.slice_domains(self.segment.domains)
         monitors = {k: RouterMonitor(scorer.model.spec.domains) for k in active}
         blend = ScoringConfig(
             blend=self.segment.blend, task_weights=dict(self.segment.task_weights)

@@ -33,6 +33,10 @@ class Segment:
     batch_wait_timeout_s: float = 0.002
     # Ray's logical CPUs per replica (scheduling only; torch runs one thread per replica)
     num_cpus: float = 0.25
+    # > 0: the segment's domain slices live memory-mapped on disk and at most this many
+    # stay resident (LRU; recsys_moe/model/offload.py) - for segments serving many
+    # domains of a STAR / MMoE model; 0: every slice of the segment's domains resident
+    offload_capacity: int = 0
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.replace("_", "").isalnum():
@@ -46,6 +50,8 @@ class Segment:
             )
         if self.replicas < 1 or self.max_batch_size < 1 or self.batch_wait_timeout_s < 0:
             raise SettingsError(f"segments.{self.name}: replicas, max_batch_size must be >= 1")
+        if self.offload_capacity < 0:
+            raise SettingsError(f"segments.{self.name}.offload_capacity: must be >= 0")
         if self.blend not in ("sum", "product"):
             raise SettingsError(f"segments.{self.name}.blend: 'sum' or 'product'")
 

@@ -48,6 +48,14 @@ def test_help_lists_commands():
     assert r.returncode == 0 and "generate" in r.stdout and "features" in r.stdout
 
 
+def test_extend_bad_model_is_a_clear_error(tmp_path):
+    r = cli(
+        "extend", "--model", str(tmp_path / "nope"), "--domain", "live", "--data", str(tmp_path)
+    )
+    assert r.returncode == 2 and "expected models:/" in r.stderr and "Traceback" not in r.stderr
+    assert "extend" in cli("--help").stdout
+
+
 def test_unknown_command():
     r = cli("frobnicate")
     assert r.returncode == 2 and "unknown command 'frobnicate'" in r.stderr

@@ -56,6 +56,10 @@ class RouterMonitor:
         K = len(self.domains)
         for layer in out.gates:
             w, p = layer.route.weights.float(), layer.route.probs.float()  # (B, O, E)
+            d = domain.long()
+            if layer.domains:  # rows of extension domains were not routed by this layer
+                keep = d < layer.domains
+                w, p, d = w[keep], p[keep], d[keep]
             B, O, E = w.shape
             a = self.acc.get(layer.name)
             if a is None:
@@ -68,7 +72,7 @@ class RouterMonitor:
                     torch.zeros(O, K),
                 )
                 self.acc[layer.name] = a
-            d = domain.long().clamp(0, K - 1)
+            d = d.clamp(0, K - 1)
             a.tokens += torch.bincount(d, minlength=K).float()
             idx = d.view(B, 1, 1).expand(B, O, E)
             load = torch.zeros(K, O, E).scatter_add_(0, idx, w)

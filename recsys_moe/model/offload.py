@@ -52,8 +52,7 @@ class DomainSliceCache:
         self._resident: OrderedDict[int, RankingModel] = OrderedDict()
         self._active: dict[int, list[int]] = {}
         # one template slice: the shared parts, with experts and gates to be filled in
-        K = model.spec.n_domains
-        for k in range(K):
+        for k in range(model.base_domains):  # added domains stay with the full model
             s = domain_slice(model, k)
             if s is model:
                 raise ValueError(f"model.arch {model.cfg.arch!r} has no domain slices to offload")
@@ -92,6 +91,10 @@ class DomainSliceCache:
             self._resident.popitem(last=False)
             self.evictions += 1
         return m
+
+    def active(self, k: int) -> list[int]:
+        """The global expert ids domain ``k``'s slice computes."""
+        return list(self._active[k])
 
     def resident(self) -> list[int]:
         return list(self._resident)

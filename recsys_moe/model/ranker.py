@@ -12,6 +12,8 @@ the computation only: no optimiser, device placement, logging or I/O here.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -83,6 +85,9 @@ class GateLayer:
     name: str  # "gates", "level0", ...
     outputs: list[str]  # what each gate output feeds: task names, or "shared"
     route: RouteOut
+    # rows of the batch whose domain index is >= this were not routed by these gates
+    # (they belong to a domain added later by `recsys-moe extend`); 0: every row
+    domains: int = 0
 
 
 @dataclass
@@ -100,20 +105,90 @@ class ModelOutput:
         return sum((g.route.z_loss for g in self.gates), self.logits.new_zeros(()))
 
 
+@dataclass(frozen=True)
+class Extension:
+    """A domain added to a trained model by ``recsys-moe extend``: its own ``experts``
+    (new), and a gate per output over the parent experts in ``reach`` plus its own."""
+
+    domain: str
+    experts: int
+    reach: tuple[int, ...]
+    # the domain's own crosses: ((A_p @ left_p) * right_p) for each of the model's
+    # interactions p, appended to its experts' input (A_p starts as the identity)
+    cross: bool = False
+
+
+class DomainExtension(nn.Module):
+    """The parameters one :class:`Extension` adds: ``experts``, a one-domain gate bank over
+    ``base + experts`` experts (the parent experts outside ``reach`` masked out) and, with
+    ``cross``, a D x D transform per interaction whose crosses only its experts read."""
+
+    def __init__(
+        self,
+        ext: Extension,
+        *,
+        d_in: int,
+        n_outputs: int,
+        base_experts: int,
+        cfg: ModelConfig,
+    ) -> None:
+        super().__init__()
+        self.domain, self.reach = ext.domain, list(ext.reach)
+        n_cross = len(cfg.interactions) if ext.cross else 0
+        D = cfg.embedding_dim
+        self.cross = (
+            nn.Parameter(torch.eye(D).repeat(n_cross, 1, 1)) if n_cross else None
+        )  # (P, D, D)
+        self.experts = StackedExperts(
+            n_experts=ext.experts,
+            d_in=d_in + n_cross * D,
+            hidden=cfg.expert_hidden,
+            dropout=cfg.dropout,
+            impl=cfg.expert_impl,
+        )
+        E = base_experts + ext.experts
+        mask = torch.zeros(1, 1, E, dtype=torch.bool)
+        mask[..., self.reach] = True
+        mask[..., base_experts:] = True
+        self.gates = GateBank(
+            d_in=d_in,
+            n_outputs=n_outputs,
+            n_domains=1,
+            n_experts=E,
+            mask=mask,
+            noisy=cfg.routing == "noisy_topk",
+        )
+
+
 class RankingModel(nn.Module):
     """Embeddings -> experts + gates (per ``cfg.arch``) -> task towers.
 
     Args:
         spec: inputs, tasks and domains (from the feature-store manifest).
         cfg: the model section of the config.
+        extensions: domains added after training (``recsys-moe extend``, mmoe / star
+            only): the last ``len(extensions)`` domains of ``spec``, in order. Their rows
+            are computed by their own experts and gates; every other row exactly as before.
     """
 
     def __init__(
-        self, spec: InputSpec, cfg: ModelConfig, device: torch.device | None = None
+        self,
+        spec: InputSpec,
+        cfg: ModelConfig,
+        device: torch.device | None = None,
+        extensions: Sequence[Extension] = (),
     ) -> None:
         super().__init__()
         self.spec, self.cfg = spec, cfg
-        T, K = len(spec.tasks), spec.n_domains
+        extensions = list(extensions)
+        # the domains the base gates were trained for (domain index < K)
+        T, K = len(spec.tasks), spec.n_domains - len(extensions)
+        if extensions and cfg.arch not in ("mmoe", "star"):
+            raise ValueError(f"model.arch {cfg.arch!r}: only mmoe and star models can be extended")
+        added = spec.domains[len(spec.domains) - len(extensions) :]
+        if [e.domain for e in extensions] != added:
+            raise ValueError(f"extensions {[e.domain for e in extensions]} != last domains {added}")
+        self.base_domains = K
         self.embedding = EmbeddingArch(spec, cfg.embedding_dim, device)
         names = [f.name for f in spec.sparse]
         F_ = len(names)
@@ -225,6 +300,13 @@ class RankingModel(nn.Module):
                     )
         else:  # validated by ModelConfig
             raise ValueError(cfg.arch)
+        self.extension_specs = extensions
+        self.extensions = nn.ModuleList(
+            DomainExtension(
+                e, d_in=d_in, n_outputs=gate_outputs, base_experts=self.experts.n_experts, cfg=cfg
+            )
+            for e in extensions
+        )
         self.towers = TaskTowers(n_tasks=T, d_in=H, hidden=cfg.tower_hidden)
         names = self.task_names
         self._parent = [names.index(t.funnel_parent) if t.funnel_parent else -1 for t in spec.tasks]
@@ -235,28 +317,98 @@ class RankingModel(nn.Module):
 
     # --------------------------------------------------------------- parts
 
-    def _route(self, gates: GateBank, x: torch.Tensor, domain: torch.Tensor) -> RouteOut:
+    def _gate(
+        self, gates: GateBank, x: torch.Tensor, domain: torch.Tensor
+    ) -> tuple[RouteOut, torch.Tensor, torch.Tensor]:
+        """The routing of ``gates`` for ``x``, with the gate logits and mask it came from."""
         dom = domain if gates.K > 1 else torch.zeros_like(domain)
         logits, std, mask = gates(x, dom)
         c = self.cfg
-        return route(
+        r = route(
             logits, mask, mode=c.routing, top_k=c.top_k, capacity_factor=c.capacity_factor,
             noise_std=std, training=self.training,
         )  # fmt: skip
+        return r, logits, mask
 
-    def _core(self, x: torch.Tensor, domain: torch.Tensor) -> tuple[torch.Tensor, list[GateLayer]]:
+    def _route(self, gates: GateBank, x: torch.Tensor, domain: torch.Tensor) -> RouteOut:
+        return self._gate(gates, x, domain)[0]
+
+    def _combine(
+        self, r: RouteOut, logits: torch.Tensor, mask: torch.Tensor, experts: torch.Tensor
+    ) -> torch.Tensor:
+        """Gate weights x expert outputs -> (B, O, H). Dense (softmax) gates on CUDA use the
+        fused Triton kernel (softmax + weighted sum in one pass, triton_kernels.py); the
+        torch path everywhere else. Same result either way."""
+        if self.cfg.routing == "softmax" and (
+            experts.is_cuda or os.environ.get("RECSYS_MOE_TRITON") == "1"
+        ):
+            from recsys_moe.model import triton_kernels
+
+            if triton_kernels.use_triton(experts):
+                return triton_kernels.gate_combine(logits, mask, experts)
+        return torch.einsum("boe,beh->boh", r.weights, experts)
+
+    def _mixture(self, x: torch.Tensor, domain: torch.Tensor) -> tuple[torch.Tensor, RouteOut]:
+        """MMoE / STAR: the gates' mixture of the experts, (B, O, H)."""
+        r, logits, mask = self._gate(self.gates, x, domain)  # weights (B, O, E)
+        sparse = self.cfg.routing != "softmax"
+        experts = self.experts(x, (r.weights > 0).any(1) if sparse else None)  # (B, E, H)
+        return self._combine(r, logits, mask, experts), r
+
+    def extension_mixture(
+        self,
+        ext: DomainExtension,
+        x: torch.Tensor,
+        sides: torch.Tensor | None,
+        base: torch.Tensor,
+    ) -> torch.Tensor:
+        """An added domain's rows: its gates' mixture (b, O, H) of the parent's expert
+        outputs ``base`` (b, E, H) and its own experts (reading its own crosses too)."""
+        own_in = x
+        if ext.cross is not None and sides is not None:
+            mine = torch.einsum("pde,bpe->bpd", ext.cross, sides[0]) * sides[1]  # (b, P, D)
+            own_in = torch.cat([x, mine.flatten(1)], dim=1)
+        cand = torch.cat([base, ext.experts(own_in)], dim=1)  # (b, E+P, H)
+        r, logits, mask = self._gate(ext.gates, x, x.new_zeros(x.shape[0], dtype=torch.long))
+        return self._combine(r, logits, mask, cand)
+
+    def head(self, reps: torch.Tensor) -> ModelOutput:
+        """(B, O, H) gate-output representations -> towers -> logits and predictions."""
+        logits = self.towers(reps.expand(-1, len(self.task_names), -1))
+        return ModelOutput(logits, self.predictions(logits))
+
+    def _core(
+        self, x: torch.Tensor, domain: torch.Tensor, sides: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, list[GateLayer]]:
         """x: (B, d_in) -> task representations (B, T, H) and the gate layers."""
         T = len(self.task_names)
         if self.cfg.arch == "shared_bottom":
             h = self.experts(x)  # (B, 1, H)
             return h.expand(-1, T, -1), []
         if self.cfg.arch in ("mmoe", "star"):
-            r = self._route(self.gates, x, domain)  # weights (B, O, E)
-            sparse = self.cfg.routing != "softmax"
-            experts = self.experts(x, (r.weights > 0).any(1) if sparse else None)  # (B, E, H)
-            reps = torch.einsum("boe,beh->boh", r.weights, experts)  # (B, O, H)
             outputs = self.task_names if self._gate_outputs == T else [SHARED]
-            return reps.expand(-1, T, -1), [GateLayer("gates", outputs, r)]
+            K = self.base_domains
+            added = domain >= K if len(self.extensions) else None
+            if added is None or not bool(added.any()):
+                reps, r = self._mixture(x, domain)
+                return reps.expand(-1, T, -1), [GateLayer("gates", outputs, r)]
+            # rows of added domains: the parent's experts + their own, under their own gates;
+            # every other row is computed exactly as by the parent (same ops, same batch)
+            layers = []
+            if bool(added.all()):
+                reps = x.new_zeros(x.shape[0], len(outputs), self.experts.d_out)
+            else:
+                reps, r = self._mixture(x, torch.where(added, 0, domain))
+                layers.append(GateLayer("gates", outputs, r, domains=K))
+            for j, ext in enumerate(self.extensions):
+                rows = torch.nonzero(domain == K + j).flatten()
+                if not len(rows):
+                    continue
+                xe = x[rows]
+                side = sides[:, rows] if sides is not None else None
+                mix = self.extension_mixture(ext, xe, side, self.experts(xe))
+                reps = reps.index_copy(0, rows, mix)
+            return reps.expand(-1, T, -1), layers
         # PLE / CGC: level inputs per task (B, T, d) and a shared input (B, d)
         layers: list[GateLayer] = []
         task_in, shared_in = None, x
@@ -287,16 +439,25 @@ class RankingModel(nn.Module):
             cols.append(p * cols[parent] if parent >= 0 else p)
         return torch.stack(cols, dim=1)
 
-    def forward(self, batch: Batch) -> ModelOutput:
+    def inputs(self, batch: Batch) -> torch.Tensor:
+        """The expert input x: (B, d_in) = [pooled embeddings | crosses | dense]."""
+        return self._inputs(batch)[0]
+
+    def _inputs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x, and the crosses' two sides (2, B, P, D) (None without crosses)."""
         emb = self.embedding(batch.sparse)  # (B, F*D)
-        parts = [emb]
+        parts, sides = [emb], None
         if self._cross.shape[1]:
             e = emb.view(emb.shape[0], -1, self.cfg.embedding_dim)  # (B, F, D)
             left = torch.einsum("pf,bfd->bpd", self._cross[0], e)  # (B, P, D)
             right = torch.einsum("pf,bfd->bpd", self._cross[1], e)
             parts.append((left * right).flatten(1))  # (B, P*D)
-        x = torch.cat([*parts, batch.dense], dim=1)  # (B, d_in)
-        reps, layers = self._core(x, batch.domain)  # (B, T, H)
+            sides = torch.stack([left, right])
+        return torch.cat([*parts, batch.dense], dim=1), sides
+
+    def forward(self, batch: Batch) -> ModelOutput:
+        x, sides = self._inputs(batch)  # (B, d_in)
+        reps, layers = self._core(x, batch.domain, sides)  # (B, T, H)
         logits = self.towers(reps)  # (B, T)
         return ModelOutput(logits, self.predictions(logits), layers)
 

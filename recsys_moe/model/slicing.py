@@ -30,6 +30,10 @@ def active_experts(model: RankingModel, domain: int) -> list[int]:
     if model.cfg.arch not in ("mmoe", "star") or gates is None:
         n = getattr(getattr(model, "experts", None), "n_experts", 0)
         return list(range(n))
+    if domain >= model.base_domains:  # added by `recsys-moe extend`: reach + its own experts
+        ext = model.extensions[domain - model.base_domains]
+        E = model.experts.n_experts
+        return [*ext.reach, *range(E, E + ext.experts.n_experts)]
     k = domain if gates.K > 1 else 0
     return torch.nonzero(gates.mask[k].any(0)).flatten().tolist()
 
@@ -70,6 +74,8 @@ def domain_slice(model: RankingModel, domain: int) -> RankingModel:
     if model.cfg.arch not in ("mmoe", "star") or getattr(model, "gates", None) is None:
         return model
     if model.gates.per_output_input:  # pragma: no cover - mmoe/star gates read one input
+        return model
+    if domain >= model.base_domains:  # an added domain: computed by its extension anyway
         return model
     keep = torch.tensor(active_experts(model, domain), dtype=torch.long)
     return with_experts(

@@ -23,9 +23,11 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 SEGMENTS = [
     {"name": "cold", "domains": ["feed", "search", "video"], "user_segments": ["cold"],
-     "task_weights": {"click": 1.0, "like": 0.5, "conversion": 1.0}},
+     "task_weights": {"click": 1.0, "like": 0.5, "conversion": 1.0},
+     "offload_capacity": 1},  # one domain slice resident, the others memory-mapped
     {"name": "feed", "domains": ["feed"], "task_weights": {"click": 1.0, "conversion": 2.0}},
-    {"name": "other", "domains": ["search", "video"], "blend": "product"},
+    # "live" is unknown to version 1; test_extended_domain_served_after_alias_moves adds it
+    {"name": "other", "domains": ["search", "video", "live"], "blend": "product"},
 ]  # fmt: skip
 
 
@@ -116,8 +118,18 @@ def test_ranking_equals_in_process_scores_and_routes_segments(service):
     top = _rank(url, {**req, "top_k": 5}).json()
     assert [it["item_id"] for it in top["items"]] == [it["item_id"] for it in body["items"]][:5]
     # an unknown user goes to the cold segment; other domains to their segment
-    cold = _rank(url, {"user_id": 987654321, "domain": "video", "candidates": cands[:3]}).json()
-    assert cold["segment"] == "cold" and cold["user_segment"] == "cold" and cold["cold_user"]
+    ts = {"timestamp": 1_700_000_000}
+    for dom in ("video", "feed", "video"):  # the cold ranker's offloaded slices swap in and out
+        cold = _rank(
+            url, {"user_id": 987654321, "domain": dom, "candidates": cands[:3], **ts}
+        ).json()
+        assert cold["segment"] == "cold" and cold["user_segment"] == "cold" and cold["cold_user"]
+        ref = sc.score_frame(pl.DataFrame({"user_id": [987654321] * 3, "item_id": cands[:3],
+                                           "domain": [dom] * 3, "ts": [1_700_000_000] * 3}))  # fmt: skip
+        got = {it["item_id"]: it["scores"] for it in cold["items"]}
+        for i, item in enumerate(cands[:3]):
+            for t in sc.tasks:
+                assert got[item][t] == pytest.approx(ref[f"score_{t}"][i], rel=1e-5, abs=1e-6)
     other = _rank(url, {"user_id": power, "domain": "search", "candidates": [*cands[:3], 10**9]})
     assert other.status_code == 200 and other.json()["segment"] in ("other", "cold")
     assert next(it for it in other.json()["items"] if it["item_id"] == 10**9)["cold_item"]
@@ -133,7 +145,12 @@ def test_rankers_compute_only_their_domains_experts(service):
     assert list(experts) == ["feed"] and len(experts["feed"]) == 3
     assert experts["feed"][:2] == [0, 1]
     h2 = serve.get_deployment_handle("Ranker_other", app_name="ranking")
-    assert set(h2.experts.remote().result()) == {"search", "video"}
+    assert set(h2.experts.remote().result()) == {"search", "video"}  # "live": unknown to v1
+    # the cold segment offloads: the same slices, served from memory-mapped files
+    h3 = serve.get_deployment_handle("Ranker_cold", app_name="ranking")
+    cold = h3.experts.remote().result()
+    assert set(cold) == {"feed", "search", "video"} and cold["feed"] == experts["feed"]
+    assert all(len(v) == 3 and v[:2] == [0, 1] for v in cold.values())
 
 
 def test_online_scores_equal_batch_job(service, tmp_path):
@@ -296,3 +313,61 @@ def test_prometheus_metrics_per_segment(service):
     for w in want:
         assert w in text, w
     assert 'segment="feed"' in text
+
+
+def _wait_version(url: str, segment: str, version: str, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready = requests.get(f"{url}/readyz", timeout=10).json()
+        if ready["segments"][segment]["model_version"] == version:
+            return ready
+        time.sleep(0.3)
+    raise AssertionError(f"{segment} never served version {version}: {ready}")
+
+
+@pytest.mark.usefixtures("champion_restored")
+def test_extended_domain_served_after_alias_moves(service, tmp_path, monkeypatch):
+    """Issue 8: `recsys-moe extend` adds "live" to the served model; once the alias moves
+    the rankers serve it, with the child bundle's scores, and existing domains' answers
+    do not change by a bit."""
+    from pipelines.extend import run_extend
+    from recsys_moe.config import ExtendConfig
+    from tests.pipelines.test_extend import live_log
+
+    url, cfg, bundle, uri = service
+    _, power, items = _users(bundle)
+    _wait_version(url, "other", "1")
+    _wait_version(url, "feed", "1")
+    feed = {
+        "user_id": power,
+        "domain": "feed",
+        "candidates": items[:20],
+        "timestamp": 1_700_000_000,
+    }
+    live = {**feed, "domain": "live"}
+    before_feed = _rank(url, feed).json()
+    before_live = _rank(url, live)
+    assert before_live.status_code == 200  # served as an unknown domain by version 1
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    ecfg = cfg.replace(extend=ExtendConfig(epochs=1, batch_size=256, min_auc=0.5, probe_rows=200))
+    s = run_extend(ecfg, model="models:/recsys_moe_ranker/1", domain="live",
+                   data_dir=live_log(cfg, tmp_path / "live"), output=tmp_path / "child",
+                   progress=False)  # fmt: skip
+    assert s["promoted"], s["gates"]
+    version = str(s["registry"]["version"])
+    _wait_version(url, "other", version)
+    _wait_version(url, "feed", version)
+    after_live = _rank(url, live).json()
+    assert after_live["model_version"] == version and after_live["segment"] == "other"
+    child = Scorer.from_dir(s["bundle"])
+    rows = pl.DataFrame({"user_id": [power] * 20, "item_id": items[:20], "domain": ["live"] * 20,
+                         "ts": [1_700_000_000] * 20})  # fmt: skip
+    ref = child.score_frame(rows)
+    got = {it["item_id"]: it for it in after_live["items"]}
+    for i, item in enumerate(items[:20]):
+        for t in child.tasks:
+            assert got[item]["scores"][t] == pytest.approx(ref[f"score_{t}"][i], rel=1e-5, abs=1e-6)
+    assert after_live["items"] != before_live.json()["items"]
+    after_feed = _rank(url, feed).json()
+    assert after_feed["model_version"] == version
+    assert after_feed["items"] == before_feed["items"]  # bit-identical scores, same order

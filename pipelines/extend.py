@@ -1,0 +1,631 @@
+"""``recsys-moe extend``: add a new domain to a trained model without retraining the rest.
+
+    recsys-moe extend --model models:/recsys_moe_ranker@champion --domain live --data data/raw/live
+
+1. **Data.** ``--data`` is a raw log in the parent's schema holding the new domain's
+   interactions (plus users / items tables for its entities). Its rows are turned into
+   examples by the same ``features/`` code as the feature store: point-in-time history
+   over the parent's own raw log (named in its manifest, when still on disk) plus the new
+   rows, so a user's history counts every domain as a full rebuild would; the new domain
+   gets its own time split. Vocabularies only grow (new values appended after the
+   parent's, so every existing index keeps its meaning); numeric normalisation and task
+   priors stay the parent's. The lookup tables keep every existing key's row and gain
+   rows for new keys and for (user | item, new domain).
+2. **Model.** :func:`recsys_moe.model.extend.grow` adds the domain's experts and gates
+   (warm-started at the parent's treatment of an unknown domain) and new embedding rows;
+   :func:`~recsys_moe.model.extend.freeze` leaves only those trainable (``[extend]`` in
+   the config can unfreeze more). Trained on the new domain's rows (plus a replay sample
+   of the old ones if configured), early-stopped on its validation AUC. While only the
+   new parameters train, the parent's part of each row (expert input and the parent
+   experts' outputs) is a constant: it is computed once and cached (``extend.cache_gb``).
+3. **Checks.** The parent's tensors are verified unchanged, and probe rows of every
+   existing domain are scored by the parent and the child bundles: the largest
+   difference must be at most ``extend.existing_tolerance`` (0: bit-identical).
+4. **Registry.** An MLflow run (params, per-epoch metrics, the checks, lineage tags
+   ``parent.*`` and ``mlflow.parentRunId`` = the parent's run) logs the bundle and
+   registers a new version of the same model; the alias moves to it only if existing
+   domains are unchanged and the new domain's validation AUC reaches ``extend.min_auc``
+   and beats the parent's own scores for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+
+from features import examples as ex
+from features.history import merge_snapshots, snapshot_aggregates
+from features.spec import GRAINS, SPLIT
+from recsys_moe.config import Config, ExtendConfig, config_from_dict, load_config
+from recsys_moe.data.schema import (
+    RawLogError,
+    TableFiles,
+    bad_row_reason,
+    scan_table,
+)
+from recsys_moe.model.extend import freeze, frozen_changes, grow, trainable_count
+from recsys_moe.model.inputs import ExampleTensors, InputSpec
+from recsys_moe.scorer import RequestError, Scorer
+from recsys_moe.train import (
+    evaluate_model,
+    loss_of,
+    save_model,
+    seed_everything,
+    task_metrics,
+)
+
+
+class ExtendError(ValueError):
+    """The extension cannot be built from these inputs (the message says why)."""
+
+
+@dataclass
+class ExtensionData:
+    manifest: dict[str, Any]  # the child's manifest (grown vocabularies, one more domain)
+    vocabs: dict[str, pl.DataFrame]
+    tables: dict[str, pl.DataFrame]
+    examples: dict[str, pl.DataFrame]  # the new domain's encoded rows per split
+    raw: dict[str, pl.DataFrame]  # the same rows as raw request rows + labels, per split
+    probe: pl.DataFrame  # raw rows of the existing domains, for the unchanged check
+    replay: pl.DataFrame | None  # encoded training rows of the existing domains
+    history: list[str]  # the raw logs the history features were computed over
+    grown: dict[str, int]  # feature -> values appended to its vocabulary
+
+
+def _read_interactions(paths: list[Path], cfg: Config) -> pl.DataFrame:
+    fmt = "csv" if paths[0].suffix == ".csv" else "parquet"
+    lf = scan_table(TableFiles("interactions", paths, fmt))
+    return lf.filter(bad_row_reason(cfg.data).is_null()).collect()
+
+
+def _grow_vocab(parent: pl.DataFrame, counts: pl.DataFrame, min_count: int) -> pl.DataFrame:
+    """Parent vocabulary + the new values (count >= min_count), appended after it."""
+    dtype = parent.schema["value"]
+    add = (
+        counts.with_columns(pl.col("value").cast(dtype))
+        .filter(pl.col("count") >= min_count)
+        .join(parent.select("value"), on="value", how="anti")
+        .sort(["count", "value"], descending=[True, False])
+    )
+    start = int(parent["index"].max() or 0) + 1
+    add = add.with_columns(
+        pl.int_range(start, start + pl.len(), dtype=parent.schema["index"]).alias("index")
+    )
+    return pl.concat([parent, add.select(parent.columns)], how="vertical_relaxed")
+
+
+def _grow_table(parent: pl.DataFrame, new: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
+    """The parent's rows unchanged + the rows of keys it does not have."""
+    add = new.join(parent.select(keys), on=keys, how="anti")
+    for c in parent.columns:
+        if c not in add.columns:
+            add = add.with_columns(pl.lit(None, dtype=parent.schema[c]).alias(c))
+    add = add.select([pl.col(c).cast(parent.schema[c]) for c in parent.columns])
+    return pl.concat([parent, add]).sort(keys)
+
+
+def extension_data(
+    parent: Scorer, data_dir: str | Path, domain: str, ecfg: ExtendConfig, history: bool = True
+) -> ExtensionData:
+    """Examples, grown vocabularies and tables for ``domain`` from the raw log in ``data_dir``."""
+    from pipelines.build_features import plan_features
+
+    man = parent.manifest
+    if domain in man["domains"]:
+        raise ExtendError(
+            f"domain {domain!r} is already in the model ({man['domains']}); extend adds a new "
+            "domain (adding experts to an existing one is not supported yet)"
+        )
+    base = config_from_dict(man["config"])
+    cfg = base.replace(data=dataclasses.replace(base.data, raw_dir=str(data_dir)))
+    plan = plan_features(cfg)  # validates the new log (missing files / columns, dtypes)
+    spec, d = parent.spec, cfg.data
+    new = _read_interactions(plan.tables["interactions"].paths, cfg)
+    in_domain = pl.col(d.domain).cast(pl.String) == domain
+    others = new.filter(~in_domain).height
+    new = new.filter(in_domain)
+    if new.height == 0:
+        raise ExtendError(f"{data_dir}: no interactions of domain {domain!r}")
+    if others:
+        print(f"extend: ignoring {others:,} rows of other domains in {data_dir}", flush=True)
+    sources = [str(p) for p in plan.tables["interactions"].paths]
+    old_paths = [Path(p) for p in man.get("inputs", {}).get("interactions", [])]
+    parts = [new]
+    if history and old_paths and all(p.exists() for p in old_paths):
+        old = _read_interactions(old_paths, cfg).filter(
+            pl.col(d.domain).cast(pl.String).is_in(man["domains"])
+        )
+        parts.insert(0, old.select([pl.col(c).cast(new.schema[c]) for c in new.columns]))
+        sources = [str(p) for p in old_paths] + sources
+    elif history:
+        print(
+            "extend: the parent's raw log is not on disk; history features count the new "
+            "domain's events only, and no replay or real probe rows are available",
+            flush=True,
+        )
+    parent_b = ex.Boundaries(man["splits"]["valid_start"], man["splits"]["test_start"])
+    df = ex.prepare(pl.concat(parts, how="vertical_relaxed"), spec, plan.schema, parent_b)
+    is_new = pl.col(spec.domain).cast(pl.String) == domain
+    b = ex.compute_boundaries(
+        df.filter(is_new).select(spec.timestamp),
+        spec.timestamp,
+        cfg.features.valid_fraction,
+        cfg.features.test_fraction,
+    )
+    df = df.with_columns(
+        pl.when(is_new).then(ex.split_expr(spec.timestamp, b)).otherwise(pl.col(SPLIT)).alias(SPLIT)
+    )
+    # attributes: the parent's rows for known keys, the new log's for new keys
+    attr = {}
+    for name, key, cat, num, new_attr in (
+        ("users", spec.user_id, d.user_categorical, d.user_numeric, plan.users),
+        ("items", spec.item_id, d.item_categorical, d.item_numeric, plan.items),
+    ):
+        cols = [key, *cat, *num]
+        old_attr = parent.tables[name].select(cols)
+        attr[name] = _grow_table(old_attr, new_attr.select(cols), [key])
+    df = ex.item_stage(ex.user_stage(df, attr["users"], spec), attr["items"], spec)
+    rows = df.filter(is_new)
+    # vocabularies: append-only
+    counts = ex.vocab_counts(rows, spec)
+    min_count = cfg.features.min_count
+    vocabs = {
+        f: _grow_vocab(parent.vocabs[f], counts[f], min_count)
+        if ecfg.new_embedding_rows or f == spec.domain
+        else parent.vocabs[f]
+        for f in spec.categorical
+    }
+    grown = {f: vocabs[f].height - parent.vocabs[f].height for f in spec.categorical}
+    if vocabs[spec.domain].height != parent.vocabs[spec.domain].height + 1:
+        raise ExtendError(
+            f"domain {domain!r} has fewer than features.min_count={min_count} training rows"
+        )
+    stats = parent.stats
+    enc = ex.encode(rows, spec, vocabs, stats)
+    examples = {s: enc.filter(pl.col(SPLIT) == s).drop(SPLIT) for s in ("train", "valid", "test")}
+    if examples["train"].height == 0 or examples["valid"].height == 0:
+        raise ExtendError(f"domain {domain!r}: too few timestamps for a train / valid split")
+    raw_cols = [
+        spec.user_id, spec.item_id, spec.domain, spec.timestamp,
+        *spec.context_categorical, *spec.context_numeric, *spec.tasks,
+    ]  # fmt: skip
+    raw = {s: rows.filter(pl.col(SPLIT) == s).select(raw_cols) for s in examples}
+    # lookup tables: every existing key's row unchanged; new keys and new-domain rows added
+    tables = dict(parent.tables)
+    if spec.history_features:
+        snaps = {g: merge_snapshots([snapshot_aggregates(df, spec, g)], spec, g) for g in GRAINS}
+        for name, grain, key in (
+            ("users", "user", spec.user_id),
+            ("items", "item", spec.item_id),
+        ):
+            full = attr[name].join(snaps[grain], on=key, how="full", coalesce=True)
+            tables[name] = _grow_table(parent.tables[name], full, [key])
+        for name, grain in (("user_domain", "userdom"), ("item_domain", "itemdom")):
+            add = snaps[grain].filter(is_new)
+            tables[name] = _grow_table(parent.tables[name], add, spec.grain_keys(grain))
+    else:
+        for name, key in (("users", spec.user_id), ("items", spec.item_id)):
+            tables[name] = _grow_table(parent.tables[name], attr[name], [key])
+    # probe rows of the existing domains (their test window) and the replay sample
+    old_rows = df.filter(~is_new)
+    if old_rows.height:
+        probe = (
+            old_rows.filter(pl.col(SPLIT) == "test")
+            .group_by(spec.domain, maintain_order=True)
+            .head(ecfg.probe_rows)
+            .select(raw_cols)
+        )
+    else:  # no parent log: known users x known items in every existing domain
+        rng = np.random.default_rng(ecfg.seed)
+        n = ecfg.probe_rows * len(man["domains"])
+        users, items = parent.tables["users"][spec.user_id], parent.tables["items"][spec.item_id]
+        probe = pl.DataFrame(
+            {
+                spec.user_id: users.gather(rng.integers(0, users.len(), n)),
+                spec.item_id: items.gather(rng.integers(0, items.len(), n)),
+                spec.domain: np.repeat(man["domains"], ecfg.probe_rows),
+                spec.timestamp: np.full(n, int(parent_b.test_start), dtype=np.int64),
+            }
+        )
+    replay = None
+    if ecfg.replay_fraction > 0 and old_rows.height:
+        train_old = old_rows.filter(pl.col(SPLIT) == "train")
+        replay = ex.encode(
+            train_old.sample(fraction=ecfg.replay_fraction, seed=ecfg.seed), spec, vocabs, stats
+        ).drop(SPLIT)
+    manifest = _child_manifest(man, vocabs, tables, domain, b, examples, sources, grown)
+    return ExtensionData(
+        manifest, vocabs, tables, examples, raw, probe, replay, sources, grown
+    )  # fmt: skip
+
+
+def _child_manifest(man, vocabs, tables, domain, b, examples, sources, grown) -> dict[str, Any]:
+    out = copy.deepcopy(man)
+    for f in out["features"]["categorical"]:
+        f["vocab_size"] = vocabs[f["name"]].height + 1
+    out["domains"] = [*man["domains"], domain]
+    out["tables"] = {
+        name: {"file": f"tables/{name}.parquet", "rows": t.height} for name, t in tables.items()
+    }
+    out.setdefault("extensions", []).append(
+        {
+            "domain": domain,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "inputs": sources,
+            "splits": {
+                "valid_start": b.valid_start,
+                "test_start": b.test_start,
+                "rows": {s: e.height for s, e in examples.items()},
+            },
+            "vocab_growth": grown,
+        }
+    )
+    return out
+
+
+def write_child_bundle(child, data: ExtensionData, out: Path, parent_info: dict) -> Path:
+    save_model(child, out, data.manifest, extra={"parent": parent_info})
+    (out / "vocab").mkdir(exist_ok=True)
+    (out / "tables").mkdir(exist_ok=True)
+    for f in data.manifest["features"]["categorical"]:
+        data.vocabs[f["name"]].write_parquet(out / f["vocab_file"])
+    for name, t in data.tables.items():
+        t.write_parquet(out / "tables" / f"{name}.parquet")
+    return out
+
+
+# ------------------------------------------------------------------ training
+
+
+@torch.no_grad()
+def activation_cache(child, data: ExampleTensors, limit_gb: float) -> dict[str, Any] | None:
+    """The parent's part of every training row, computed once: expert input, cross sides
+    and parent expert outputs. Valid when only the newest extension trains (nothing
+    upstream of the parent's experts needs a gradient), there is no dropout and every row
+    is of the new domain; None otherwise, or when it would exceed ``limit_gb``."""
+    newest = f"extensions.{len(child.extensions) - 1}."
+    upstream = any(p.requires_grad for n, p in child.named_parameters() if not n.startswith(newest))
+    dom = child.spec.n_domains - 1
+    if upstream or child.cfg.dropout > 0 or not bool((data.domain == dom).all()):
+        return None
+    sample = data.batch(slice(0, 1))
+    x, sides = child._inputs(sample)
+    base = child.experts(x)
+    width = x.shape[1] + (sides[0].numel() * 2 if sides is not None else 0) + base[0].numel()
+    if len(data) * width * 4 > limit_gb * 2**30:
+        return None
+    child.eval()
+    xs, ss, bs = [], [], []
+    for b in data.batches(8192):
+        x, sides = child._inputs(b)
+        xs.append(x)
+        ss.append(sides)
+        bs.append(child.experts(x))
+    return {
+        "x": torch.cat(xs),
+        "sides": torch.cat(ss, dim=1) if ss[0] is not None else None,
+        "base": torch.cat(bs),
+        "labels": data.labels,
+    }
+
+
+def train_extension(
+    child,
+    params: list[torch.nn.Parameter],
+    train: ExampleTensors,
+    valid: ExampleTensors,
+    ecfg: ExtendConfig,
+    *,
+    on_epoch=None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Adam on ``params`` only, early stopping on the valid auc_mean (patience 1)."""
+    from tqdm import tqdm
+
+    gen = seed_everything(ecfg.seed)
+    opt = torch.optim.Adam(params, lr=ecfg.lr)
+    best, best_state, best_epoch, history = -math.inf, None, -1, []
+    t0 = time.perf_counter()
+    cache = activation_cache(child, train, ecfg.cache_gb)
+    if progress:
+        print(
+            "extend: the parent's activations computed once and cached"
+            if cache
+            else "extend: training through the parent's experts every step",
+            flush=True,
+        )
+    ext = child.extensions[-1]
+    n = (len(train) + ecfg.batch_size - 1) // ecfg.batch_size
+    for epoch in range(ecfg.epochs):
+        child.train()
+        losses = []
+        if cache:
+            order = torch.randperm(len(train), generator=gen)
+            batches = (
+                order[i : i + ecfg.batch_size] for i in range(0, len(train), ecfg.batch_size)
+            )
+        else:
+            batches = train.batches(ecfg.batch_size, shuffle=True, generator=gen)
+        for b in tqdm(batches, total=n, desc=f"extend epoch {epoch}", disable=not progress,
+                      leave=False):  # fmt: skip
+            opt.zero_grad(set_to_none=True)
+            if cache:
+                sides = cache["sides"][:, b] if cache["sides"] is not None else None
+                out = child.head(
+                    child.extension_mixture(ext, cache["x"][b], sides, cache["base"][b])
+                )
+                total, _ = loss_of(child, out, cache["labels"][b])
+            else:
+                total, _ = loss_of(child, child(b), b.labels)
+            total.backward()
+            opt.step()
+            losses.append(float(total.detach()))
+        for group in opt.param_groups:
+            group["lr"] *= ecfg.lr_decay
+        val, _ = evaluate_model(child, valid)
+        rec = {"epoch": epoch, "train/loss": float(np.mean(losses)), "valid/loss": val["loss"],
+               "valid/auc_mean": val.get("auc_mean", math.nan)}  # fmt: skip
+        history.append(rec)
+        if on_epoch:
+            on_epoch(epoch, rec)
+        if progress:
+            print(
+                f"extend epoch {epoch}: train loss {rec['train/loss']:.4f}, "
+                f"valid auc_mean {rec['valid/auc_mean']:.4f}",
+                flush=True,
+            )
+        if rec["valid/auc_mean"] > best:
+            best, best_epoch = rec["valid/auc_mean"], epoch
+            best_state = {k: v.clone() for k, v in child.state_dict().items()}
+        elif epoch - best_epoch > 1:
+            break
+    if best_state is not None:
+        child.load_state_dict(best_state)
+    child.eval()
+    return {"best_epoch": best_epoch, "history": history, "seconds": time.perf_counter() - t0}
+
+
+def _new_values(child: Scorer, parent, rows: pl.DataFrame) -> np.ndarray:
+    """Rows with a categorical value appended to a vocabulary by the extension."""
+    enc = child.features(rows)
+    hit = np.zeros(rows.height, dtype=bool)
+    for f in parent.spec.sparse:
+        if f.column == parent.spec.domain_column:
+            continue
+        col = pl.col(f.column)
+        expr = col.list.max() if f.multi_valued else col
+        hit |= enc.select((expr.fill_null(0) >= f.vocab_size).alias("x"))["x"].to_numpy()
+    return hit
+
+
+def _auc(spec: InputSpec, raw: pl.DataFrame, preds: np.ndarray) -> dict[str, float]:
+    labels = np.stack([raw[t.name].cast(pl.Float32).to_numpy() for t in spec.tasks], axis=1)
+    dom = np.full(raw.height, spec.n_domains - 1)
+    m = task_metrics(spec, labels, preds, dom)
+    return {k: v for k, v in m.items() if k == "auc_mean" or k.endswith("/all/auc")}
+
+
+# ------------------------------------------------------------------ the command
+
+
+def run_extend(
+    cfg: Config,
+    *,
+    model: str,
+    domain: str,
+    data_dir: str | Path,
+    output: str | Path | None = None,
+    register: bool = True,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Extend ``model`` with ``domain`` from ``data_dir``; returns the summary."""
+    from pipelines.batch_score import resolve_model
+
+    t0 = time.perf_counter()
+    ecfg = cfg.extend
+    resolved = resolve_model(model)
+    parent = Scorer.from_dir(resolved.bundle)
+    pm = parent.model
+    if pm.cfg.arch not in ("mmoe", "star"):
+        raise ExtendError(f"model.arch {pm.cfg.arch!r}: only mmoe and star models can be extended")
+    print(f"extend: parent {resolved.uri} (version {resolved.version}); new domain {domain!r}")
+    data = extension_data(parent, data_dir, domain, ecfg)
+    t_data = time.perf_counter() - t0
+    spec = InputSpec.from_manifest(data.manifest)
+    train_rows = data.examples["train"]
+    if data.replay is not None:
+        train_rows = pl.concat([train_rows, data.replay.select(train_rows.columns)])
+    train = ExampleTensors(spec, train_rows)
+    valid = ExampleTensors(spec, data.examples["valid"])
+    test = ExampleTensors(spec, data.examples["test"])
+    torch.manual_seed(ecfg.seed)
+    child = grow(pm, spec, ecfg.experts, train.batch(slice(0, 4096)), cross=ecfg.cross)
+    params = freeze(child, pm, ecfg.unfreeze, ecfg.new_embedding_rows)
+    print(
+        f"extend: {data.examples['train'].height:,} train / {data.examples['valid'].height:,} "
+        f"valid / {data.examples['test'].height:,} test rows of {domain!r}"
+        + (f" + {data.replay.height:,} replayed" if data.replay is not None else "")
+        + f"; {trainable_count(params):,} trainable parameters; vocabularies grown by "
+        + ", ".join(f"{f} +{n}" for f, n in data.grown.items() if n),
+        flush=True,
+    )
+    # the parent's own scores for the new domain (an unknown domain to it)
+    parent_valid = _auc(spec, data.raw["valid"], parent.score(data.raw["valid"]))
+    start_valid = evaluate_model(child, valid)[0]
+    fitres = train_extension(child, params, train, valid, ecfg, progress=progress)
+    t_train = fitres["seconds"]
+    changed = frozen_changes(child, pm, ecfg.unfreeze)
+    val = evaluate_model(child, valid)[0]
+    tst = evaluate_model(child, test)[0]
+    out = Path(output or Path("models") / f"extend-{domain}")
+    parent_info = {"uri": resolved.uri, "name": resolved.name, "version": resolved.version}
+    write_child_bundle(child, data, out, parent_info)
+    # existing domains: the same probe rows through the parent's and the child's bundles
+    ext_scorer = Scorer.from_dir(out)
+    diff = np.abs(ext_scorer.score(data.probe) - parent.score(data.probe)).max(axis=1)
+    new_vals = _new_values(ext_scorer, pm, data.probe)
+    max_diff = float(diff[~new_vals].max()) if (~new_vals).any() else 0.0
+    max_diff_new = float(diff[new_vals].max()) if new_vals.any() else 0.0
+    gates = {
+        "existing_unchanged": max_diff <= ecfg.existing_tolerance and not changed,
+        "new_domain_auc": val.get("auc_mean", 0.0) >= ecfg.min_auc,
+        "beats_parent": val.get("auc_mean", 0.0) > parent_valid.get("auc_mean", 0.0),
+    }
+    summary = {
+        "domain": domain,
+        "parent": parent_info,
+        "bundle": str(out.resolve()),
+        "rows": {s: e.height for s, e in data.examples.items()},
+        "replay_rows": 0 if data.replay is None else data.replay.height,
+        "trainable_params": trainable_count(params),
+        "total_params": sum(p.numel() for p in child.parameters()),
+        "best_epoch": fitres["best_epoch"],
+        "history": fitres["history"],
+        "valid": {k: v for k, v in val.items() if k == "auc_mean" or k.endswith("/auc")},
+        "test": {k: v for k, v in tst.items() if k == "auc_mean" or k.endswith("/auc")},
+        "valid_at_start": start_valid.get("auc_mean", math.nan),
+        "parent_valid": parent_valid,
+        "probe_rows": data.probe.height,
+        "existing_max_abs_diff": max_diff,
+        # probe rows carrying a value the parent had no embedding for (a user first seen in
+        # the new domain, ...): the child knows it now, so their scores may move
+        "probe_rows_new_values": int(new_vals.sum()),
+        "existing_max_abs_diff_new_values": max_diff_new,
+        "changed_parent_tensors": changed,
+        "gates": gates,
+        "promoted": False,
+        "seconds": {"data": round(t_data, 2), "train": round(t_train, 2)},
+        "history_sources": data.history,
+    }
+    if register:
+        summary["registry"] = _track(cfg, summary, out, data, resolved)
+        summary["promoted"] = summary["registry"]["promoted"]
+    summary["seconds"]["total"] = round(time.perf_counter() - t0, 2)
+    (out / "extend_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def _track(cfg: Config, summary: dict, out: Path, data: ExtensionData, resolved) -> dict:
+    """One MLflow run with lineage; a new registered version, promoted if the gates pass."""
+    import mlflow
+
+    from recsys_moe.tracking import Tracker, _flatten, log_metrics, tracking_uri
+
+    name, alias = resolved.name, cfg.serving.model_alias
+    if resolved.version == "local":
+        name = cfg.serving.model_name
+    client = mlflow.MlflowClient(tracking_uri())
+    parent_run = ""
+    if resolved.version != "local":
+        parent_run = client.get_model_version(name, resolved.version).run_id or ""
+    with Tracker.open(cfg, f"extend-{summary['domain']}") as tr:
+        client = mlflow.MlflowClient(tr.uri)
+        mlflow.log_params(_flatten({"extend": dataclasses.asdict(cfg.extend)}))
+        mlflow.log_params({"extend.domain": summary["domain"], "parent.uri": resolved.uri})
+        tags = {
+            "parent.model": resolved.name,
+            "parent.version": str(resolved.version),
+            "parent.run_id": parent_run,
+            "extend.domain": summary["domain"],
+            "extend.gates": json.dumps(summary["gates"]),
+        }
+        if parent_run:
+            tags["mlflow.parentRunId"] = parent_run
+        mlflow.set_tags(tags)
+        mlflow.log_dict(data.manifest, "manifest.json")
+        for rec in summary["history"]:
+            log_metrics(client, tr.run_id, {k: v for k, v in rec.items() if k != "epoch"},
+                        step=int(rec["epoch"]))  # fmt: skip
+        flat = {f"valid/{k}": v for k, v in summary["valid"].items()}
+        flat |= {f"test/{k}": v for k, v in summary["test"].items()}
+        flat |= {f"parent_valid/{k}": v for k, v in summary["parent_valid"].items()}
+        flat |= {
+            "existing_max_abs_diff": summary["existing_max_abs_diff"],
+            "trainable_params": summary["trainable_params"],
+            "train_seconds": summary["seconds"]["train"],
+        }
+        log_metrics(client, tr.run_id, flat)
+        tr.log_model(out, data.examples["test"].head(5))
+        mv = mlflow.register_model(tr.model_info.model_uri, name)
+        for k, v in {**tags, "run_id": tr.run_id,
+                     "promote_metric": "valid/auc_mean",
+                     "valid_score": f"{summary['valid'].get('auc_mean', math.nan):.6f}"}.items():  # fmt: skip
+            if k != "mlflow.parentRunId":
+                client.set_model_version_tag(name, mv.version, k, v)
+        ok = all(summary["gates"].values())
+        failed = [g for g, v in summary["gates"].items() if not v]
+        why = (
+            f"promoted to @{alias}: existing domains unchanged, {summary['domain']!r} valid "
+            f"auc_mean {summary['valid'].get('auc_mean', math.nan):.4f}"
+            if ok
+            else f"not promoted: failed {failed}"
+        )
+        if ok:
+            client.set_registered_model_alias(name, alias, mv.version)
+        client.set_model_version_tag(name, mv.version, "promotion", why)
+        mlflow.set_tag("registry.decision", why)
+        return {"name": name, "version": int(mv.version), "alias": alias, "promoted": ok,
+                "decision": why, "run_id": tr.run_id}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="recsys-moe extend", description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="configs/default.toml", help="[extend] settings")
+    ap.add_argument(
+        "--model",
+        default=None,
+        help="models:/<name>@<alias> (default: the config's serving model and alias), "
+        "models:/<name>/<version> or a bundle folder",
+    )
+    ap.add_argument("--domain", required=True, help="the new domain's name (as in the raw log)")
+    ap.add_argument("--data", required=True, help="raw log folder with the new domain's rows")
+    ap.add_argument("--output", default=None, help="bundle folder (default models/extend-<domain>)")
+    ap.add_argument("--no-register", action="store_true", help="no MLflow run / registry")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    cfg = load_config(args.config)
+    model = args.model or f"models:/{cfg.serving.model_name}@{cfg.serving.model_alias}"
+    try:
+        s = run_extend(
+            cfg, model=model, domain=args.domain, data_dir=args.data, output=args.output,
+            register=not args.no_register, progress=not args.no_progress,
+        )  # fmt: skip
+    except (ExtendError, RequestError, RawLogError) as e:
+        print(f"recsys-moe extend: error: {e}", file=sys.stderr)
+        return 2
+    v, pv = s["valid"].get("auc_mean", math.nan), s["parent_valid"].get("auc_mean", math.nan)
+    lines = [
+        f"extended {s['parent']['uri']} with domain {s['domain']!r} in {s['seconds']['total']}s "
+        f"(data {s['seconds']['data']}s, training {s['seconds']['train']}s; "
+        f"{s['trainable_params']:,} of {s['total_params']:,} parameters trained)",
+        f"  {s['domain']}: valid auc_mean {v:.4f} (parent, as an unknown domain: {pv:.4f}; "
+        f"at start {s['valid_at_start']:.4f}), test auc_mean {s['test'].get('auc_mean', math.nan):.4f}",
+        f"  existing domains: max |score change| {s['existing_max_abs_diff']:.3g} over "
+        f"{s['probe_rows'] - s['probe_rows_new_values']:,} probe rows (and "
+        f"{s['existing_max_abs_diff_new_values']:.3g} over {s['probe_rows_new_values']:,} rows "
+        f"with values new to the parent); parent tensors changed: "
+        f"{len(s['changed_parent_tensors'])}",
+        f"  gates: {s['gates']}",
+    ]
+    if "registry" in s:
+        r = s["registry"]
+        lines.append(f"  registered {r['name']} version {r['version']}: {r['decision']}")
+    lines.append(f"bundle: {s['bundle']} (summary: {s['bundle']}/extend_summary.json)")
+    print("\n".join(lines), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""Growing a trained model: a new domain with its own experts and gates, the rest frozen.
+
+:func:`grow` builds the child of a trained MMoE / STAR model for a manifest that has one
+more domain (and possibly longer vocabularies, new values appended at the end):
+
+- every parent tensor is copied; embedding tables gain rows for the new values, each
+  started as a copy of its table's out-of-vocabulary row 0;
+- a :class:`~recsys_moe.model.ranker.DomainExtension` adds ``n_experts`` experts and one
+  gate per output over the parent experts the out-of-vocabulary domain could reach plus
+  the new ones; with ``cross`` (and crosses in the model) also the domain's own crosses,
+  ``(A_p left_p) * right_p`` with a learned D x D ``A_p`` per interaction, read only by
+  its experts (a domain that sees users through another lens than the parent's domains). It starts as the parent's treatment of an unknown domain: the new experts
+  are copies of the parent experts that gate weighs most on the new domain's rows, and
+  each copied expert and its copies share its gate logit (``- log(copies + 1)``), so the
+  child's first predictions for the new domain equal the parent's exactly (softmax
+  routing) and training can only move away from there.
+
+:func:`freeze` leaves only the new parameters trainable (and, by default, the new
+embedding rows); rows of the existing domains are computed by the parent's code path with
+the parent's weights, so their scores stay bit-identical. :func:`frozen_changes` checks it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from recsys_moe.model.inputs import Batch, InputSpec
+from recsys_moe.model.ranker import Extension, RankingModel
+
+# what `freeze` may leave trainable besides the new domain's experts and gates
+UNFREEZABLE = ("embeddings", "experts", "gates", "towers")
+
+
+def _reach(parent: RankingModel) -> tuple[int, ...]:
+    """The parent experts an unknown domain's gates can use (all for MMoE)."""
+    return tuple(torch.nonzero(parent.gates.mask[0].any(0)).flatten().tolist())
+
+
+@torch.no_grad()
+def grow(
+    parent: RankingModel,
+    spec: InputSpec,
+    n_experts: int,
+    sample: Batch | None = None,
+    cross: bool = True,
+) -> RankingModel:
+    """The child model of ``parent`` for ``spec`` (``parent.spec`` plus one domain, longer
+    vocabularies allowed); ``sample``: rows of the new domain (encoded with ``spec``) used
+    to pick which parent experts the new ones start from."""
+    if parent.cfg.arch not in ("mmoe", "star"):
+        raise ValueError(
+            f"model.arch {parent.cfg.arch!r}: only mmoe and star models can be extended"
+        )
+    if n_experts < 1:
+        raise ValueError("the new domain needs at least one expert")
+    if spec.domains[:-1] != parent.spec.domains:
+        raise ValueError(
+            f"the child's domains {spec.domains} must be the parent's {parent.spec.domains} "
+            "plus one"
+        )
+    for old, new in zip(parent.spec.sparse, spec.sparse, strict=True):
+        if old.name != new.name or new.vocab_size < old.vocab_size:
+            raise ValueError(f"feature {new.name!r}: vocabularies may only grow")
+    reach = _reach(parent)
+    ext = Extension(
+        spec.domains[-1], n_experts, reach, cross=cross and bool(parent.cfg.interactions)
+    )
+    child = RankingModel(spec, parent.cfg, extensions=[*parent.extension_specs, ext])
+    state = child.state_dict()
+    for name, t in parent.state_dict().items():
+        if state[name].shape == t.shape:
+            state[name] = t.clone()
+        else:  # an embedding table that grew: new rows start as the OOV row
+            grown = t[:1].expand(state[name].shape[0], -1).clone()
+            grown[: t.shape[0]] = t
+            state[name] = grown
+    child.load_state_dict(state)
+    _warm_start(parent, child, sample)
+    return child.eval()
+
+
+def _warm_start(parent: RankingModel, child: RankingModel, sample: Batch | None) -> None:
+    ext = child.extensions[-1]
+    gp, ge = parent.gates, ext.gates
+    O, E, P = gp.O, gp.E, ext.experts.n_experts
+    reach = ext.reach
+    # how much the parent's unknown-domain gate uses each expert on the new domain's rows
+    if sample is not None and len(sample):
+        x = child.inputs(sample)
+        r = child._route(gp, x, torch.zeros_like(sample.domain))
+        use = r.weights.mean((0, 1))  # (E,)
+    else:
+        use = gp.b.detach().view(gp.K, O, E)[0].mean(0)
+    order = sorted(reach, key=lambda e: -float(use[e]))
+    src = [order[j % len(order)] for j in range(P)]
+    for w_new, w_old in zip(ext.experts.weights, parent.experts.weights, strict=True):
+        w_new.zero_()  # the first layer's rows for the domain's own crosses start at zero
+        w_new[:, : w_old.shape[1]] = w_old[src]
+    for b_new, b_old in zip(ext.experts.biases, parent.experts.biases, strict=True):
+        b_new.copy_(b_old[src])
+    copies = torch.zeros(E)
+    for e in src:
+        copies[e] += 1
+    shift = torch.log(copies + 1)  # (E,): 0 for experts not copied
+
+    def cols(t: torch.Tensor, bias: bool) -> torch.Tensor:
+        """(..., K*O*E) parent gate tensor -> (..., O*(E+P)) for the new domain."""
+        lead = t.shape[:-1]
+        own = t.reshape(*lead, gp.K, O, E)[..., 0, :, :]  # the unknown domain's gates
+        if bias:
+            own = own - shift
+        return torch.cat([own, own[..., src]], dim=-1).reshape(*lead, O * (E + P))
+
+    ge.w.copy_(cols(gp.w.detach(), False))
+    ge.b.copy_(cols(gp.b.detach(), True))
+    if gp.noise is not None:
+        ge.noise.copy_(cols(gp.noise.detach(), False))
+
+
+def _module_of(name: str) -> str:
+    if name.startswith("embedding."):
+        return "embeddings"
+    if name.startswith("towers."):
+        return "towers"
+    if name.startswith("gates."):
+        return "gates"
+    return "experts"
+
+
+def freeze(
+    child: RankingModel, parent: RankingModel, unfreeze: Iterable[str] = (), new_rows: bool = True
+) -> list[torch.nn.Parameter]:
+    """Make only the newest extension (plus ``unfreeze`` parts of the parent, and with
+    ``new_rows`` the embedding rows added by :func:`grow`) trainable; returns the trainable
+    parameters. Embedding tables are trained row-masked: old rows get a zero gradient.
+
+    The new domain's own row of the domain table stays the out-of-vocabulary row it was
+    copied from (its gates and experts carry the domain): so when no other table grew,
+    nothing upstream of the experts needs a gradient and the parent's experts run
+    forward-only, about half the cost of a training step through them."""
+    unfreeze = set(unfreeze)
+    bad = unfreeze - set(UNFREEZABLE)
+    if bad:
+        raise ValueError(f"unfreeze: unknown part(s) {sorted(bad)}; choose from {UNFREEZABLE}")
+    old = dict(parent.named_parameters())
+    domain_feature = next(f.name for f in child.spec.sparse if f.column == child.spec.domain_column)
+    newest = f"extensions.{len(child.extensions) - 1}."
+    out = []
+    for name, p in child.named_parameters():
+        if name.startswith(newest):
+            p.requires_grad_(True)
+        elif name.startswith("extensions."):  # an earlier extension: part of the parent
+            p.requires_grad_(False)
+        elif _module_of(name) in unfreeze:
+            p.requires_grad_(True)
+        elif (
+            name.startswith("embedding.")
+            and new_rows
+            and p.shape[0] > old[name].shape[0]
+            and f".t_{domain_feature}." not in name
+        ):
+            p.requires_grad_(True)
+            n_old = old[name].shape[0]
+
+            def keep_old_rows(g: torch.Tensor, n: int = n_old) -> torch.Tensor:
+                g = g.clone()
+                g[:n] = 0
+                return g
+
+            p.register_hook(keep_old_rows)
+        else:
+            p.requires_grad_(False)
+        if p.requires_grad:
+            out.append(p)
+    return out
+
+
+def frozen_changes(
+    child: RankingModel, parent: RankingModel, unfreeze: Iterable[str] = ()
+) -> list[str]:
+    """Names of parent tensors the child changed outside ``unfreeze`` (grown embedding
+    tables compared on their parent rows); empty when the parent is intact."""
+    unfreeze = set(unfreeze)
+    state = child.state_dict()
+    changed = []
+    for name, t in parent.state_dict().items():
+        if _module_of(name) in unfreeze and not name.startswith("extensions."):
+            continue
+        if not torch.equal(state[name][: t.shape[0]], t):
+            changed.append(name)
+    return changed
+
+
+def trainable_count(params: list[torch.nn.Parameter]) -> int:
+    return sum(p.numel() for p in params)
+
+
+__all__ = ["UNFREEZABLE", "freeze", "frozen_changes", "grow", "trainable_count"]

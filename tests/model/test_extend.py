@@ -1,0 +1,163 @@
+"""Growing a trained model by a domain: existing domains' scores stay bit-identical (alone
+and in mixed batches, before and after training the extension), the extension starts at
+the parent's treatment of an unknown domain, only new parameters train, and the grown
+model round-trips through its files."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from recsys_moe.model.extend import freeze, frozen_changes, grow
+from recsys_moe.model.inputs import ExampleTensors, InputSpec, SparseFeature
+from recsys_moe.model.ranker import RankingModel
+from recsys_moe.model.slicing import active_experts, domain_slice
+from recsys_moe.train import loss_of, predict
+
+
+def _child_spec(spec: InputSpec, domain: str, grow_items: int = 3) -> InputSpec:
+    """The parent's spec plus one domain, the domain table and the item table grown."""
+    sparse = []
+    for f in spec.sparse:
+        extra = 1 if f.column == spec.domain_column else grow_items if f.name == "item_id" else 0
+        sparse.append(SparseFeature(f.name, f.column, f.vocab_size + extra, f.multi_valued))
+    return dataclasses.replace(spec, sparse=sparse, domains=[*spec.domains, domain])
+
+
+@pytest.fixture(scope="module", params=["star", "mmoe"])
+def family(request, small_store):
+    """(parent, child, spec, child spec, test rows) for a small trained-looking model."""
+    from features.store import load_manifest, read_examples
+
+    cfg, _ = small_store
+    store = cfg.features.store_dir
+    spec = InputSpec.from_manifest(load_manifest(store))
+    torch.manual_seed(3)
+    mcfg = dataclasses.replace(cfg.model, arch=request.param, n_experts=4, shared_experts=2,
+                               specific_experts=1, expert_hidden=[16, 8])  # fmt: skip
+    parent = RankingModel(spec, mcfg).eval()
+    with torch.no_grad():
+        parent.gates.w.normal_(0, 0.5)
+        parent.gates.b.normal_(0, 0.5)
+    test = read_examples(store, "test")
+    cspec = _child_spec(spec, "live")
+    # rows of the new domain: the test rows with the new domain's index and a few new items
+    live = test.head(600).with_columns(
+        test.head(600)[spec.domain_column].clip(cspec.n_domains - 1, cspec.n_domains - 1)
+    )
+    item_col = next(f.column for f in spec.sparse if f.name == "item_id")
+    vocab = next(f.vocab_size for f in spec.sparse if f.name == "item_id")
+    live = live.with_columns(
+        live[item_col].scatter(list(range(0, 600, 7)), vocab + 1)  # values new to the parent
+    )
+    child = grow(parent, cspec, 2, ExampleTensors(cspec, live).batch(slice(0, 600)))
+    return parent, child, spec, cspec, test, live
+
+
+def test_existing_domains_bit_identical(family):
+    parent, child, spec, cspec, test, live = family
+    old = ExampleTensors(spec, test)
+    np.testing.assert_array_equal(predict(child, ExampleTensors(cspec, test), 512),
+                                  predict(parent, old, 512))  # fmt: skip
+    # in a batch mixed with rows of the new domain, the old rows are still the parent's
+    mixed = test.head(400).vstack(live.head(200).select(test.columns))
+    got = predict(child, ExampleTensors(cspec, mixed), 1024)[:400]
+    want = predict(parent, ExampleTensors(spec, test.head(400).vstack(test.head(200))), 1024)[:400]
+    np.testing.assert_array_equal(got, want)
+
+
+def test_extension_starts_at_the_parents_unknown_domain(family):
+    parent, child, spec, cspec, _test, live = family
+    as_unknown = live.with_columns(live[spec.domain_column] * 0)  # domain index 0 for the parent
+    item_col = next(f.column for f in spec.sparse if f.name == "item_id")
+    as_unknown = as_unknown.with_columns(
+        as_unknown[item_col].clip(
+            0, next(f.vocab_size for f in spec.sparse if f.name == "item_id") - 1
+        )
+    )
+    new_items = (
+        live[item_col] >= next(f.vocab_size for f in spec.sparse if f.name == "item_id")
+    ).to_numpy()
+    as_unknown = as_unknown.with_columns(as_unknown[item_col].scatter(np.flatnonzero(new_items), 0))
+    np.testing.assert_allclose(
+        predict(child, ExampleTensors(cspec, live), 512),
+        predict(parent, ExampleTensors(spec, as_unknown), 512),
+        rtol=1e-5, atol=1e-6,
+    )  # fmt: skip
+
+
+def test_training_moves_only_new_parameters(family):
+    parent, child, spec, cspec, test, live = family
+    child = copy.deepcopy(child)
+    params = freeze(child, parent)
+    newest = {id(p) for p in child.extensions[-1].parameters()}
+    assert newest <= {id(p) for p in params}
+    assert all(n.startswith(("extensions.", "embedding.")) for n, p in child.named_parameters()
+               if p.requires_grad)  # fmt: skip
+    opt = torch.optim.Adam(params, lr=0.05)
+    data = ExampleTensors(cspec, live)
+    before = predict(child, data, 600)
+    child.train()
+    for _ in range(3):
+        b = data.batch(slice(0, 600))
+        opt.zero_grad()
+        loss_of(child, child(b), b.labels)[0].backward()
+        opt.step()
+    child.eval()
+    assert frozen_changes(child, parent) == []
+    assert not np.allclose(predict(child, data, 600), before)  # the new domain learned
+    # new embedding rows moved, old rows did not
+    name = next(n for n, p in child.named_parameters() if "t_item_id" in n)
+    w_old = dict(parent.named_parameters())[name]
+    w_new = dict(child.named_parameters())[name]
+    assert torch.equal(w_new[: w_old.shape[0]], w_old)
+    assert not torch.equal(w_new[w_old.shape[0] :], w_old[:1].expand(3, -1))
+    np.testing.assert_array_equal(
+        predict(child, ExampleTensors(cspec, test), 512),
+        predict(parent, ExampleTensors(spec, test), 512),
+    )
+    with pytest.raises(ValueError, match="unknown part"):
+        freeze(child, parent, ["bogus"])
+
+
+def test_grown_model_round_trips_and_slices(family, small_store, tmp_path):
+    from features.store import load_manifest
+    from recsys_moe.train import load_model, save_model
+
+    _parent, child, spec, cspec, test, live = family
+    manifest = load_manifest(small_store[0].features.store_dir)
+    sizes = {f.name: f.vocab_size for f in cspec.sparse}
+    for f in manifest["features"]["categorical"]:
+        f["vocab_size"] = sizes[f["name"]]
+    manifest["domains"] = cspec.domains
+    save_model(child, tmp_path / "m", manifest)
+    loaded, meta = load_model(tmp_path / "m")
+    assert [e["domain"] for e in meta["extensions"]] == ["live"]
+    for rows in (live, test):
+        data = ExampleTensors(cspec, rows)
+        np.testing.assert_array_equal(predict(loaded, data, 512), predict(child, data, 512))
+    k = cspec.n_domains - 1
+    E = child.experts.n_experts
+    assert active_experts(child, k)[-2:] == [E, E + 1] and domain_slice(child, k) is child
+    for d in range(1, spec.n_domains):  # existing domains' slices still equal the full model
+        rows = np.flatnonzero(ExampleTensors(cspec, test).domain.numpy() == d)[:100]
+        sub = ExampleTensors(cspec, test[rows])
+        np.testing.assert_allclose(predict(domain_slice(child, d), sub, 512),
+                                   predict(child, sub, 512), rtol=1e-5, atol=1e-6)  # fmt: skip
+
+
+def test_grow_rejects_what_it_cannot_extend(small_store):
+    from features.store import load_manifest
+
+    cfg, _ = small_store
+    spec = InputSpec.from_manifest(load_manifest(cfg.features.store_dir))
+    ple = RankingModel(spec, dataclasses.replace(cfg.model, arch="ple", expert_hidden=[8]))
+    with pytest.raises(ValueError, match="only mmoe and star"):
+        grow(ple, _child_spec(spec, "live"), 1)
+    mmoe = RankingModel(spec, dataclasses.replace(cfg.model, expert_hidden=[8]))
+    with pytest.raises(ValueError, match="plus one"):
+        grow(mmoe, spec, 1)

@@ -1,0 +1,119 @@
+"""``recsys-moe extend`` end to end on a registered STAR model: a new domain ("live", the
+small log's video events under a new name) is added from its own raw log; existing
+domains' scores stay bit-identical through the bundles, the new version is registered with
+its lineage and promoted only through the gates; bad inputs are refused before any work."""
+
+from __future__ import annotations
+
+import shutil
+
+import polars as pl
+import pytest
+
+from recsys_moe.config import ExtendConfig
+from tests.conftest import register_bundle
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def live_log(cfg, out) -> str:
+    """A raw log folder with the small log's video events relabelled as domain "live"."""
+    from pathlib import Path
+
+    raw = Path(cfg.data.raw_dir)
+    inter = pl.read_parquet(raw / "interactions")
+    live = inter.filter(pl.col("domain") == "video").with_columns(pl.lit("live").alias("domain"))
+    (out / "interactions").mkdir(parents=True)
+    live.write_parquet(out / "interactions" / "part-0.parquet")
+    for t in ("users.parquet", "items.parquet"):
+        shutil.copy(raw / t, out / t)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def extended(scoring_model, tmp_path_factory):
+    import os
+
+    from pipelines.extend import run_extend
+
+    cfg, bundle, _, _ = scoring_model
+    tmp = tmp_path_factory.mktemp("extend")
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    parent = register_bundle(cfg, bundle, uri, 0.6, "parent")
+    assert parent["promoted"]
+    data = live_log(cfg, tmp / "live")
+    ecfg = cfg.replace(extend=ExtendConfig(epochs=2, batch_size=256, min_auc=0.5, probe_rows=300))
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        s = run_extend(ecfg, model=f"models:/{parent['name']}@champion", domain="live",
+                       data_dir=data, output=tmp / "child", progress=False)  # fmt: skip
+    finally:
+        del os.environ["MLFLOW_TRACKING_URI"]
+    return s, cfg, bundle, uri, data, tmp
+
+
+def test_existing_domains_unchanged_and_new_domain_learned(extended):
+    s, *_ = extended
+    assert s["changed_parent_tensors"] == []
+    assert s["probe_rows"] >= 300 and s["existing_max_abs_diff"] == 0.0
+    assert s["gates"]["existing_unchanged"]
+    assert s["rows"]["train"] > 0 and s["rows"]["valid"] > 0
+    # far fewer parameters trained than the model holds
+    assert 0 < s["trainable_params"] < s["total_params"] / 3
+    # better than the parent serving the domain as an unknown one, and than where it started
+    # (the start equals the parent's unknown-domain model exactly: tests/model/test_extend.py)
+    assert s["valid"]["auc_mean"] > s["parent_valid"]["auc_mean"]
+    assert s["valid"]["auc_mean"] > s["valid_at_start"]
+
+
+def test_child_bundle_scores_the_new_domain_and_old_ones_as_the_parent(extended):
+    from recsys_moe.scorer import Scorer
+
+    s, _cfg, bundle, *_ = extended
+    parent, child = Scorer.from_dir(bundle), Scorer.from_dir(s["bundle"])
+    assert child.model.spec.domains == [*parent.model.spec.domains, "live"]
+    users = parent.tables["users"]["user_id"].head(20).to_list()
+    items = parent.tables["items"]["item_id"].head(20).to_list()
+    rows = pl.DataFrame({"user_id": users, "item_id": items, "domain": ["feed"] * 10 + ["search"] * 10,
+                         "ts": [1_700_000_000] * 20})  # fmt: skip
+    assert (child.score(rows) == parent.score(rows)).all()
+    live = rows.with_columns(pl.lit("live").alias("domain"))
+    assert not (child.score(live) == parent.score(live)).all()
+    assert child.domain_index("live") == len(parent.model.spec.domains) + 1
+
+
+def test_lineage_and_promotion_in_mlflow(extended):
+    import mlflow
+
+    s, _cfg, _bundle, uri, *_ = extended
+    client = mlflow.MlflowClient(uri)
+    r = s["registry"]
+    assert r["version"] == 2 and r["promoted"] == all(s["gates"].values())
+    mv = client.get_model_version(r["name"], "2")
+    assert mv.tags["parent.version"] == "1" and mv.tags["extend.domain"] == "live"
+    parent_run = client.get_model_version(r["name"], "1").run_id
+    run = client.get_run(r["run_id"])
+    assert run.data.tags["mlflow.parentRunId"] == parent_run
+    assert run.data.tags["parent.run_id"] == parent_run
+    assert "valid/auc_mean" in run.data.metrics and "existing_max_abs_diff" in run.data.metrics
+    champ = client.get_model_version_by_alias(r["name"], "champion")
+    assert str(champ.version) == ("2" if r["promoted"] else "1")
+
+
+def test_bad_inputs_are_refused_before_any_work(extended, tmp_path):
+    from pipelines.extend import ExtendError, extension_data
+    from recsys_moe.data.schema import RawLogError
+    from recsys_moe.scorer import Scorer
+
+    _s, cfg, bundle, _uri, data, _ = extended
+    parent = Scorer.from_dir(bundle)
+    with pytest.raises(ExtendError, match="already in the model"):
+        extension_data(parent, data, "feed", cfg.extend)
+    with pytest.raises(ExtendError, match="no interactions of domain 'radio'"):
+        extension_data(parent, data, "radio", cfg.extend)
+    broken = tmp_path / "broken"
+    shutil.copytree(data, broken)
+    inter = pl.read_parquet(broken / "interactions").drop("item_id")
+    inter.write_parquet(broken / "interactions" / "part-0.parquet")
+    with pytest.raises(RawLogError, match="item_id"):
+        extension_data(parent, broken, "live", cfg.extend)
