@@ -192,6 +192,51 @@ def bench_model(cfg, best_impl: str, B: int = 4096) -> dict:
     return out
 
 
+def bench_triton() -> str:
+    """The Triton kernels against their torch references on a CUDA GPU (skipped without)."""
+    if not torch.cuda.is_available():
+        return ("Triton kernels (`recsys_moe/model/triton_kernels.py`: fused gate softmax + "
+                "combine, embedding-bag gather-and-pool into the first expert layer): not "
+                "timed, no GPU on this machine; their correctness is tested under Triton's "
+                "interpreter (tests/model/test_triton_kernels.py).")  # fmt: skip
+    from recsys_moe.model import triton_kernels as tk
+
+    dev = "cuda"
+    B, O, E, H = 4096, 3, 8, 64
+    logits, x = torch.randn(B, O, E, device=dev), torch.randn(B, E, H, device=dev)
+    mask = torch.ones(B, O, E, dtype=torch.bool, device=dev)
+
+    def ref():
+        w = torch.softmax(logits.masked_fill(~mask, float("-inf")), -1)
+        return torch.einsum("boe,beh->boh", w, x)
+
+    def sync(fn):
+        def run():
+            fn()
+            torch.cuda.synchronize()
+
+        return run
+
+    t_ref = _rate(sync(ref), B)
+    t_fused = _rate(sync(lambda: tk.gate_combine(logits, mask, x)), B)
+    F, V, D, N = 8, 10_000, 32, 8 * 128
+    table = torch.randn(F * V, D, device=dev)
+    w = torch.randn(F * D, N, device=dev)
+    ro = torch.arange(F, device=dev) * V
+    lengths = torch.randint(1, 4, (F * B,), device=dev)
+    values = torch.randint(0, V, (int(lengths.sum()),), device=dev)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long, device=dev), lengths.cumsum(0)])
+    mean = torch.zeros(F, dtype=torch.int32, device=dev)
+    args = (table, w, ro, values, offsets, mean, B)
+    p_ref = _rate(sync(lambda: tk.pooled_linear_reference(*args)), B)
+    p_fused = _rate(sync(lambda: tk.pooled_linear(*args)), B)
+    return (f"Triton on {torch.cuda.get_device_name()}: gate softmax + combine (B {B}, O {O}, "
+            f"E {E}, H {H}) {t_fused:,.0f} vs torch {t_ref:,.0f} samples/s = "
+            f"{t_fused / t_ref:.2f}x; gather-pool into the first layer ({F} tables x {V:,} "
+            f"rows, dim {D}, N {N}) {p_fused:,.0f} vs torch {p_ref:,.0f} = "
+            f"{p_fused / p_ref:.2f}x.")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="configs/default.toml")
@@ -262,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
                           f"batch 4096 reach {best_default.get('infer_gflops', 0):.1f} GFLOP/s "
                           f"in inference, {best_default.get('frac', 0):.0%} of the SGEMM peak."]  # fmt: skip
                 print(lines[-1], flush=True)
+    lines += ["", bench_triton()]
+    print(lines[-1], flush=True)
     write_section("Kernels: experts, embeddings, roofline (bench/kernels.py)", "\n".join(lines))
     return 0
 

@@ -10,6 +10,11 @@ import pytest
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# Triton kernels run under the interpreter where there is no GPU; the variable must be set
+# before anything imports triton (torch may, and triton.language's helpers are decorated
+# at import). Real-GPU machines (nvidia-smi present) run them natively.
+if not os.path.exists("/dev/nvidiactl"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("RECSYS_MOE_SHARED_DATA", REPO.parent / "shared" / "data"))
