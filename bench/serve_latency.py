@@ -92,6 +92,8 @@ def load(url: str, reqs: list[dict], concurrency: int) -> dict:
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
+    if not lat:
+        raise RuntimeError(f"no request succeeded at concurrency {concurrency}: {errors[:3]}")
     ms = np.array(lat) * 1e3
     return {
         "concurrency": concurrency,
@@ -161,6 +163,16 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['p99']:.1f} ms  {r['rps']:.0f} req/s  {r['rps'] * CANDIDATES:,.0f} "
               f"candidates/s  errors {r['errors']}", flush=True)  # fmt: skip
     serve.shutdown()
+    # the architecture's floor: the same hops with a ranker that does nothing
+    from bench import serve_floor
+
+    floor_url = serve_floor.start(_port())
+    load(floor_url, reqs[:100], 4)
+    floor = {c: load(floor_url, reqs, c) for c in args.concurrency}
+    for c, r in floor.items():
+        print(f"floor (no-op ranker), concurrency {c:>2}: p50 {r['p50']:.1f} ms  p99 "
+              f"{r['p99']:.1f} ms  {r['rps']:.0f} req/s", flush=True)  # fmt: skip
+    serve.shutdown()
 
     segs = raw["applications"][0]["args"]["segments"]
     lines = [
@@ -183,12 +195,21 @@ def main(argv: list[str] | None = None) -> int:
         f"| in-process (1 thread, no HTTP) | {local['p50']:.1f} | | {local['p99']:.1f} | "
         f"{local['rps']:.0f} | {local['rps'] * CANDIDATES:,.0f} | |"
     )
+    for c, r in floor.items():
+        lines.append(
+            f"| floor, no-op ranker, c={c} (bench/serve_floor.py) | {r['p50']:.1f} | "
+            f"{r['p95']:.1f} | {r['p99']:.1f} | {r['rps']:.0f} | | {r['errors']} |"
+        )
     at8 = next((r for r in results if r["concurrency"] == 8), results[-1])
     lines += [
         "",
         f"At concurrency {at8['concurrency']}: p99 {at8['p99']:.1f} ms (target < 50 ms); "
         f"Serve overhead: in-process req/s / Serve req/s = {local['rps'] / at8['rps']:.2f}x, "
         f"p50 latency ratio {at8['p50'] / local['p50']:.2f}x (target: overhead < 2x).",
+        f"The same hops with a ranker that does no work reach p99 "
+        f"{floor[at8['concurrency']]['p99']:.1f} ms at concurrency {at8['concurrency']} "
+        f"({floor[at8['concurrency']]['rps']:.0f} req/s): the floor of this architecture "
+        f"(proxy, ingress, handle call, client) on this machine.",
     ]
     write_section("Serving latency (Ray Serve vs in-process)", "\n".join(lines))
     return 0

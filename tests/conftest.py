@@ -164,3 +164,19 @@ def register_bundle(cfg, bundle, uri: str, metric: float, run_name: str) -> dict
     finally:
         del os.environ["MLFLOW_TRACKING_URI"]
         mlflow.set_tracking_uri(old)
+
+
+def live_log(cfg, out) -> str:
+    """A raw log folder with the small log's video events relabelled as domain "live"."""
+    import shutil
+
+    import polars as pl
+
+    raw = Path(cfg.data.raw_dir)
+    inter = pl.read_parquet(raw / "interactions")
+    live = inter.filter(pl.col("domain") == "video").with_columns(pl.lit("live").alias("domain"))
+    (out / "interactions").mkdir(parents=True)
+    live.write_parquet(out / "interactions" / "part-0.parquet")
+    for t in ("users.parquet", "items.parquet"):
+        shutil.copy(raw / t, out / t)
+    return str(out)

@@ -11,23 +11,9 @@ import polars as pl
 import pytest
 
 from recsys_moe.config import ExtendConfig
-from tests.conftest import register_bundle
+from tests.conftest import live_log, register_bundle
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-
-
-def live_log(cfg, out) -> str:
-    """A raw log folder with the small log's video events relabelled as domain "live"."""
-    from pathlib import Path
-
-    raw = Path(cfg.data.raw_dir)
-    inter = pl.read_parquet(raw / "interactions")
-    live = inter.filter(pl.col("domain") == "video").with_columns(pl.lit("live").alias("domain"))
-    (out / "interactions").mkdir(parents=True)
-    live.write_parquet(out / "interactions" / "part-0.parquet")
-    for t in ("users.parquet", "items.parquet"):
-        shutil.copy(raw / t, out / t)
-    return str(out)
 
 
 @pytest.fixture(scope="module")

@@ -332,7 +332,7 @@ def test_extended_domain_served_after_alias_moves(service, tmp_path, monkeypatch
     do not change by a bit."""
     from pipelines.extend import run_extend
     from recsys_moe.config import ExtendConfig
-    from tests.pipelines.test_extend import live_log
+    from tests.conftest import live_log
 
     url, cfg, bundle, uri = service
     _, power, items = _users(bundle)
