@@ -353,8 +353,15 @@ def test_extended_domain_served_after_alias_moves(service, tmp_path, monkeypatch
     s = run_extend(ecfg, model="models:/recsys_moe_ranker/1", domain="live",
                    data_dir=live_log(cfg, tmp_path / "live"), output=tmp_path / "child",
                    progress=False)  # fmt: skip
-    assert s["promoted"], s["gates"]
+    assert s["gates"]["existing_unchanged"], s
     version = str(s["registry"]["version"])
+    if not s["promoted"]:  # on this tiny log the new domain may not beat the parent:
+        # move the alias by hand, as an operator would (promotion: tests/pipelines/test_extend.py)
+        import mlflow
+
+        mlflow.MlflowClient(uri).set_registered_model_alias(
+            "recsys_moe_ranker", "champion", version
+        )
     _wait_version(url, "other", version)
     _wait_version(url, "feed", version)
     after_live = _rank(url, live).json()
