@@ -67,6 +67,15 @@ if triton is not None:
         return p / tl.sum(p, 0)
 
     @triton.jit
+    def _expert_tile(x, b, re, rh, E, H):
+        """Example b's expert outputs (BE, BH) for experts ``re`` and columns ``rh``."""
+        return tl.load(
+            x + b * E * H + re[:, None] * H + rh[None, :],
+            mask=(re[:, None] < E) & (rh[None, :] < H),
+            other=0.0,
+        )
+
+    @triton.jit
     def _combine_fwd(logits, mask, x, out, O, E, H, BE: tl.constexpr, BH: tl.constexpr):
         b = tl.program_id(0)
         o = tl.program_id(1)
@@ -75,11 +84,7 @@ if triton is not None:
         for h0 in range(0, H, BH):
             rh = h0 + tl.arange(0, BH)
             hm = rh < H
-            xt = tl.load(
-                x + b * E * H + re[:, None] * H + rh[None, :],
-                mask=(re[:, None] < E) & hm[None, :],
-                other=0.0,
-            )
+            xt = _expert_tile(x, b, re, rh, E, H)
             tl.store(out + (b * O + o) * H + rh, tl.sum(p[:, None] * xt, 0), mask=hm)
 
     @triton.jit
@@ -94,11 +99,7 @@ if triton is not None:
         for h0 in range(0, H, BH):
             rh = h0 + tl.arange(0, BH)
             hm = rh < H
-            xt = tl.load(
-                x + b * E * H + re[:, None] * H + rh[None, :],
-                mask=(re[:, None] < E) & hm[None, :],
-                other=0.0,
-            )
+            xt = _expert_tile(x, b, re, rh, E, H)
             gt = tl.load(g + (b * O + o) * H + rh, mask=hm, other=0.0)
             dp += tl.sum(xt * gt[None, :], 1)
         dz = p * (dp - tl.sum(p * dp, 0))

@@ -16,6 +16,21 @@ from recsys_moe.model import triton_kernels as tk
 GPU = pytest.mark.gpu
 
 
+def _same_as_reference(fn, reference, inputs, grad_rtol):
+    """``fn(*inputs)`` equals ``reference(*inputs)``, and so do the gradients of every
+    floating-point input under the same random upstream gradient."""
+    ours = [t.clone().requires_grad_(t.dtype.is_floating_point) for t in inputs]
+    ref = [t.clone().requires_grad_(t.dtype.is_floating_point) for t in inputs]
+    out, want = fn(*ours), reference(*ref)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(want)
+    (out * g).sum().backward()
+    (want * g).sum().backward()
+    for a, b in zip(ours, ref, strict=True):
+        if a.requires_grad:
+            torch.testing.assert_close(a.grad, b.grad, rtol=grad_rtol, atol=1e-5)
+
+
 def _gate_case(B, O, E, H, k=None, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(B, O, E, generator=g)
@@ -36,16 +51,7 @@ def _gate_reference(logits, mask, x):
 
 def _check_gate(B, O, E, H, k=None, device="cpu"):
     logits, mask, x = _gate_case(B, O, E, H, k, device=device)
-    ours = [t.clone().requires_grad_(t.dtype.is_floating_point) for t in (logits, mask, x)]
-    ref = [t.clone().requires_grad_(t.dtype.is_floating_point) for t in (logits, mask, x)]
-    out = tk.gate_combine(*ours)
-    want = _gate_reference(*ref)
-    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
-    g = torch.randn_like(want)
-    (out * g).sum().backward()
-    (want * g).sum().backward()
-    torch.testing.assert_close(ours[0].grad, ref[0].grad, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(ours[2].grad, ref[2].grad, rtol=1e-4, atol=1e-5)
+    _same_as_reference(tk.gate_combine, _gate_reference, [logits, mask, x], grad_rtol=1e-4)
 
 
 @pytest.mark.parametrize(
@@ -87,16 +93,14 @@ def _bag_case(B, vocab, D, N, mean, max_len=3, seed=0, device="cpu"):
 
 def _check_bags(B, vocab, D, N, mean, device="cpu"):
     table, w, ro, v, off, mean_t = _bag_case(B, vocab, D, N, mean, device=device)
-    ours = [table.clone().requires_grad_(), w.clone().requires_grad_()]
-    ref = [table.clone().requires_grad_(), w.clone().requires_grad_()]
-    out = tk.pooled_linear(ours[0], ours[1], ro, v, off, mean_t, B)
-    want = tk.pooled_linear_reference(ref[0], ref[1], ro, v, off, mean_t, B)
-    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
-    g = torch.randn_like(want)
-    (out * g).sum().backward()
-    (want * g).sum().backward()
-    torch.testing.assert_close(ours[0].grad, ref[0].grad, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(ours[1].grad, ref[1].grad, rtol=1e-5, atol=1e-5)
+
+    def ours(t, w_):
+        return tk.pooled_linear(t, w_, ro, v, off, mean_t, B)
+
+    def ref(t, w_):
+        return tk.pooled_linear_reference(t, w_, ro, v, off, mean_t, B)
+
+    _same_as_reference(ours, ref, [table, w], grad_rtol=1e-5)
 
 
 @pytest.mark.parametrize(
