@@ -57,6 +57,7 @@ from recsys_moe.data.schema import (
 )
 from recsys_moe.model.extend import freeze, frozen_changes, grow, trainable_count
 from recsys_moe.model.inputs import ExampleTensors, InputSpec
+from recsys_moe.model.ranker import require_extendable
 from recsys_moe.scorer import RequestError, Scorer
 from recsys_moe.train import (
     evaluate_model,
@@ -300,10 +301,12 @@ def activation_cache(child, data: ExampleTensors, limit_gb: float) -> dict[str, 
     dom = child.spec.n_domains - 1
     if upstream or child.cfg.dropout > 0 or not bool((data.domain == dom).all()):
         return None
-    sample = data.batch(slice(0, 1))
-    x, sides = child._inputs(sample)
-    base = child.experts(x)
-    width = x.shape[1] + (sides[0].numel() * 2 if sides is not None else 0) + base[0].numel()
+    ex = child.experts  # per row: expert input, both cross sides, parent expert outputs
+    width = (
+        ex.d_in
+        + 2 * len(child.cfg.interactions) * child.cfg.embedding_dim
+        + ex.n_experts * ex.d_out
+    )
     if len(data) * width * 4 > limit_gb * 2**30:
         return None
     child.eval()
@@ -438,8 +441,10 @@ def run_extend(
     resolved = resolve_model(model)
     parent = Scorer.from_dir(resolved.bundle)
     pm = parent.model
-    if pm.cfg.arch not in ("mmoe", "star"):
-        raise ExtendError(f"model.arch {pm.cfg.arch!r}: only mmoe and star models can be extended")
+    try:  # before any data work
+        require_extendable(pm.cfg)
+    except ValueError as e:
+        raise ExtendError(str(e)) from None
     print(f"extend: parent {resolved.uri} (version {resolved.version}); new domain {domain!r}")
     data = extension_data(parent, data_dir, domain, ecfg)
     t_data = time.perf_counter() - t0

@@ -27,7 +27,7 @@ from collections.abc import Iterable
 import torch
 
 from recsys_moe.model.inputs import Batch, InputSpec
-from recsys_moe.model.ranker import Extension, RankingModel
+from recsys_moe.model.ranker import Extension, RankingModel, require_extendable
 
 # what `freeze` may leave trainable besides the new domain's experts and gates
 UNFREEZABLE = ("embeddings", "experts", "gates", "towers")
@@ -49,10 +49,7 @@ def grow(
     """The child model of ``parent`` for ``spec`` (``parent.spec`` plus one domain, longer
     vocabularies allowed); ``sample``: rows of the new domain (encoded with ``spec``) used
     to pick which parent experts the new ones start from."""
-    if parent.cfg.arch not in ("mmoe", "star"):
-        raise ValueError(
-            f"model.arch {parent.cfg.arch!r}: only mmoe and star models can be extended"
-        )
+    require_extendable(parent.cfg)
     if n_experts < 1:
         raise ValueError("the new domain needs at least one expert")
     if spec.domains[:-1] != parent.spec.domains:

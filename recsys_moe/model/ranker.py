@@ -105,6 +105,13 @@ class ModelOutput:
         return sum((g.route.z_loss for g in self.gates), self.logits.new_zeros(()))
 
 
+def require_extendable(cfg: ModelConfig) -> None:
+    """Only models with per-domain routing over one expert pool (mmoe, star) can gain a
+    domain (recsys-moe extend)."""
+    if cfg.arch not in ("mmoe", "star"):
+        raise ValueError(f"model.arch {cfg.arch!r}: only mmoe and star models can be extended")
+
+
 @dataclass(frozen=True)
 class Extension:
     """A domain added to a trained model by ``recsys-moe extend``: its own ``experts``
@@ -183,8 +190,8 @@ class RankingModel(nn.Module):
         extensions = list(extensions)
         # the domains the base gates were trained for (domain index < K)
         T, K = len(spec.tasks), spec.n_domains - len(extensions)
-        if extensions and cfg.arch not in ("mmoe", "star"):
-            raise ValueError(f"model.arch {cfg.arch!r}: only mmoe and star models can be extended")
+        if extensions:
+            require_extendable(cfg)
         added = spec.domains[len(spec.domains) - len(extensions) :]
         if [e.domain for e in extensions] != added:
             raise ValueError(f"extensions {[e.domain for e in extensions]} != last domains {added}")
@@ -348,12 +355,14 @@ class RankingModel(nn.Module):
                 return triton_kernels.gate_combine(logits, mask, experts)
         return torch.einsum("boe,beh->boh", r.weights, experts)
 
-    def _mixture(self, x: torch.Tensor, domain: torch.Tensor) -> tuple[torch.Tensor, RouteOut]:
-        """MMoE / STAR: the gates' mixture of the experts, (B, O, H)."""
+    def _mixture(
+        self, x: torch.Tensor, domain: torch.Tensor
+    ) -> tuple[torch.Tensor, RouteOut, torch.Tensor]:
+        """MMoE / STAR: the gates' mixture (B, O, H) of the experts, and the expert outputs."""
         r, logits, mask = self._gate(self.gates, x, domain)  # weights (B, O, E)
         sparse = self.cfg.routing != "softmax"
         experts = self.experts(x, (r.weights > 0).any(1) if sparse else None)  # (B, E, H)
-        return self._combine(r, logits, mask, experts), r
+        return self._combine(r, logits, mask, experts), r, experts
 
     def extension_mixture(
         self,
@@ -390,24 +399,26 @@ class RankingModel(nn.Module):
             K = self.base_domains
             added = domain >= K if len(self.extensions) else None
             if added is None or not bool(added.any()):
-                reps, r = self._mixture(x, domain)
+                reps, r, _ = self._mixture(x, domain)
                 return reps.expand(-1, T, -1), [GateLayer("gates", outputs, r)]
             # rows of added domains: the parent's experts + their own, under their own gates;
             # every other row is computed exactly as by the parent (same ops, same batch)
-            layers = []
+            layers, experts = [], None
             if bool(added.all()):
                 reps = x.new_zeros(x.shape[0], len(outputs), self.experts.d_out)
             else:
-                reps, r = self._mixture(x, torch.where(added, 0, domain))
+                reps, r, experts = self._mixture(x, torch.where(added, 0, domain))
                 layers.append(GateLayer("gates", outputs, r, domains=K))
+                if self.cfg.routing != "softmax":  # sparse: not every expert ran on every row
+                    experts = None
             for j, ext in enumerate(self.extensions):
                 rows = torch.nonzero(domain == K + j).flatten()
                 if not len(rows):
                     continue
                 xe = x[rows]
                 side = sides[:, rows] if sides is not None else None
-                mix = self.extension_mixture(ext, xe, side, self.experts(xe))
-                reps = reps.index_copy(0, rows, mix)
+                base = experts[rows] if experts is not None else self.experts(xe)
+                reps = reps.index_copy(0, rows, self.extension_mixture(ext, xe, side, base))
             return reps.expand(-1, T, -1), layers
         # PLE / CGC: level inputs per task (B, T, d) and a shared input (B, d)
         layers: list[GateLayer] = []
