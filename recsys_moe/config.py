@@ -233,7 +233,9 @@ class ModelConfig:
     gate_by_domain: bool = True
     routing: Literal["softmax", "topk", "noisy_topk", "expert_choice"] = "softmax"
     # how the stacked experts are computed (recsys_moe/model/experts.py); same results
-    expert_impl: Literal["loop", "bmm", "concat", "blockdiag", "compiled", "auto"] = "concat"
+    expert_impl: Literal["loop", "bmm", "concat", "blockdiag", "fused", "compiled", "auto"] = (
+        "concat"
+    )
     top_k: int = 2
     capacity_factor: float = 1.25
     aux_loss_coef: float = 0.0
@@ -273,6 +275,12 @@ class TrainingConfig:
     # the global batch: each of W distributed workers takes batch_size // W rows a step
     batch_size: int = 4096
     lr: float = 3e-3
+    # mixed precision of training steps: "bf16" computes experts, gates and towers in
+    # bfloat16 under autocast (parameters, embeddings, routing, losses stay float32);
+    # "auto": bf16 where the hardware multiplies bf16 natively (CPUs with AMX, e.g.
+    # Sapphire Rapids; CUDA GPUs with bf16), fp32 elsewhere (emulated bf16 is slower).
+    # Evaluation, batch scoring and serving always compute in float32.
+    precision: Literal["fp32", "bf16", "auto"] = "fp32"
     embedding_lr: float = 0.05
     # the embedding tables' optimiser, fused into FBGEMM's backward when sharded. FBGEMM's
     # CPU kernels support adagrad, rowwise_adagrad and sgd; adam needs GPU workers (or the

@@ -10,7 +10,8 @@ from __future__ import annotations
 import copy
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,19 +67,82 @@ EMBEDDING_EPS = 1e-8
 
 
 def dense_optimizer(params, cfg: TrainingConfig) -> torch.optim.Optimizer:
-    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    """Adam, as one fused kernel over every parameter (CPU and CUDA) instead of a few
+    ops per parameter tensor."""
+    params = list(params)
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
 
 
-def make_optimizer(model: RankingModel, cfg: TrainingConfig) -> CombinedOptimizer:
-    """Adam for dense parameters; the embedding optimiser of ``cfg`` for the tables."""
+def make_optimizer(
+    model: RankingModel, cfg: TrainingConfig, fused: torch.optim.Optimizer | None = None
+) -> CombinedOptimizer:
+    """Adam for dense parameters; the embedding optimiser of ``cfg`` for the tables, or
+    ``fused``: the tables' optimiser already inside their backward (:func:`fused_embeddings`),
+    added so that zero_grad, learning rates and state reach it too."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     emb = {n: p for n, p in named if n.startswith("embedding.")}
     rest = {n: p for n, p in named if not n.startswith("embedding.")}
     cls, kw = embedding_optimizer(cfg)
     parts = [KeyedOptimizerWrapper(rest, lambda ps: dense_optimizer(ps, cfg))]
-    if emb:
+    if fused is not None:
+        parts.append(fused)
+    elif emb:
         parts.append(KeyedOptimizerWrapper(emb, lambda ps: cls(ps, **kw)))
     return CombinedOptimizer(parts)
+
+
+# FBGEMM's CPU kernels fuse these optimisers into the lookup's backward (adam: GPU only)
+_FUSED_ON_CPU = ("adagrad", "rowwise_adagrad", "sgd")
+
+
+def training_dtype(cfg: TrainingConfig, device: torch.device) -> torch.dtype | None:
+    """The compute dtype of training steps for ``training.precision`` on ``device``
+    (None = float32)."""
+    if cfg.precision == "fp32":
+        return None
+    if cfg.precision == "bf16":
+        return torch.bfloat16
+    native = (
+        torch.cuda.is_bf16_supported()
+        if device.type == "cuda"
+        else device.type == "cpu" and torch.cpu._is_amx_tile_supported()
+    )
+    return torch.bfloat16 if native else None
+
+
+@contextmanager
+def fused_embeddings(model: RankingModel, cfg: TrainingConfig) -> Iterator[Any]:
+    """Single-process training on torchrec's ``FusedEmbeddingBagCollection``: all tables in
+    FBGEMM's table-batched kernels with the optimiser update fused into the backward (no
+    table gradients, no separate step); 2x the per-table ``nn.EmbeddingBag`` step at batch
+    4096 (bench/kernels.py). Yields its optimiser (None where FBGEMM has no fused kernel
+    for ``cfg.embedding_optimizer`` on the device, or the tables are frozen: the model is
+    left as it is). On exit the plain collection is back, holding the trained weights."""
+    from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
+
+    ebc = model.embedding.ebc
+    weights = [p for p in ebc.parameters()]
+    device = weights[0].device
+    if (
+        not all(p.requires_grad for p in weights)
+        or device.type not in ("cpu", "cuda")
+        or (device.type == "cpu" and cfg.embedding_optimizer not in _FUSED_ON_CPU)
+    ):
+        yield None
+        return
+    cls, kw = embedding_optimizer(cfg)
+    fused = FusedEmbeddingBagCollection(
+        tables=ebc.embedding_bag_configs(), optimizer_type=cls, optimizer_kwargs=kw,
+        device=device,
+    )  # fmt: skip
+    fused.load_state_dict(ebc.state_dict())
+    model.embedding.ebc = fused
+    try:
+        yield fused.fused_optimizer()
+    finally:
+        ebc.load_state_dict(fused.state_dict())
+        model.embedding.ebc = ebc
 
 
 def loss_of(model: RankingModel, out, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,56 +250,66 @@ def fit(
     from tqdm import tqdm
 
     gen = seed_everything(cfg.seed)
-    opt = make_optimizer(model, cfg)
-    monitor = RouterMonitor(model.spec.domains)
-    best, best_state, best_epoch, bad = -float("inf"), None, -1, 0
-    history: list[dict[str, float]] = []
-    sign = -1.0 if metric == "loss" else 1.0
-    started = time.perf_counter()
-    seen = 0
-    train_time = 0.0
-    for epoch in range(cfg.epochs):
-        monitor.reset()
-        losses = []
-        t0 = time.perf_counter()
-        n_batches = (len(train) + cfg.batch_size - 1) // cfg.batch_size
-        bar = tqdm(
-            train.batches(cfg.batch_size, shuffle=True, generator=gen),
-            total=n_batches,
-            desc=f"epoch {epoch}",
-            disable=not progress,
-            leave=False,
-        )
-        for b in bar:
-            losses.append(train_step(model, b, opt, monitor))
-            seen += len(b)
-            if len(losses) % 20 == 0:
-                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
-        train_time += time.perf_counter() - t0
-        for group in opt.param_groups:
-            group["lr"] *= cfg.lr_decay
-        val, _ = evaluate_model(model, valid)
-        rec = {
-            "epoch": float(epoch),
-            "train/loss": float(np.mean(losses)),
-            **{f"valid/{k}": v for k, v in val.items()},
-        }
-        history.append(rec)
-        if on_epoch is not None:
-            on_epoch(epoch, rec)
-        score = sign * val.get(metric, -val["loss"])
-        if progress:
-            print(
-                f"epoch {epoch}: train loss {rec['train/loss']:.4f}, valid loss {val['loss']:.4f}, valid {metric} {val.get(metric, float('nan')):.4f}",
-                flush=True,
+    # tables on FBGEMM's fused kernels while training (swapped back before the best
+    # epoch's weights are restored: the state dict is the same either way)
+    model.train_dtype = training_dtype(cfg, next(model.parameters()).device)
+    with fused_embeddings(model, cfg) as fused_opt:
+        opt = make_optimizer(model, cfg, fused_opt)
+        monitor = RouterMonitor(model.spec.domains)
+        best, best_state, best_epoch, bad = -float("inf"), None, -1, 0
+        history: list[dict[str, float]] = []
+        sign = -1.0 if metric == "loss" else 1.0
+        started = time.perf_counter()
+        seen = 0
+        train_time = 0.0
+        for epoch in range(cfg.epochs):
+            monitor.reset()
+            losses = []
+            t0 = time.perf_counter()
+            n_batches = (len(train) + cfg.batch_size - 1) // cfg.batch_size
+            bar = tqdm(
+                train.batches(cfg.batch_size, shuffle=True, generator=gen),
+                total=n_batches,
+                desc=f"epoch {epoch}",
+                disable=not progress,
+                leave=False,
             )
-        if score > best:
-            best, best_state, best_epoch, bad = score, copy.deepcopy(model.state_dict()), epoch, 0
-            router = monitor.metrics()
-        else:
-            bad += 1
-            if bad > cfg.early_stopping_patience:
-                break
+            for b in bar:
+                losses.append(train_step(model, b, opt, monitor))
+                seen += len(b)
+                if len(losses) % 20 == 0:
+                    bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+            train_time += time.perf_counter() - t0
+            for group in opt.param_groups:
+                group["lr"] *= cfg.lr_decay
+            val, _ = evaluate_model(model, valid)
+            rec = {
+                "epoch": float(epoch),
+                "train/loss": float(np.mean(losses)),
+                **{f"valid/{k}": v for k, v in val.items()},
+            }
+            history.append(rec)
+            if on_epoch is not None:
+                on_epoch(epoch, rec)
+            score = sign * val.get(metric, -val["loss"])
+            if progress:
+                print(
+                    f"epoch {epoch}: train loss {rec['train/loss']:.4f}, valid loss {val['loss']:.4f}, valid {metric} {val.get(metric, float('nan')):.4f}",
+                    flush=True,
+                )
+            if score > best:
+                best, best_state, best_epoch, bad = (
+                    score,
+                    copy.deepcopy(model.state_dict()),
+                    epoch,
+                    0,
+                )
+                router = monitor.metrics()
+            else:
+                bad += 1
+                if bad > cfg.early_stopping_patience:
+                    break
+    model.train_dtype = None
     if best_state is not None:
         model.load_state_dict(best_state)
     valid_best = {

@@ -86,6 +86,7 @@ class ExpertParallel(nn.Module):
             hidden=widths[1:],
             dropout=full.dropout.p if isinstance(full.dropout, nn.Dropout) else 0.0,
             last_activation=full.last_activation,
+            impl=full.impl,
         )
         with torch.no_grad():
             for mine, theirs in zip(

@@ -12,6 +12,10 @@ several ways (:data:`EXPERT_IMPLS`, :func:`expert_forward`), chosen by ``model.e
   share the input), later layers one einsum over the expert axis (the default);
 - ``blockdiag``: the first layer concatenated, later layers one GEMM against the
   block-diagonal ``[E*h_i, E*h_o]`` matrix (E x the FLOPs, but one large GEMM);
+- ``fused``: layer 1 concatenated with bias and ReLU in the GEMM's epilogue (oneDNN on
+  CPU), later layers per expert straight into one output buffer, and a hand-written
+  backward (:class:`_FusedExperts`); in bfloat16 (``training.precision``) the fastest
+  training path on CPUs with AMX;
 - ``compiled``: ``concat`` through ``torch.compile`` (Inductor emits fused C++ on CPU);
 - ``auto``: times the eager candidates' forward once per batch-size bucket on first use
   and keeps the fastest.
@@ -33,7 +37,7 @@ def _init_stacked(w: torch.Tensor, b: torch.Tensor) -> None:
     nn.init.uniform_(b, -bound, bound)
 
 
-EXPERT_IMPLS = ("loop", "bmm", "concat", "blockdiag", "compiled", "auto")
+EXPERT_IMPLS = ("loop", "bmm", "concat", "blockdiag", "fused", "compiled", "auto")
 
 
 def _act(h: torch.Tensor, last: bool, i: int, n: int, dropout: nn.Module) -> torch.Tensor:
@@ -87,7 +91,104 @@ def _blockdiag(x, weights, biases, last, dropout):
     return h
 
 
-_EAGER = {"loop": _loop, "bmm": _bmm, "concat": _concat, "blockdiag": _blockdiag}
+def _linear_relu(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, relu: bool) -> torch.Tensor:
+    """``relu(x @ w + b)`` (or without the ReLU): on CPU one oneDNN GEMM with bias and ReLU
+    in its epilogue (1.8x faster than addmm + relu_ at [4096, 436] @ [436, 1024] in bf16),
+    addmm + in-place ReLU elsewhere."""
+    if x.device.type == "cpu" and _HAS_ONEDNN_LINEAR and x.shape[0]:
+        return torch.ops.mkldnn._linear_pointwise(
+            x, w.t().contiguous(), b, "relu" if relu else "none", [], ""
+        )
+    h = torch.addmm(b, x, w)
+    return h.relu_() if relu else h
+
+
+_HAS_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(
+    torch.ops.mkldnn, "_linear_pointwise"
+)
+
+
+class _FusedExperts(torch.autograd.Function):
+    """All layers of E experts with a hand-written backward, in the input's dtype.
+
+    Layer 1 is one concatenated GEMM ``[B, d] @ [d, E*h1]`` with bias and ReLU in the
+    GEMM's epilogue; its output is laid out expert-major ``(E, B, h1)`` once, so every later
+    layer is one contiguous batched GEMM (``baddbmm``) and the layer-2 weight gradient one
+    ``bmm`` (strided per-expert GEMMs ran 2.7x slower in bf16). Backward: ReLU masks in
+    place, bias gradients as sums, the input gradient of layer 1 by one GEMM (no
+    per-expert accumulation). Only post-ReLU activations are kept. Weights are cast to
+    the input's dtype once per call: a bfloat16 input (``training.precision = "bf16"``) runs
+    every GEMM in bfloat16 (AMX on Sapphire Rapids and later).
+    """
+
+    @staticmethod
+    def forward(ctx, x, last, n, *params):
+        weights, biases = params[:n], params[n:]
+        dt, (B, E) = x.dtype, (x.shape[0], weights[0].shape[0])
+        h1 = weights[0].shape[2]
+        with torch.autocast(x.device.type, enabled=False):
+            ws = [w.to(dt) for w in weights]
+            w0 = ws[0].permute(1, 0, 2).reshape(ws[0].shape[1], E * h1)  # (d, E*h1)
+            h = _linear_relu(x, w0, biases[0].reshape(-1).to(dt), n > 1 or last)
+            if n == 1:
+                ctx.save_for_backward(x, w0, h)
+                ctx.last, ctx.n, ctx.dtypes = last, n, [p.dtype for p in params]
+                return h.view(B, E, h1)
+            h = h.view(B, E, h1).transpose(0, 1).contiguous()  # (E, B, h1)
+            acts = [h]
+            for i in range(1, n):
+                h = torch.baddbmm(biases[i].to(dt).unsqueeze(1), h, ws[i])  # (E, B, o)
+                if i < n - 1 or last:
+                    h.relu_()
+                acts.append(h)
+        ctx.save_for_backward(x, w0, *ws[1:], *acts)
+        ctx.last, ctx.n, ctx.dtypes = last, n, [p.dtype for p in params]
+        return h.transpose(0, 1)  # (B, E, H), a view of the expert-major result
+
+    @staticmethod
+    def backward(ctx, grad):
+        n, last = ctx.n, ctx.last
+        x, w0, *rest = ctx.saved_tensors
+        ws, acts = rest[: n - 1], rest[n - 1 :]
+        B, E = x.shape[0], grad.shape[1]
+        relu_bw = torch.ops.aten.threshold_backward
+        gw: list[torch.Tensor] = [None] * n  # type: ignore[list-item]
+        gb: list[torch.Tensor] = [None] * n  # type: ignore[list-item]
+        with torch.autocast(x.device.type, enabled=False):
+            if n == 1:
+                g = grad.reshape(B, E * grad.shape[2]).to(x.dtype)
+                g = relu_bw(g, acts[0], 0) if last else g
+            else:
+                g = grad.to(x.dtype).transpose(0, 1)  # (E, B, H)
+                g = relu_bw(g, acts[n - 1], 0) if last else g.contiguous()
+                for i in range(n - 1, 0, -1):
+                    gb[i] = g.sum(1)
+                    gw[i] = torch.bmm(acts[i - 1].transpose(1, 2), g)
+                    gin = torch.bmm(g, ws[i - 1].transpose(1, 2))  # (E, B, a)
+                    g = torch.ops.aten.threshold_backward.grad_input(
+                        gin, acts[i - 1], 0, grad_input=gin
+                    )  # layer i-1's ReLU
+                g = g.transpose(0, 1).reshape(B, E * g.shape[2])  # (B, E*h1)
+            gb[0] = g.sum(0).view(E, g.shape[1] // E)
+            gw[0] = (x.t() @ g).view(x.shape[1], E, g.shape[1] // E).transpose(0, 1)
+            gx = g @ w0.t() if ctx.needs_input_grad[0] else None
+        grads = [t.to(dt) for t, dt in zip([*gw, *gb], ctx.dtypes, strict=True)]
+        return (gx, None, None, *grads)
+
+
+def _fused(x, weights, biases, last, dropout):
+    if not isinstance(dropout, nn.Identity) and dropout.training and dropout.p > 0:
+        return _concat(x, weights, biases, last, dropout)  # dropout between layers: eager
+    return _FusedExperts.apply(x, last, len(weights), *weights, *biases)
+
+
+_EAGER = {
+    "loop": _loop,
+    "bmm": _bmm,
+    "concat": _concat,
+    "blockdiag": _blockdiag,
+    "fused": _fused,
+}
 _COMPILED: dict[str, object] = {}
 
 
@@ -171,7 +272,7 @@ class StackedExperts(nn.Module):
         best = self._auto_choice.get(key)
         if best is None:
             times: dict[str, float] = {}
-            for name in ("bmm", "concat", "blockdiag"):
+            for name in ("bmm", "concat", "blockdiag", "fused"):
                 for rep in range(3):
                     t = time.perf_counter()
                     expert_forward(x, list(self.weights), list(self.biases), name,

@@ -64,10 +64,8 @@ class FoldedFirstLayer:
         parts = []
         if m._cross.shape[1]:
             emb = m.embedding(batch.sparse)
-            e = emb.view(emb.shape[0], -1, m.cfg.embedding_dim)
-            left = torch.einsum("pf,bfd->bpd", m._cross[0], e)
-            right = torch.einsum("pf,bfd->bpd", m._cross[1], e)
-            parts.append((left * right).flatten(1))
+            sides = m.cross_sides(emb.view(emb.shape[0], -1, m.cfg.embedding_dim))
+            parts.append((sides[0] * sides[1]).flatten(1))
         parts.append(batch.dense)
         return torch.cat(parts, dim=1)
 

@@ -146,7 +146,9 @@ def route(
     noise_std: torch.Tensor | None = None,
     training: bool = False,
 ) -> RouteOut:
-    """Combine weights from gate logits. logits, mask: (B, O, E)."""
+    """Combine weights from gate logits. logits, mask: (B, O, E). Routing is computed in
+    float32 whatever the logits' dtype (bf16 under ``training.precision``)."""
+    logits = logits.float()
     B, _, E = logits.shape
     zero = logits.new_zeros(())
     zl = z_loss(logits, mask)

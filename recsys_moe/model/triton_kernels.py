@@ -166,6 +166,7 @@ class _GateCombine(torch.autograd.Function):
     def forward(ctx, logits, mask, x):
         B, O, E = logits.shape
         H = x.shape[-1]
+        ctx.dtypes = (logits.dtype, x.dtype)  # bf16 inputs: computed in fp32, grads cast back
         logits, x = logits.contiguous().float(), x.contiguous().float()
         m = mask.expand(B, O, E).contiguous().to(torch.int8)
         out = torch.empty(B, O, H, device=x.device, dtype=torch.float32)
@@ -188,7 +189,7 @@ class _GateCombine(torch.autograd.Function):
         if B:
             _combine_bwd_logits[(B, O)](logits, m, x, g, dlogits, O, E, H, BE=BE, BH=BH)
             _combine_bwd_x[(B, triton.cdiv(H, BH))](logits, m, g, dx, O, E, H, BE=BE, BH=BH)
-        return dlogits, None, dx
+        return dlogits.to(ctx.dtypes[0]), None, dx.to(ctx.dtypes[1])
 
 
 def gate_combine(logits: torch.Tensor, mask: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch
 
 from recsys_moe.model.experts import EXPERT_IMPLS, LoopExperts, StackedExperts
 
-EAGER = ["bmm", "concat", "blockdiag", "auto"]
+EAGER = ["bmm", "concat", "blockdiag", "fused", "auto"]
 SHAPES = [  # (B, E, d_in, hidden, last_activation)
     (64, 8, 32, [16, 8], True),
     (7, 3, 13, [5, 11], True),
@@ -88,9 +88,43 @@ def test_model_scores_do_not_depend_on_the_impl(small_store):
     torch.manual_seed(0)
     base = RankingModel(spec, dataclasses.replace(cfg.model, expert_hidden=[16, 8])).eval()
     want = predict(base, data, 128)
-    for impl in ("loop", "bmm", "blockdiag", "auto"):
+    for impl in ("loop", "bmm", "blockdiag", "fused", "auto"):
         m = RankingModel(spec, dataclasses.replace(base.cfg, expert_impl=impl)).eval()
         m.load_state_dict(base.state_dict())
         torch.testing.assert_close(
             torch.from_numpy(predict(m, data, 128)), torch.from_numpy(want), rtol=1e-5, atol=1e-6
         )
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
+
+
+@pytest.mark.parametrize(("B", "E", "d", "hidden", "last"), SHAPES[:4])
+def test_fused_in_bf16_follows_the_reference(B, E, d, hidden, last):
+    """training.precision = "bf16": the fused experts on a bfloat16 input run every GEMM in
+    bfloat16. They equal the loop under torch.autocast (same precision) up to summation
+    order, stay within bfloat16 rounding of the fp32 loop, and the parameters' gradients
+    come back in float32."""
+    torch.manual_seed(0)
+    st = StackedExperts(n_experts=E, d_in=d, hidden=hidden, last_activation=last)
+    x, g = torch.randn(B, d), torch.randn(B, E, hidden[-1])
+    got = {}
+    for impl, dtype in (
+        ("loop", torch.float32),
+        ("loop", torch.bfloat16),
+        ("fused", torch.bfloat16),
+    ):
+        st.impl = impl
+        st.zero_grad()
+        xx = x.to(dtype).detach().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            out = st(xx)
+        assert out.dtype == dtype
+        (out.float() * g).sum().backward()
+        got[impl, dtype] = [out, xx.grad, *(w.grad.clone() for w in st.weights)]
+    fp32, amp, fused = (got[k] for k in got)
+    for f, a, r in zip(fused, amp, fp32, strict=True):
+        assert _rel(f, a) < 1e-2
+        assert _rel(f, r) < 6e-2  # bf16 keeps 8 bits of mantissa: ~0.4% per value
+    assert all(t.dtype == torch.float32 for t in fused[2:])

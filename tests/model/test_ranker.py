@@ -153,3 +153,57 @@ def test_fit_learns_and_stops_early(data):
     assert 1 <= len(res.history) <= 3 and res.best_epoch < len(res.history)
     assert res.valid["auc_mean"] == max(h["valid/auc_mean"] for h in res.history)
     assert any(k.startswith("router/gates/") for k in res.router)
+
+
+@pytest.mark.parametrize("arch", ["mmoe", "ple"])
+def test_bf16_training_steps_within_bf16_rounding_of_fp32(data, arch):
+    """training.precision = "bf16": in training mode experts, gates and towers compute in
+    bfloat16 (same weights; outputs float32, within bfloat16 rounding of fp32, gradients
+    float32); in eval mode (evaluation, scoring, serving) the model computes in fp32."""
+    spec, _, train, _ = data
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch=arch, n_experts=4, expert_hidden=[32, 16], expert_impl="fused")
+    m = RankingModel(spec, cfg)
+    b = train.batch(slice(0, 512))
+    want = m(b)
+    m.train_dtype = torch.bfloat16
+    got = m(b)
+    assert got.preds.dtype == torch.float32 and not torch.equal(got.preds, want.preds)
+    assert (got.preds - want.preds).abs().max() < 2e-2
+    task_losses(m, got, b.labels).sum().backward()
+    assert all(p.grad.dtype == torch.float32 for p in m.parameters() if p.grad is not None)
+    m.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(m(b).preds, want.preds.detach(), rtol=0, atol=0)
+
+
+def test_fit_on_fused_embeddings_equals_the_plain_tables(data, monkeypatch):
+    """fit() trains the tables on torchrec's FusedEmbeddingBagCollection (FBGEMM TBE, the
+    Adagrad update fused into the backward). Same data, same seed: the tables and the
+    scores end where the per-table EmbeddingBag + torch Adagrad path ends, and the model
+    comes back with a plain EmbeddingBagCollection."""
+    from torchrec import EmbeddingBagCollection
+
+    import recsys_moe.train as T
+
+    spec, _, train, valid = data
+    tcfg = TrainingConfig(epochs=2, batch_size=512, embedding_optimizer="adagrad")
+    models = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(T, "_FUSED_ON_CPU", ())
+        torch.manual_seed(0)
+        m = RankingModel(spec, ModelConfig(n_experts=4, expert_hidden=[32, 16]))
+        start = {k: v.clone() for k, v in m.embedding.state_dict().items()}
+        fit(m, train, valid, tcfg, progress=False)
+        assert type(m.embedding.ebc) is EmbeddingBagCollection
+        assert any(not torch.equal(v, start[k]) for k, v in m.embedding.state_dict().items())
+        models.append(m)
+    for k, v in models[0].state_dict().items():
+        torch.testing.assert_close(v, models[1].state_dict()[k], rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(
+        torch.from_numpy(predict(models[0], valid)),
+        torch.from_numpy(predict(models[1], valid)),
+        rtol=1e-3,
+        atol=1e-4,
+    )
