@@ -39,7 +39,7 @@ SIZES = {  # name: (E, d_in, hidden)
     "large": (16, 832, [256, 128]),
 }
 BATCHES = (1, 64, 4096)
-IMPLS = ("loop", "bmm", "concat", "blockdiag", "compiled")
+IMPLS = ("loop", "bmm", "concat", "blockdiag", "fused", "compiled", "fused-bf16")
 
 
 def _rate(fn, n: int, min_s: float = 0.3, max_reps: int = 2000) -> float:
@@ -55,13 +55,16 @@ def _rate(fn, n: int, min_s: float = 0.3, max_reps: int = 2000) -> float:
             return reps / dt * n
 
 
-def peaks() -> tuple[float, float]:
+def peaks() -> tuple[float, float, float]:
+    """(SGEMM GFLOP/s, bf16 GEMM GFLOP/s (AMX where the CPU has it), random gather GB/s)."""
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     gflops = _rate(lambda: a @ b, 1, 1.0) * 2 * 2048**3 / 1e9
+    a16, b16 = a.to(torch.bfloat16), b.to(torch.bfloat16)
+    bf16 = _rate(lambda: a16 @ b16, 1, 1.0) * 2 * 2048**3 / 1e9
     table = torch.randn(1_000_000, 32)
     idx = torch.randint(0, 1_000_000, (65536,))
     gbs = _rate(lambda: table.index_select(0, idx), 1, 1.0) * 65536 * 32 * 4 / 1e9
-    return gflops, gbs
+    return gflops, bf16, gbs
 
 
 def expert_flops(E: int, d_in: int, hidden: list[int]) -> int:
@@ -76,13 +79,16 @@ def bench_experts(quick: bool) -> list[dict]:
     rows = []
     for size, (E, d, hidden) in SIZES.items():
         for B in BATCHES:
-            x = torch.randn(B, d)
             res = {}
             for impl in IMPLS:
                 if impl == "compiled" and (quick or B == 1):
                     continue
                 torch.manual_seed(0)
-                m = StackedExperts(n_experts=E, d_in=d, hidden=hidden, impl=impl)
+                # fused-bf16: the fused experts on a bfloat16 input (training.precision = "bf16")
+                x = torch.randn(B, d, dtype=torch.bfloat16 if impl.endswith("bf16") else None)
+                m = StackedExperts(
+                    n_experts=E, d_in=d, hidden=hidden, impl=impl.removesuffix("-bf16")
+                )
 
                 def infer(m=m, x=x):
                     with torch.no_grad():
@@ -134,8 +140,21 @@ def bench_embeddings(spec, B: int = 4096) -> tuple[float, float]:
     return _rate(tbe_step, B, 1.0), _rate(ref_step, B, 1.0)
 
 
-def bench_model(cfg, best_impl: str, B: int = 4096) -> dict:
-    """Reference model vs the fastest path: training step and inference samples/s."""
+def bench_model(cfg, B: int = 4096) -> dict[str, tuple[float, float]]:
+    """Training-step and inference samples/s at batch ``B`` on the default store, per path:
+
+    - ``reference``: per-expert loop, one ``nn.EmbeddingBag`` per table, dense Adam, fp32;
+    - ``fit fp32``: the single-process ``fit`` path in float32: torchrec's
+      FusedEmbeddingBagCollection (FBGEMM TBE, Adagrad fused into the backward), ``fused``
+      experts (the fastest fp32 expert implementation at this size);
+    - ``fit bf16``: the same with ``training.precision = "bf16"`` (experts, gates, towers
+      in bfloat16 on AMX while training);
+    - ``sharded bf16``: the distributed path of ``make train`` (DistributedModelParallel,
+      sharded TBE with the fused optimiser, expert parallelism) on one rank, bf16.
+
+    Inference is timed in eval mode, as evaluation, batch scoring and serving run the
+    model: float32 whatever ``training.precision`` says.
+    """
     import polars as pl
     import torch.distributed as dist
 
@@ -143,53 +162,88 @@ def bench_model(cfg, best_impl: str, B: int = 4096) -> dict:
     from recsys_moe.distributed.sharding import distribute
     from recsys_moe.model.inputs import ExampleTensors, InputSpec
     from recsys_moe.model.ranker import RankingModel
-    from recsys_moe.train import loss_of
+    from recsys_moe.train import fused_embeddings, loss_of, make_optimizer
 
     store = cfg.features.store_dir
     spec = InputSpec.from_manifest(load_manifest(store))
     data = ExampleTensors(spec, pl.read_parquet(example_files(store, "train")[0]).head(B * 4))
     batches = [data.batch(slice(i * B, (i + 1) * B)) for i in range(4)]
-    out = {}
-
-    torch.manual_seed(0)
-    ref = RankingModel(spec, dataclasses.replace(cfg.model, expert_impl="loop"))
-    opt = torch.optim.Adam(ref.parameters(), lr=1e-3)
+    tcfg = dataclasses.replace(cfg.training, embedding_optimizer="adagrad")
     it = iter(range(10**9))
 
-    def ref_step():
-        b = batches[next(it) % 4]
-        opt.zero_grad()
-        loss, _ = loss_of(ref, ref(b), b.labels)
-        loss.backward()
-        opt.step()
+    def model(impl: str, bf16: bool = False) -> RankingModel:
+        torch.manual_seed(0)
+        m = RankingModel(spec, dataclasses.replace(cfg.model, expert_impl=impl))
+        m.train_dtype = torch.bfloat16 if bf16 else None  # training mode: bf16 compute
+        return m
 
-    def ref_infer():
-        with torch.no_grad():
-            ref(batches[0])
+    def stepper(fwd, opt, owner=None):
+        def step():
+            b = batches[next(it) % 4]
+            opt.zero_grad()
+            loss, _ = loss_of(owner or fwd, fwd(b), b.labels)
+            loss.backward()
+            opt.step()
 
-    out["ref_train"], out["ref_infer"] = _rate(ref_step, B, 2.0), _rate(ref_infer, B, 1.0)
+        return step
 
+    def rates(fwd, opt, owner=None) -> tuple[float, float]:
+        def infer():  # eval mode, as evaluation, batch scoring and serving run it (fp32)
+            with torch.no_grad():
+                fwd(batches[0])
+
+        train = _rate(stepper(fwd, opt, owner), B, 3.0)
+        fwd.eval()
+        try:
+            return train, _rate(infer, B, 1.0)
+        finally:
+            fwd.train()
+
+    out = {}
+    ref = model("loop")
+    out["reference"] = rates(ref, torch.optim.Adam(ref.parameters(), lr=1e-3))
+    for name, impl, bf16 in (("fit fp32", "fused", False), ("fit bf16", "fused", True)):
+        m = model(impl, bf16)
+        with fused_embeddings(m, tcfg) as fused:
+            opt = make_optimizer(m, tcfg, fused)
+            out[name] = rates(m, opt)
+            if bf16:
+                out["breakdown"] = step_breakdown(stepper(m, opt))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29591")
     if not dist.is_initialized():
         dist.init_process_group("gloo", rank=0, world_size=1)
-    torch.manual_seed(0)
-    fast = RankingModel(spec, dataclasses.replace(cfg.model, expert_impl=best_impl))
-    d = distribute(fast, cfg.training)
-
-    def fast_step():
-        b = batches[next(it) % 4]
-        d.optimizer.zero_grad()
-        loss, _ = loss_of(d.module, d.model(b), b.labels)
-        loss.backward()
-        d.optimizer.step()
-
-    def fast_infer():
-        with torch.no_grad():
-            d.model(batches[0])
-
-    out["fast_train"], out["fast_infer"] = _rate(fast_step, B, 2.0), _rate(fast_infer, B, 1.0)
+    d = distribute(model("fused", True), tcfg)
+    out["sharded bf16"] = rates(d.model, d.optimizer, d.module)
     return out
+
+
+def step_breakdown(step, n: int = 5) -> dict[str, float]:
+    """Where a training step's time goes (ms per step, from the torch profiler's CPU time
+    of ``n`` steps): the fused experts' forward + backward, FBGEMM's embedding kernels,
+    the optimisers, and everything else (gates, routing, combine, towers, crosses, loss,
+    casts, copies and per-op overhead)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(n):
+            step()
+    ev = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in ev)
+    parts = {
+        "experts (fused, fwd + bwd)": sum(
+            e.cpu_time_total for e in ev if e.key in ("_FusedExperts", "_FusedExpertsBackward")
+        ),
+        "embeddings (FBGEMM TBE, fwd + bwd + update)": sum(
+            e.self_cpu_time_total for e in ev if e.key.startswith("fbgemm::")
+        ),
+        "optimiser steps": sum(
+            e.cpu_time_total for e in ev if e.key.startswith("Optimizer.step#Combined")
+        ),
+    }
+    parts["everything else"] = total - sum(parts.values())
+    return {k: v / n / 1e3 for k, v in parts.items()}
 
 
 def bench_folded(cfg, threads: int) -> list[str]:
@@ -291,27 +345,31 @@ def main(argv: list[str] | None = None) -> int:
         write_folded(cfg, args.threads)
         return 0
     have_store = os.path.exists(os.path.join(cfg.features.store_dir, "manifest.json"))
-    lines = [f"Machine: {machine()}. torch {torch.__version__}, float32, CPU."]
+    lines = [f"Machine: {machine()}. torch {torch.__version__}, CPU."]
     for threads in args.threads:
         torch.set_num_threads(threads)
-        gemm, gather = peaks()
-        print(f"[{threads} thread(s)] peak SGEMM {gemm:.1f} GFLOP/s, gather {gather:.2f} GB/s",
-              flush=True)  # fmt: skip
+        gemm, gemm16, gather = peaks()
+        print(f"[{threads} thread(s)] peak SGEMM {gemm:.1f} GFLOP/s, bf16 GEMM {gemm16:.1f} "
+              f"GFLOP/s, gather {gather:.2f} GB/s", flush=True)  # fmt: skip
         rows = bench_experts(args.quick)
+        fp32_impls = [i for i in IMPLS if not i.endswith("bf16")]
         lines += [
             "",
-            f"### {threads} thread(s): peak SGEMM {gemm:.1f} GFLOP/s, random gather {gather:.2f} GB/s",
+            f"### {threads} thread(s): peak SGEMM {gemm:.1f} GFLOP/s, bf16 GEMM {gemm16:.1f} "
+            f"GFLOP/s, random gather {gather:.2f} GB/s",
             "",
-            "Experts, samples/s as a ratio to the per-expert loop (inference / training "
-            "step); `loop` column in samples/s; best inference GFLOP/s and its fraction "
-            "of the SGEMM peak.",
+            "Experts, samples/s as a ratio to the per-expert loop in fp32 (inference / "
+            "training step); `loop` column in samples/s; `fused-bf16` = the fused experts on "
+            'a bfloat16 input (`training.precision = "bf16"`). Best fp32 inference GFLOP/s '
+            "and its fraction of the SGEMM peak; fused-bf16 inference GFLOP/s and its "
+            "fraction of the bf16 GEMM peak.",
             "",
             "| size | batch | loop inf | loop train | "
             + " | ".join(f"{i} inf / train" for i in IMPLS[1:])
-            + " | best inf GFLOP/s | of peak |",
-            "|---|---:|---:|---:|" + "---:|" * (len(IMPLS) - 1) + "---:|---:|",
+            + " | best fp32 inf GFLOP/s | of SGEMM peak | bf16 inf GFLOP/s | of bf16 peak |",
+            "|---|---:|---:|---:|" + "---:|" * (len(IMPLS) - 1) + "---:|---:|---:|---:|",
         ]
-        best_default = {}
+        roof = {}
         for r in rows:
             li, lt = r["loop"]
             cells = []
@@ -321,14 +379,14 @@ def main(argv: list[str] | None = None) -> int:
                     cells.append(f"{i / li:.2f}x / {t / lt:.2f}x")
                 else:
                     cells.append("-")
-            best = max((k for k in IMPLS if k in r), key=lambda k: r[k][0])
+            best = max((k for k in fp32_impls if k in r), key=lambda k: r[k][0])
             gf = r[best][0] * r["flops"] / 1e9
+            gf16 = r["fused-bf16"][0] * r["flops"] / 1e9
             if r["size"] == "default" and r["B"] == 4096:
-                best_default = {"impl": max((k for k in IMPLS if k in r), key=lambda k: r[k][1]),
-                                "infer_gflops": gf, "frac": gf / gemm}  # fmt: skip
+                roof = {"fp32": gf, "frac": gf / gemm, "bf16": gf16, "frac16": gf16 / gemm16}
             lines.append(
                 f"| {r['size']} | {r['B']} | {li:,.0f} | {lt:,.0f} | " + " | ".join(cells)
-                + f" | {gf:.1f} ({best}) | {gf / gemm:.0%} |"
+                + f" | {gf:.1f} ({best}) | {gf / gemm:.0%} | {gf16:.1f} | {gf16 / gemm16:.0%} |"
             )  # fmt: skip
             print(lines[-1], flush=True)
         if have_store:
@@ -339,15 +397,33 @@ def main(argv: list[str] | None = None) -> int:
                       f"EmbeddingBag {bag:,.0f} samples/s = {tbe / bag:.2f}x."]  # fmt: skip
             print(lines[-1], flush=True)
             if not args.quick:
-                m = bench_model(cfg, best_default.get("impl", "concat"))
-                lines += ["", f"Model (default config, batch 4096): training step reference "
-                          f"(loop experts, per-table EmbeddingBag, Adam) {m['ref_train']:,.0f} "
-                          f"samples/s vs fastest (TBE fused Adagrad, {best_default.get('impl')} "
-                          f"experts) {m['fast_train']:,.0f} = {m['fast_train'] / m['ref_train']:.2f}x; "
-                          f"inference {m['ref_infer']:,.0f} vs {m['fast_infer']:,.0f} = "
-                          f"{m['fast_infer'] / m['ref_infer']:.2f}x. Default-size experts at "
-                          f"batch 4096 reach {best_default.get('infer_gflops', 0):.1f} GFLOP/s "
-                          f"in inference, {best_default.get('frac', 0):.0%} of the SGEMM peak."]  # fmt: skip
+                m = bench_model(cfg)
+                rt, ri = m["reference"]
+                lines += ["", "Model (default config, batch 4096; bench_model's docstring "
+                          "names the paths): samples/s and ratio to the reference; inference in eval "
+                          "mode (fp32, as scoring and serving run it).", "",
+                          "| path | training step | vs reference | inference | vs reference |",
+                          "|---|---:|---:|---:|---:|"]  # fmt: skip
+                parts = m.pop("breakdown")
+                for name, (t, i) in m.items():
+                    lines.append(
+                        f"| {name} | {t:,.0f} | {t / rt:.2f}x | {i:,.0f} | {i / ri:.2f}x |"
+                    )
+                    print(lines[-1], flush=True)
+                step_ms = sum(parts.values())
+                lines += ["", f"Where the `fit bf16` step's time goes (profiled, {step_ms:.1f} ms "
+                          "per step of 4096; the reference step takes "
+                          f"{4096 / rt * 1e3:.1f} ms): "
+                          + "; ".join(f"{k} {v:.1f} ms ({v / step_ms:.0%})" for k, v in parts.items())
+                          + ". A 3x step needs the whole step under "
+                          f"{4096 / rt * 1e3 / 3:.1f} ms."]  # fmt: skip
+                print(lines[-1], flush=True)
+                lines += ["", f"Default-size experts at batch 4096, inference: "
+                          f"{roof.get('fp32', 0):.1f} GFLOP/s in fp32 = "
+                          f"{roof.get('frac', 0):.0%} of the SGEMM peak; "
+                          f"{roof.get('bf16', 0):.1f} GFLOP/s in bf16 = "
+                          f"{roof.get('frac16', 0):.0%} of the bf16 GEMM peak "
+                          f"({roof.get('bf16', 0) / gemm:.0%} of the SGEMM peak)."]  # fmt: skip
                 print(lines[-1], flush=True)
     lines += ["", bench_triton()]
     print(lines[-1], flush=True)
