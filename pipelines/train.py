@@ -39,7 +39,13 @@ from recsys_moe.config import Config, config_from_dict, load_config
 from recsys_moe.model.inputs import ExampleTensors, InputSpec
 from recsys_moe.model.observe import RouterMonitor
 from recsys_moe.model.ranker import RankingModel
-from recsys_moe.train import evaluate_model, loss_of, save_model, task_metrics, training_dtype
+from recsys_moe.train import (
+    evaluate_model,
+    loss_of,
+    prepare_for_training,
+    save_model,
+    task_metrics,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -157,7 +163,7 @@ def worker_loop(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device() if tcfg.use_gpu else torch.device("cpu")
     torch.manual_seed(tcfg.seed)
     model = RankingModel(spec, cfg.model)
-    model.train_dtype = training_dtype(tcfg, device)  # mixed precision of training steps
+    prepare_for_training(model, tcfg, device)  # bf16 / fused experts for training steps
     d = distribute(
         model,
         tcfg,

@@ -281,6 +281,11 @@ class TrainingConfig:
     # Sapphire Rapids; CUDA GPUs with bf16), fp32 elsewhere (emulated bf16 is slower).
     # Evaluation, batch scoring and serving always compute in float32.
     precision: Literal["fp32", "bf16", "auto"] = "fp32"
+    # the expert implementation of training steps: one of model.expert_impl's choices, or
+    # "model" (the model's own). Evaluation, scoring and serving use model.expert_impl.
+    expert_impl: Literal[
+        "model", "loop", "bmm", "concat", "blockdiag", "fused", "compiled", "auto"
+    ] = "model"
     embedding_lr: float = 0.05
     # the embedding tables' optimiser, fused into FBGEMM's backward when sharded. FBGEMM's
     # CPU kernels support adagrad, rowwise_adagrad and sgd; adam needs GPU workers (or the

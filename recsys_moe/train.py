@@ -96,6 +96,17 @@ def make_optimizer(
 _FUSED_ON_CPU = ("adagrad", "rowwise_adagrad", "sgd")
 
 
+def prepare_for_training(model: RankingModel, cfg: TrainingConfig, device: torch.device) -> None:
+    """What training steps compute with (eval-mode forwards are unaffected): the dtype of
+    ``training.precision`` and the experts' ``training.expert_impl``."""
+    from recsys_moe.model.experts import StackedExperts
+
+    model.train_dtype = training_dtype(cfg, device)
+    for m in model.modules():
+        if isinstance(m, StackedExperts):
+            m.train_impl = None if cfg.expert_impl == "model" else cfg.expert_impl
+
+
 def training_dtype(cfg: TrainingConfig, device: torch.device) -> torch.dtype | None:
     """The compute dtype of training steps for ``training.precision`` on ``device``
     (None = float32)."""
@@ -252,7 +263,7 @@ def fit(
     gen = seed_everything(cfg.seed)
     # tables on FBGEMM's fused kernels while training (swapped back before the best
     # epoch's weights are restored: the state dict is the same either way)
-    model.train_dtype = training_dtype(cfg, next(model.parameters()).device)
+    prepare_for_training(model, cfg, next(model.parameters()).device)
     with fused_embeddings(model, cfg) as fused_opt:
         opt = make_optimizer(model, cfg, fused_opt)
         monitor = RouterMonitor(model.spec.domains)

@@ -88,6 +88,7 @@ class ExpertParallel(nn.Module):
             last_activation=full.last_activation,
             impl=full.impl,
         )
+        self.local.train_impl = full.train_impl
         with torch.no_grad():
             for mine, theirs in zip(
                 [*self.local.weights, *self.local.biases],

@@ -18,7 +18,11 @@ several ways (:data:`EXPERT_IMPLS`, :func:`expert_forward`), chosen by ``model.e
   training path on CPUs with AMX;
 - ``compiled``: ``concat`` through ``torch.compile`` (Inductor emits fused C++ on CPU);
 - ``auto``: times the eager candidates' forward once per batch-size bucket on first use
-  and keeps the fastest.
+  and keeps the fastest (a timing decision: two processes may pick differently, and
+  their scores then differ in the last bits).
+
+``training.expert_impl`` sets ``train_impl``, used by training-mode forwards only, so
+training can run the fastest training kernel while every scoring path keeps one.
 """
 
 from __future__ import annotations
@@ -251,13 +255,16 @@ class StackedExperts(nn.Module):
         if impl not in EXPERT_IMPLS:
             raise ValueError(f"expert implementation {impl!r}; have {EXPERT_IMPLS}")
         self.impl = impl
+        # the implementation of training-mode forwards (training.expert_impl); None: impl
+        self.train_impl: str | None = None
         self._auto_choice: dict[int, str] = {}
 
     def forward(self, x: torch.Tensor, need: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, d_in) -> (B, E, H). ``need`` (the experts each row was routed to) is for
         :class:`~recsys_moe.distributed.expert_parallel.ExpertParallel`'s interface: here
         every expert is one GEMM anyway, so all are computed."""
-        impl = self.impl if self.impl != "auto" else self._auto(x)
+        impl = self.train_impl if self.training and self.train_impl else self.impl
+        impl = impl if impl != "auto" else self._auto(x)
         return expert_forward(
             x, list(self.weights), list(self.biases), impl, self.last_activation, self.dropout
         )

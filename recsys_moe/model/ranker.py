@@ -340,6 +340,7 @@ class RankingModel(nn.Module):
         r = route(
             logits, mask, mode=c.routing, top_k=c.top_k, capacity_factor=c.capacity_factor,
             noise_std=std, training=self.training,
+            losses=c.aux_loss_coef > 0 or c.z_loss_coef > 0,
         )  # fmt: skip
         return r, logits, mask
 

@@ -128,3 +128,20 @@ def test_fused_in_bf16_follows_the_reference(B, E, d, hidden, last):
         assert _rel(f, a) < 1e-2
         assert _rel(f, r) < 6e-2  # bf16 keeps 8 bits of mantissa: ~0.4% per value
     assert all(t.dtype == torch.float32 for t in fused[2:])
+
+
+def test_training_impl_runs_in_training_mode_only(monkeypatch):
+    """training.expert_impl (train_impl) computes training-mode forwards; eval-mode
+    forwards (evaluation, scoring, serving) keep model.expert_impl, so every scoring path
+    gives the same scores."""
+    from recsys_moe.model import experts
+
+    calls = []
+    fused = experts._EAGER["fused"]
+    monkeypatch.setitem(experts._EAGER, "fused", lambda *a: calls.append(1) or fused(*a))
+    st, ref, x = _pair(16, 3, 7, [5, 4], True, "concat")
+    st.train_impl = "fused"
+    torch.testing.assert_close(st.train()(x), ref(x), rtol=1e-5, atol=1e-6)
+    assert len(calls) == 1
+    st.eval()(x)
+    assert len(calls) == 1

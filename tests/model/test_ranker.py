@@ -187,7 +187,9 @@ def test_fit_on_fused_embeddings_equals_the_plain_tables(data, monkeypatch):
     import recsys_moe.train as T
 
     spec, _, train, valid = data
-    tcfg = TrainingConfig(epochs=2, batch_size=512, embedding_optimizer="adagrad")
+    tcfg = TrainingConfig(
+        epochs=2, batch_size=512, embedding_optimizer="adagrad", expert_impl="bmm"
+    )
     models = []
     for fused in (True, False):
         if not fused:
@@ -197,6 +199,7 @@ def test_fit_on_fused_embeddings_equals_the_plain_tables(data, monkeypatch):
         start = {k: v.clone() for k, v in m.embedding.state_dict().items()}
         fit(m, train, valid, tcfg, progress=False)
         assert type(m.embedding.ebc) is EmbeddingBagCollection
+        assert m.experts.train_impl == "bmm" and m.experts.impl == "concat"
         assert any(not torch.equal(v, start[k]) for k, v in m.embedding.state_dict().items())
         models.append(m)
     for k, v in models[0].state_dict().items():
