@@ -8,6 +8,8 @@ the job joins that cluster and ships this repository's code with ``working_dir``
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import ray
@@ -21,6 +23,38 @@ WORKER_ENV = {
     # Ray Train otherwise prints every worker line twice (its own log + stdout)
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
 }
+# Ray Serve's request path, tuned (Ray 2.60's throughput-optimised settings, less direct
+# ingress: the HTTP proxy stays, so clients keep one address): replicas run user code
+# and the router on their main event loop instead of extra threads, the proxy and
+# handles talk gRPC, request-path logs are buffered and not copied to stderr (they stay
+# in Ray's log folder), the GC is frozen after start-up. Measured by bench/serve_floor.py
+# on 2 cores: the no-op ranker's throughput 94 -> 164 req/s, p99 at concurrency 8 132 ->
+# 76 ms. Read when Ray's processes start: a cluster joined through RAY_ADDRESS needs
+# them in the environment of `ray start`.
+SERVE_ENV = {
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+    "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
+    "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000",
+    "RAY_SERVE_LOG_TO_STDERR": "0",
+    "RAY_SERVE_FREEZE_GC_ON_STARTUP": "1",
+}
+
+
+@contextmanager
+def serve_env() -> Iterator[None]:
+    """:data:`SERVE_ENV` in the environment while a local Ray starts (its processes inherit
+    it), not after: in this process (the driver) handles keep Serve's defaults, which
+    work outside an event loop. A variable already set wins."""
+    added = [k for k in SERVE_ENV if k not in os.environ]
+    os.environ.update({k: SERVE_ENV[k] for k in added})
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
+
+
 SHIP_EXCLUDES = [
     "/.venv/",
     "/data/",
@@ -52,9 +86,10 @@ def init_ray(num_cpus: int | None = None, dashboard: bool = False) -> None:
         }
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
-        ray.init(
-            num_cpus=num_cpus,
-            include_dashboard=dashboard,
-            runtime_env={"env_vars": WORKER_ENV},
-            log_to_driver=True,
-        )
+        with serve_env():
+            ray.init(
+                num_cpus=num_cpus,
+                include_dashboard=dashboard,
+                runtime_env={"env_vars": WORKER_ENV},
+                log_to_driver=True,
+            )

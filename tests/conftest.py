@@ -68,13 +68,16 @@ def ray_session():
     """One local Ray instance for the whole test session (never `ray stop`)."""
     import ray
 
+    from pipelines.ray_env import serve_env
+
     if not ray.is_initialized():
-        ray.init(
-            num_cpus=2,
-            include_dashboard=False,
-            runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}},
-            log_to_driver=False,
-        )
+        with serve_env():  # Serve in the tests runs as `recsys-moe serve` runs it
+            ray.init(
+                num_cpus=2,
+                include_dashboard=False,
+                runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}},
+                log_to_driver=False,
+            )
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
