@@ -145,15 +145,16 @@ def bench_model(cfg, B: int = 4096) -> dict[str, tuple[float, float]]:
 
     - ``reference``: per-expert loop, one ``nn.EmbeddingBag`` per table, dense Adam, fp32;
     - ``fit fp32``: the single-process ``fit`` path in float32: torchrec's
-      FusedEmbeddingBagCollection (FBGEMM TBE, Adagrad fused into the backward), ``fused``
-      experts (the fastest fp32 expert implementation at this size);
+      FusedEmbeddingBagCollection (FBGEMM TBE, Adagrad fused into the backward), fused Adam,
+      ``training.expert_impl = "fused"`` experts;
     - ``fit bf16``: the same with ``training.precision = "bf16"`` (experts, gates, towers
-      in bfloat16 on AMX while training);
+      in bfloat16 on AMX while training): the default config's training settings;
     - ``sharded bf16``: the distributed path of ``make train`` (DistributedModelParallel,
       sharded TBE with the fused optimiser, expert parallelism) on one rank, bf16.
 
     Inference is timed in eval mode, as evaluation, batch scoring and serving run the
-    model: float32 whatever ``training.precision`` says.
+    model: float32 and ``model.expert_impl`` (``concat``) whatever the training settings,
+    embeddings through FBGEMM's TBE (the fit / sharded paths) or per-table bags.
     """
     import polars as pl
     import torch.distributed as dist
@@ -162,7 +163,12 @@ def bench_model(cfg, B: int = 4096) -> dict[str, tuple[float, float]]:
     from recsys_moe.distributed.sharding import distribute
     from recsys_moe.model.inputs import ExampleTensors, InputSpec
     from recsys_moe.model.ranker import RankingModel
-    from recsys_moe.train import fused_embeddings, loss_of, make_optimizer
+    from recsys_moe.train import (
+        fused_embeddings,
+        loss_of,
+        make_optimizer,
+        prepare_for_training,
+    )
 
     store = cfg.features.store_dir
     spec = InputSpec.from_manifest(load_manifest(store))
@@ -171,10 +177,12 @@ def bench_model(cfg, B: int = 4096) -> dict[str, tuple[float, float]]:
     tcfg = dataclasses.replace(cfg.training, embedding_optimizer="adagrad")
     it = iter(range(10**9))
 
-    def model(impl: str, bf16: bool = False) -> RankingModel:
+    def model(impl: str, precision: str | None = None) -> RankingModel:
         torch.manual_seed(0)
         m = RankingModel(spec, dataclasses.replace(cfg.model, expert_impl=impl))
-        m.train_dtype = torch.bfloat16 if bf16 else None  # training mode: bf16 compute
+        if precision:  # training steps as `fit` / `make train` run them
+            t = dataclasses.replace(tcfg, precision=precision, expert_impl="fused")
+            prepare_for_training(m, t, torch.device("cpu"))
         return m
 
     def stepper(fwd, opt, owner=None):
@@ -202,18 +210,18 @@ def bench_model(cfg, B: int = 4096) -> dict[str, tuple[float, float]]:
     out = {}
     ref = model("loop")
     out["reference"] = rates(ref, torch.optim.Adam(ref.parameters(), lr=1e-3))
-    for name, impl, bf16 in (("fit fp32", "fused", False), ("fit bf16", "fused", True)):
-        m = model(impl, bf16)
+    for name, precision in (("fit fp32", "fp32"), ("fit bf16", "bf16")):
+        m = model("concat", precision)
         with fused_embeddings(m, tcfg) as fused:
             opt = make_optimizer(m, tcfg, fused)
             out[name] = rates(m, opt)
-            if bf16:
+            if precision == "bf16":
                 out["breakdown"] = step_breakdown(stepper(m, opt))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29591")
     if not dist.is_initialized():
         dist.init_process_group("gloo", rank=0, world_size=1)
-    d = distribute(model("fused", True), tcfg)
+    d = distribute(model("concat", "bf16"), tcfg)
     out["sharded bf16"] = rates(d.model, d.optimizer, d.module)
     return out
 
