@@ -138,6 +138,7 @@ class _FusedExperts(torch.autograd.Function):
                 ctx.save_for_backward(x, w0, h)
                 ctx.last, ctx.n, ctx.dtypes = last, n, [p.dtype for p in params]
                 return h.view(B, E, h1)
+            h_cat = h  # (B, E*h1), kept: layer 1's ReLU mask in the layout of its gradient
             h = h.view(B, E, h1).transpose(0, 1).contiguous()  # (E, B, h1)
             acts = [h]
             for i in range(1, n):
@@ -145,7 +146,7 @@ class _FusedExperts(torch.autograd.Function):
                 if i < n - 1 or last:
                     h.relu_()
                 acts.append(h)
-        ctx.save_for_backward(x, w0, *ws[1:], *acts)
+        ctx.save_for_backward(x, w0, *ws[1:], *acts, h_cat)
         ctx.last, ctx.n, ctx.dtypes = last, n, [p.dtype for p in params]
         return h.transpose(0, 1)  # (B, E, H), a view of the expert-major result
 
@@ -153,7 +154,7 @@ class _FusedExperts(torch.autograd.Function):
     def backward(ctx, grad):
         n, last = ctx.n, ctx.last
         x, w0, *rest = ctx.saved_tensors
-        ws, acts = rest[: n - 1], rest[n - 1 :]
+        ws, acts = rest[: n - 1], rest[n - 1 :]  # n > 1: acts[n] is layer 1's (B, E*h1)
         B, E = x.shape[0], grad.shape[1]
         relu_bw = torch.ops.aten.threshold_backward
         gw: list[torch.Tensor] = [None] * n  # type: ignore[list-item]
@@ -165,14 +166,19 @@ class _FusedExperts(torch.autograd.Function):
             else:
                 g = grad.to(x.dtype).transpose(0, 1)  # (E, B, H)
                 g = relu_bw(g, acts[n - 1], 0) if last else g.contiguous()
+                relu_in_place = torch.ops.aten.threshold_backward.grad_input
                 for i in range(n - 1, 0, -1):
                     gb[i] = g.sum(1)
                     gw[i] = torch.bmm(acts[i - 1].transpose(1, 2), g)
-                    gin = torch.bmm(g, ws[i - 1].transpose(1, 2))  # (E, B, a)
-                    g = torch.ops.aten.threshold_backward.grad_input(
-                        gin, acts[i - 1], 0, grad_input=gin
-                    )  # layer i-1's ReLU
-                g = g.transpose(0, 1).reshape(B, E * g.shape[2])  # (B, E*h1)
+                    wt = ws[i - 1].transpose(1, 2)
+                    if i > 1:
+                        gin = torch.bmm(g, wt)  # (E, B, a)
+                        g = relu_in_place(gin, acts[i - 1], 0, grad_input=gin)
+                        continue
+                    # into layer 1's (B, E*h1) layout directly: no transpose copy after
+                    gin = g.new_empty(B, E * wt.shape[2])
+                    torch.bmm(g, wt, out=gin.view(B, E, wt.shape[2]).transpose(0, 1))
+                    g = relu_in_place(gin, acts[n], 0, grad_input=gin)  # (B, E*h1)
             gb[0] = g.sum(0).view(E, g.shape[1] // E)
             gw[0] = (x.t() @ g).view(x.shape[1], E, g.shape[1] // E).transpose(0, 1)
             gx = g @ w0.t() if ctx.needs_input_grad[0] else None
