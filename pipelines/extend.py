@@ -313,11 +313,9 @@ def activation_cache(child, data: ExampleTensors, limit_gb: float) -> dict[str, 
     xs, ss, bs = [], [], []
     for b in data.batches(8192):
         x, sides = child._inputs(b)
-        with child.autocast(x):
-            x, sides = child.compute_inputs(x, sides)
-            bs.append(child.experts(x))
         xs.append(x)
         ss.append(sides)
+        bs.append(child.experts(x))
     return {
         "x": torch.cat(xs),
         "sides": torch.cat(ss, dim=1) if ss[0] is not None else None,
@@ -368,10 +366,9 @@ def train_extension(
             opt.zero_grad(set_to_none=True)
             if cache:
                 sides = cache["sides"][:, b] if cache["sides"] is not None else None
-                with child.autocast(cache["x"]):
-                    out = child.head(
-                        child.extension_mixture(ext, cache["x"][b], sides, cache["base"][b])
-                    )
+                out = child.head(
+                    child.extension_mixture(ext, cache["x"][b], sides, cache["base"][b])
+                )
                 total, _ = loss_of(child, out, cache["labels"][b])
             else:
                 total, _ = loss_of(child, child(b), b.labels)

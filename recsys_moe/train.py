@@ -133,7 +133,7 @@ def fused_embeddings(model: RankingModel, cfg: TrainingConfig) -> Iterator[Any]:
     from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
 
     ebc = model.embedding.ebc
-    weights = [p for p in ebc.parameters()]
+    weights = list(ebc.parameters())
     device = weights[0].device
     if (
         not all(p.requires_grad for p in weights)
@@ -261,9 +261,9 @@ def fit(
     from tqdm import tqdm
 
     gen = seed_everything(cfg.seed)
+    prepare_for_training(model, cfg, next(model.parameters()).device)
     # tables on FBGEMM's fused kernels while training (swapped back before the best
     # epoch's weights are restored: the state dict is the same either way)
-    prepare_for_training(model, cfg, next(model.parameters()).device)
     with fused_embeddings(model, cfg) as fused_opt:
         opt = make_optimizer(model, cfg, fused_opt)
         monitor = RouterMonitor(model.spec.domains)

@@ -13,9 +13,9 @@ several ways (:data:`EXPERT_IMPLS`, :func:`expert_forward`), chosen by ``model.e
 - ``blockdiag``: the first layer concatenated, later layers one GEMM against the
   block-diagonal ``[E*h_i, E*h_o]`` matrix (E x the FLOPs, but one large GEMM);
 - ``fused``: layer 1 concatenated with bias and ReLU in the GEMM's epilogue (oneDNN on
-  CPU), later layers per expert straight into one output buffer, and a hand-written
-  backward (:class:`_FusedExperts`); in bfloat16 (``training.precision``) the fastest
-  training path on CPUs with AMX;
+  CPU), later layers expert-major batched GEMMs, and a hand-written backward
+  (:class:`_FusedExperts`); in bfloat16 (``training.precision``) the fastest training
+  path on CPUs with AMX;
 - ``compiled``: ``concat`` through ``torch.compile`` (Inductor emits fused C++ on CPU);
 - ``auto``: times the eager candidates' forward once per batch-size bucket on first use
   and keeps the fastest (a timing decision: two processes may pick differently, and
@@ -95,21 +95,19 @@ def _blockdiag(x, weights, biases, last, dropout):
     return h
 
 
-def _linear_relu(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, relu: bool) -> torch.Tensor:
-    """``relu(x @ w + b)`` (or without the ReLU): on CPU one oneDNN GEMM with bias and ReLU
-    in its epilogue (1.8x faster than addmm + relu_ at [4096, 436] @ [436, 1024] in bf16),
-    addmm + in-place ReLU elsewhere."""
-    if x.device.type == "cpu" and _HAS_ONEDNN_LINEAR and x.shape[0]:
-        return torch.ops.mkldnn._linear_pointwise(
-            x, w.t().contiguous(), b, "relu" if relu else "none", [], ""
-        )
-    h = torch.addmm(b, x, w)
-    return h.relu_() if relu else h
-
-
 _HAS_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(
     torch.ops.mkldnn, "_linear_pointwise"
 )
+
+
+def _linear_relu(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, relu: bool) -> torch.Tensor:
+    """``relu(x @ w.T + b)`` (or without the ReLU), ``w`` as (out, in): on CPU one oneDNN
+    GEMM with bias and ReLU in its epilogue (1.8x faster than addmm + relu_ at
+    [4096, 436] @ [436, 1024] in bf16), addmm + in-place ReLU elsewhere."""
+    if x.device.type == "cpu" and _HAS_ONEDNN_LINEAR and x.shape[0]:
+        return torch.ops.mkldnn._linear_pointwise(x, w, b, "relu" if relu else "none", [], "")
+    h = torch.addmm(b, x, w.t())
+    return h.relu_() if relu else h
 
 
 class _FusedExperts(torch.autograd.Function):
@@ -132,7 +130,8 @@ class _FusedExperts(torch.autograd.Function):
         h1 = weights[0].shape[2]
         with torch.autocast(x.device.type, enabled=False):
             ws = [w.to(dt) for w in weights]
-            w0 = ws[0].permute(1, 0, 2).reshape(ws[0].shape[1], E * h1)  # (d, E*h1)
+            # (E*h1, d), the (out, in) layout oneDNN reads: one copy of the weight per call
+            w0 = ws[0].transpose(1, 2).reshape(E * h1, -1)
             h = _linear_relu(x, w0, biases[0].reshape(-1).to(dt), n > 1 or last)
             if n == 1:
                 ctx.save_for_backward(x, w0, h)
@@ -181,7 +180,7 @@ class _FusedExperts(torch.autograd.Function):
                     g = relu_in_place(gin, acts[n], 0, grad_input=gin)  # (B, E*h1)
             gb[0] = g.sum(0).view(E, g.shape[1] // E)
             gw[0] = (x.t() @ g).view(x.shape[1], E, g.shape[1] // E).transpose(0, 1)
-            gx = g @ w0.t() if ctx.needs_input_grad[0] else None
+            gx = g @ w0 if ctx.needs_input_grad[0] else None
         grads = [t.to(dt) for t, dt in zip([*gw, *gb], ctx.dtypes, strict=True)]
         return (gx, None, None, *grads)
 

@@ -390,7 +390,7 @@ class RankingModel(nn.Module):
 
     def head(self, reps: torch.Tensor) -> ModelOutput:
         """(B, O, H) gate-output representations -> towers -> logits and predictions."""
-        logits = self.towers(reps.expand(-1, len(self.task_names), -1)).float()
+        logits = self.towers(reps.expand(-1, len(self.task_names), -1))
         return ModelOutput(logits, self.predictions(logits))
 
     def _core(
@@ -478,29 +478,14 @@ class RankingModel(nn.Module):
         s = torch.matmul(self._cross.view(two * P, F_), e)  # (B, 2P, D)
         return s.view(e.shape[0], two, P, -1).transpose(0, 1)
 
-    def _low_precision(self) -> torch.dtype | None:
-        return self.train_dtype if self.training else None
-
-    def autocast(self, x: torch.Tensor):
-        """The compute-dtype context for experts, gates and towers: ``train_dtype`` (set by
-        the trainer from ``training.precision``) in training mode, float32 otherwise."""
-        dt = self._low_precision()
-        return torch.autocast(x.device.type, dtype=dt or torch.bfloat16, enabled=dt is not None)
-
-    def compute_inputs(
-        self, x: torch.Tensor, sides: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x and the cross sides in the compute dtype: cast once here, not by autocast once
-        per expert and gate."""
-        dt = self._low_precision()
-        if dt is None:
-            return x, sides
-        return x.to(dt), sides.to(dt) if sides is not None else None
-
     def forward(self, batch: Batch) -> ModelOutput:
         x, sides = self._inputs(batch)  # (B, d_in)
-        with self.autocast(x):
-            x, sides = self.compute_inputs(x, sides)
+        # experts, gates and towers in train_dtype while training (training.precision)
+        dt = self.train_dtype if self.training else None
+        with torch.autocast(x.device.type, dtype=dt or torch.bfloat16, enabled=dt is not None):
+            if dt is not None:  # cast once here, not by autocast once per expert and gate
+                x = x.to(dt)
+                sides = sides.to(dt) if sides is not None else None
             reps, layers = self._core(x, batch.domain, sides)  # (B, T, H)
             logits = self.towers(reps).float()  # (B, T)
         return ModelOutput(logits, self.predictions(logits), layers)
