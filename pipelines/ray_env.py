@@ -28,9 +28,9 @@ WORKER_ENV = {
 # and the router on their main event loop instead of extra threads, the proxy and
 # handles talk gRPC, request-path logs are buffered and not copied to stderr (they stay
 # in Ray's log folder), the GC is frozen after start-up. Measured by bench/serve_floor.py
-# on 2 cores: the no-op ranker's throughput 94 -> 164 req/s, p99 at concurrency 8 132 ->
-# 76 ms. Read when Ray's processes start: a cluster joined through RAY_ADDRESS needs
-# them in the environment of `ray start`.
+# on 2 cores, concurrency 8: the no-op ranker's throughput 94 -> 139-164 req/s, p99
+# 124-133 -> 76-97 ms (across runs). Read when Ray's processes start: a cluster joined
+# through RAY_ADDRESS needs them in the environment of `ray start`.
 SERVE_ENV = {
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
