@@ -130,7 +130,10 @@ class ScoreBatch:
     ) -> None:
         import torch
 
+        from recsys_moe.runtime import tune_allocator
+
         torch.set_num_threads(threads)
+        tune_allocator()  # scoring batches reuse their memory instead of faulting it in
         self.scorer = Scorer.from_dir(bundle)
         self.version = version
         self.blend = ScoringConfig(**blend)

@@ -98,9 +98,12 @@ _FUSED_ON_CPU = ("adagrad", "rowwise_adagrad", "sgd")
 
 def prepare_for_training(model: RankingModel, cfg: TrainingConfig, device: torch.device) -> None:
     """What training steps compute with (eval-mode forwards are unaffected): the dtype of
-    ``training.precision`` and the experts' ``training.expert_impl``."""
+    ``training.precision`` and the experts' ``training.expert_impl``; and this process's
+    allocator keeps its memory between steps (recsys_moe.runtime.tune_allocator)."""
     from recsys_moe.model.experts import StackedExperts
+    from recsys_moe.runtime import tune_allocator
 
+    tune_allocator()
     model.train_dtype = training_dtype(cfg, device)
     for m in model.modules():
         if isinstance(m, StackedExperts):
