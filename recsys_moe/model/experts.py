@@ -129,9 +129,10 @@ class _FusedExperts(torch.autograd.Function):
         dt, (B, E) = x.dtype, (x.shape[0], weights[0].shape[0])
         h1 = weights[0].shape[2]
         with torch.autocast(x.device.type, enabled=False):
-            ws = [w.to(dt) for w in weights]
-            # (E*h1, d), the (out, in) layout oneDNN reads: one copy of the weight per call
-            w0 = ws[0].transpose(1, 2).reshape(E * h1, -1)
+            ws = [None, *(w.to(dt) for w in weights[1:])]
+            # (E*h1, d), the (out, in) layout oneDNN reads: cast and laid out in one copy
+            w0 = x.new_empty(E, h1, x.shape[1]).copy_(weights[0].transpose(1, 2))
+            w0 = w0.view(E * h1, -1)
             h = _linear_relu(x, w0, biases[0].reshape(-1).to(dt), n > 1 or last)
             if n == 1:
                 ctx.save_for_backward(x, w0, h)
