@@ -15,7 +15,10 @@ In one run, per thread count (``torch.set_num_threads``, 1 and 2):
    (lookup, backward, update) on the default model's tables, batch 4096;
 4. **model**: full training step and inference at batch 4096 on the default store: the
    reference model (per-expert loop, per-table ``EmbeddingBag``, dense Adam) vs the
-   fastest path (torchrec-sharded TBE with the fused optimiser, fastest expert impl).
+   fast paths (``bench_model``), with where the fastest step's time goes;
+5. **roofline**: per path and mode, FLOPs and embedding bytes per sample (experts, gates,
+   towers, combine, crosses; rows gathered and updated), the achieved GFLOP/s and GB/s and
+   their fractions of this run's SGEMM / bf16 GEMM and gather peaks (``model_roofline``).
 
 Results go to bench/RESULTS.md.
 """
@@ -142,6 +145,70 @@ def bench_embeddings(spec, B: int = 4096) -> tuple[float, float]:
     return _rate(tbe_step, B, 1.0), _rate(ref_step, B, 1.0)
 
 
+def model_roofline(model, batch) -> dict[str, float]:
+    """Per-sample work of one forward pass of a dense (softmax-gated) MMoE ``model`` on
+    ``batch``: GEMM FLOPs by part (2 per weight of every expert, gate and tower, since each
+    sample passes through all of them; the combine's 2 * O * E * H; the crosses' selection
+    matmul and product) and the embedding bytes gathered (float32 rows looked up)."""
+    D = model.cfg.embedding_dim
+    n_sel = model._cross.numel()  # 2 * P * F selection weights
+    flops = {
+        "experts": 2.0 * sum(w.numel() for w in model.experts.weights),
+        "gates": 2.0 * model.gates.w.numel(),
+        "combine": 2.0 * model._gate_outputs * model.experts.n_experts * model.experts.d_out,
+        "towers": 2.0
+        * (sum(p.numel() for p in model.towers.mlp.weights) + model.towers.out_w.numel()),
+        "crosses": 2.0 * n_sel * D + model._cross.shape[1] * D,
+    }
+    B = batch.labels.shape[0]
+    lookups = batch.sparse.values().numel() / B
+    tables = sum(p.numel() for p in model.embedding.parameters())
+    return {**flops, "flops": sum(flops.values()), "gather_bytes": lookups * D * 4.0,
+            "lookups": lookups, "table_params": float(tables), "B": float(B)}  # fmt: skip
+
+
+def roofline_lines(m: dict, gemm: float, gemm16: float, gather: float, threads: int) -> list[str]:
+    """The roofline table of bench_model's results ``m`` against this run's peaks."""
+    r = m["roofline"]
+    fwd, gbytes, B = r["flops"], r["gather_bytes"], r["B"]
+    # training: forward + backward = 3x the forward FLOPs; bytes: the forward gather, then
+    # the update of every looked-up row (fused Adagrad: read + write row and state = 4x),
+    # or, for the reference's dense Adam, zeroed grad + grad + Adam's read/write of the
+    # parameters and both moments over every table row each step (8 passes, per sample / B)
+    dense_adam = 8 * 4 * r["table_params"] / B
+    lines = [
+        "",
+        f"Roofline ({threads} thread(s), default model, batch {B:.0f}): one forward pass is "
+        f"{fwd / 1e6:.3f} MFLOP per sample (experts {r['experts'] / 1e6:.3f}, gates "
+        f"{r['gates'] / 1e6:.3f}, towers {r['towers'] / 1e6:.3f}, combine "
+        f"{r['combine'] / 1e6:.4f}, crosses {r['crosses'] / 1e6:.4f}) and gathers "
+        f"{gbytes:,.0f} bytes of embedding rows ({r['lookups']:.2f} lookups of "
+        f"{gbytes / r['lookups']:.0f} bytes): {fwd / gbytes:,.0f} FLOP per byte against a "
+        f"machine balance of {gemm / gather:.0f} (SGEMM peak / gather peak), so every path "
+        "is compute-bound on this roofline and its distance from the FLOP peak is time spent "
+        "outside GEMMs. Training counts 3x the forward FLOPs; its bytes add the row "
+        "updates (fused Adagrad: 4 row-sized passes per lookup; the reference's dense Adam: "
+        f"8 passes over all {r['table_params']:,.0f} table weights per step).",
+        "",
+        "| path | mode | samples/s | GFLOP/s | of FLOP peak | bytes/sample | GB/s | of gather peak |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]  # fmt: skip
+    for name, (t, i) in ((k, v) for k, v in m.items() if k not in ("roofline", "breakdown")):
+        bf16 = "bf16" in name  # training in bf16: its peak is the bf16 GEMM's
+        for mode, rate, flops, nbytes, peak in (
+            ("train", t, 3 * fwd, gbytes * (1 + (dense_adam / gbytes if name == "reference" else 4)),
+             gemm16 if bf16 else gemm),
+            ("infer", i, fwd, gbytes, gemm),  # inference is float32 on every path
+        ):  # fmt: skip
+            gf, gb = rate * flops / 1e9, rate * nbytes / 1e9
+            of = f"bf16; {gf / gemm:.0%} of SGEMM" if peak != gemm else "SGEMM"
+            lines.append(
+                f"| {name} | {mode} | {rate:,.0f} | {gf:.1f} | {gf / peak:.0%} ({of}) | "
+                f"{nbytes:,.0f} | {gb:.2f} | {gb / gather:.1%} |"
+            )
+    return lines
+
+
 def bench_model(cfg, B: int = 4096, rounds: int = 3) -> dict[str, tuple[float, float]]:
     """Training-step and inference samples/s at batch ``B`` on the default store, per path:
 
@@ -232,6 +299,7 @@ def bench_model(cfg, B: int = 4096, rounds: int = 3) -> dict[str, tuple[float, f
             for name, (_, step) in paths.items():
                 train[name] = max(train[name], _rate(step, B, 1.0))
         out["breakdown"] = step_breakdown(paths["fit bf16"][1])
+        out["roofline"] = model_roofline(ref, batches[0])
     # inference after training, as evaluation, scoring and serving run the model: the fit
     # paths' tables are back in the plain collection (what a saved model loads), the
     # sharded path keeps DMP's sharded TBE (what Ray Train workers evaluate with)
@@ -434,11 +502,13 @@ def main(argv: list[str] | None = None) -> int:
                           "| path | training step | vs reference | inference | vs reference |",
                           "|---|---:|---:|---:|---:|"]  # fmt: skip
                 parts = m.pop("breakdown")
-                for name, (t, i) in m.items():
+                for name, (t, i) in ((k, v) for k, v in m.items() if k != "roofline"):
                     lines.append(
                         f"| {name} | {t:,.0f} | {t / rt:.2f}x | {i:,.0f} | {i / ri:.2f}x |"
                     )
                     print(lines[-1], flush=True)
+                lines += roofline_lines(m, gemm, gemm16, gather, threads)
+                print("\n".join(lines[-10:]), flush=True)
                 step_ms = sum(parts.values())
                 lines += ["", f"Where the `fit bf16` step's time goes (profiled, {step_ms:.1f} ms "
                           "per step of 4096; the reference step takes "
