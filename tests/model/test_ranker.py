@@ -210,3 +210,26 @@ def test_fit_on_fused_embeddings_equals_the_plain_tables(data, monkeypatch):
         rtol=1e-3,
         atol=1e-4,
     )
+
+
+def test_roofline_flop_accounting_matches_torchs_flop_counter(data):
+    """bench/kernels.py's per-sample FLOPs (analytic, from the weights) agree with what
+    torch's FLOP counter sees in a forward pass (it counts the GEMMs: everything but the
+    cross product and the towers' last dot, which the analytic count adds)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bench.kernels import model_roofline
+
+    spec, _, train, _ = data
+    model = RankingModel(spec, ModelConfig(arch="mmoe", n_experts=4, expert_hidden=[16, 8]))
+    model.eval()
+    batch = train.batch(slice(0, 64))
+    r = model_roofline(model, batch)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(batch)
+    T, D = len(spec.tasks), model.cfg.embedding_dim
+    elementwise = model._cross.shape[1] * D + 2 * T * model.towers.out_w.shape[1]
+    assert counter.get_total_flops() / 64 == pytest.approx(r["flops"] - elementwise)
+    assert r["experts"] == 2 * sum(w.numel() for w in model.experts.weights)
+    assert r["lookups"] == batch.sparse.values().numel() / 64
+    assert r["gather_bytes"] == r["lookups"] * D * 4
