@@ -383,7 +383,7 @@ class RankingModel(nn.Module):
         own_in = x
         if ext.cross is not None and sides is not None:
             mine = torch.einsum("pde,bpe->bpd", ext.cross, sides[0]) * sides[1]  # (b, P, D)
-            own_in = torch.cat([x, mine.flatten(1)], dim=1)
+            own_in = torch.cat([x, mine.flatten(1).to(x.dtype)], dim=1)  # x: bf16 training
         cand = torch.cat([base, ext.experts(own_in)], dim=1)  # (b, E+P, H)
         r, logits, mask = self._gate(ext.gates, x, x.new_zeros(x.shape[0], dtype=torch.long))
         return self._combine(r, logits, mask, cand)
@@ -490,8 +490,6 @@ class RankingModel(nn.Module):
         # x is cast once, here, not by autocast once per expert and gate
         dt = self.train_dtype if self.training else None
         x, sides = self._inputs(batch, dt)  # (B, d_in)
-        if dt is not None and sides is not None and len(self.extensions):
-            sides = sides.to(dt)  # read by the added domains' own crosses
         with torch.autocast(x.device.type, dtype=dt or torch.bfloat16, enabled=dt is not None):
             reps, layers = self._core(x, batch.domain, sides)  # (B, T, H)
             logits = self.towers(reps).float()  # (B, T)
