@@ -167,9 +167,11 @@ def model_roofline(model, batch) -> dict[str, float]:
             "lookups": lookups, "table_params": float(tables), "B": float(B)}  # fmt: skip
 
 
-def roofline_lines(m: dict, gemm: float, gemm16: float, gather: float, threads: int) -> list[str]:
-    """The roofline table of bench_model's results ``m`` against this run's peaks."""
-    r = m["roofline"]
+def roofline_lines(
+    m: dict, r: dict, gemm: float, gemm16: float, gather: float, threads: int
+) -> list[str]:
+    """The roofline table of bench_model's rates ``m`` (path: (train, infer)) and the
+    per-sample accounting ``r`` (:func:`model_roofline`) against this run's peaks."""
     fwd, gbytes, B = r["flops"], r["gather_bytes"], r["B"]
     # training: forward + backward = 3x the forward FLOPs; bytes: the forward gather, then
     # the update of every looked-up row (fused Adagrad: read + write row and state = 4x),
@@ -193,7 +195,7 @@ def roofline_lines(m: dict, gemm: float, gemm16: float, gather: float, threads: 
         "| path | mode | samples/s | GFLOP/s | of FLOP peak | bytes/sample | GB/s | of gather peak |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]  # fmt: skip
-    for name, (t, i) in ((k, v) for k, v in m.items() if k not in ("roofline", "breakdown")):
+    for name, (t, i) in m.items():
         bf16 = "bf16" in name  # training in bf16: its peak is the bf16 GEMM's
         for mode, rate, flops, nbytes, peak in (
             ("train", t, 3 * fwd, gbytes * (1 + (dense_adam / gbytes if name == "reference" else 4)),
@@ -225,7 +227,8 @@ def bench_model(cfg, B: int = 4096, rounds: int = 3) -> dict[str, tuple[float, f
     model: float32 and ``model.expert_impl`` (``concat``) whatever the training settings;
     the fit paths' tables back in the plain ``EmbeddingBagCollection`` (FBGEMM's TBE
     forward is slower than the per-table bags at inference here), the sharded path
-    through DMP's sharded TBE.
+    through DMP's sharded TBE. Also returned: ``breakdown`` (:func:`step_breakdown` of the
+    ``fit bf16`` step) and ``roofline`` (:func:`model_roofline` of the default model).
     """
     import polars as pl
     import torch.distributed as dist
@@ -501,13 +504,13 @@ def main(argv: list[str] | None = None) -> int:
                           "mode (fp32, as scoring and serving run it).", "",
                           "| path | training step | vs reference | inference | vs reference |",
                           "|---|---:|---:|---:|---:|"]  # fmt: skip
-                parts = m.pop("breakdown")
-                for name, (t, i) in ((k, v) for k, v in m.items() if k != "roofline"):
+                parts, roof_model = m.pop("breakdown"), m.pop("roofline")
+                for name, (t, i) in m.items():
                     lines.append(
                         f"| {name} | {t:,.0f} | {t / rt:.2f}x | {i:,.0f} | {i / ri:.2f}x |"
                     )
                     print(lines[-1], flush=True)
-                lines += roofline_lines(m, gemm, gemm16, gather, threads)
+                lines += roofline_lines(m, roof_model, gemm, gemm16, gather, threads)
                 print("\n".join(lines[-10:]), flush=True)
                 step_ms = sum(parts.values())
                 lines += ["", f"Where the `fit bf16` step's time goes (profiled, {step_ms:.1f} ms "

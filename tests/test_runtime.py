@@ -35,10 +35,10 @@ glibc = pytest.mark.skipif(
 )
 
 
-def _released_mib(tuned: bool, env: dict | None = None) -> tuple[bool, float]:
+def _released_mib(tuned: bool) -> tuple[bool, float]:
     out = subprocess.run(
         [sys.executable, "-c", PROBE, "1" if tuned else "0"],
-        capture_output=True, text=True, check=True, env=env,
+        capture_output=True, text=True, check=True,
     ).stdout.split()  # fmt: skip
     return out[0] == "True", float(out[1])
 
