@@ -10,10 +10,9 @@ EXTRAS ?= cpu,dev
 
 export RAY_USAGE_STATS_ENABLED := 0
 export MLFLOW_DISABLE_TELEMETRY := true
-export RAY_AUTH_MODE := disabled
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: install train features generate ui serve score extend test lint format bench bench-quality clean help
+.PHONY: install train features generate ui serve score extend test lint format bench bench-peers bench-quality clean help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -65,9 +64,10 @@ ui: $(STAMP)  ## MLflow UI over the tracking store on 127.0.0.1:5000 (UI_PORT=..
 test: $(STAMP)  ## run the test suite
 	$(BIN)/python -m pytest
 
-lint: $(STAMP)  ## ruff check + format check
+lint: $(STAMP)  ## ruff check + format check + import contracts (layers, pyproject.toml)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports --no-cache
 
 format: $(STAMP)  ## ruff format + autofix
 	$(BIN)/ruff format .
@@ -80,6 +80,12 @@ bench: $(STAMP)  ## throughput benchmarks (after `make train`; writes bench/RESU
 	$(BIN)/python -m bench.serve_latency
 	$(BIN)/python -m bench.kernels
 	$(BIN)/python -m bench.offload
+
+bench-peers: $(STAMP)  ## the model against torch-rechub's MMoE / PLE / SharedBottom (sparse, default, real data)
+	$(PIP) -e '.[peers]'
+	$(BIN)/python -m bench.quality.peers --config configs/sparse.toml --config configs/default.toml \
+		$(if $(wildcard ../shared/data/movielens_100k),--config configs/movielens.toml) \
+		$(if $(wildcard ../shared/data/census_income_kdd),--config configs/census.toml)
 
 bench-quality: $(STAMP)  ## model-quality scripts (MMoE synthetic, Census, architectures, extend; ~50 min)
 	$(BIN)/python -m bench.quality.mmoe_synthetic

@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipelines.batch_score import run_score
     from pipelines.candidates import write_candidates
-    from pipelines.ray_env import init_ray
+    from recsys_moe.cluster import init_ray
     from recsys_moe.config import load_config
 
     cfg = load_config(args.config)

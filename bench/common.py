@@ -5,9 +5,6 @@ from __future__ import annotations
 import os
 import platform
 import re
-import time
-from collections.abc import Callable
-from contextlib import contextmanager
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -29,22 +26,6 @@ def machine() -> str:
     except (OSError, AttributeError):
         pass
     return f"{cpu}, {os.cpu_count()} cores{mem}, {platform.system()} {platform.release()}, Python {platform.python_version()}"
-
-
-@contextmanager
-def timer(out: dict, key: str):
-    t = time.perf_counter()
-    yield
-    out[key] = time.perf_counter() - t
-
-
-def best_of(fn: Callable[[], object], repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def write_section(name: str, body: str) -> None:

@@ -148,7 +148,7 @@ def main() -> None:
 
     from pipelines.build_features import build_features
     from pipelines.generate import run_generate
-    from pipelines.ray_env import init_ray
+    from recsys_moe.cluster import init_ray
 
     t = time.perf_counter()
     init_ray()

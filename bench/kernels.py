@@ -35,6 +35,7 @@ import time
 import torch
 
 from bench.common import machine, write_section
+from recsys_moe.model.cost import forward_cost
 from recsys_moe.model.experts import StackedExperts
 from recsys_moe.runtime import tune_allocator
 
@@ -145,33 +146,11 @@ def bench_embeddings(spec, B: int = 4096) -> tuple[float, float]:
     return _rate(tbe_step, B, 1.0), _rate(ref_step, B, 1.0)
 
 
-def model_roofline(model, batch) -> dict[str, float]:
-    """Per-sample work of one forward pass of a dense (softmax-gated) MMoE ``model`` on
-    ``batch``: GEMM FLOPs by part (2 per weight of every expert, gate and tower, since each
-    sample passes through all of them; the combine's 2 * O * E * H; the crosses' selection
-    matmul and product) and the embedding bytes gathered (float32 rows looked up)."""
-    D = model.cfg.embedding_dim
-    n_sel = model._cross.numel()  # 2 * P * F selection weights
-    flops = {
-        "experts": 2.0 * sum(w.numel() for w in model.experts.weights),
-        "gates": 2.0 * model.gates.w.numel(),
-        "combine": 2.0 * model._gate_outputs * model.experts.n_experts * model.experts.d_out,
-        "towers": 2.0
-        * (sum(p.numel() for p in model.towers.mlp.weights) + model.towers.out_w.numel()),
-        "crosses": 2.0 * n_sel * D + model._cross.shape[1] * D,
-    }
-    B = batch.labels.shape[0]
-    lookups = batch.sparse.values().numel() / B
-    tables = sum(p.numel() for p in model.embedding.parameters())
-    return {**flops, "flops": sum(flops.values()), "gather_bytes": lookups * D * 4.0,
-            "lookups": lookups, "table_params": float(tables), "B": float(B)}  # fmt: skip
-
-
 def roofline_lines(
     m: dict, r: dict, gemm: float, gemm16: float, gather: float, threads: int
 ) -> list[str]:
     """The roofline table of bench_model's rates ``m`` (path: (train, infer)) and the
-    per-sample accounting ``r`` (:func:`model_roofline`) against this run's peaks."""
+    per-sample accounting ``r`` (:func:`recsys_moe.model.cost.forward_cost`) against this run's peaks."""
     fwd, gbytes, B = r["flops"], r["gather_bytes"], r["B"]
     # training: forward + backward = 3x the forward FLOPs; bytes: the forward gather, then
     # the update of every looked-up row (fused Adagrad: read + write row and state = 4x),
@@ -228,7 +207,7 @@ def bench_model(cfg, B: int = 4096, rounds: int = 3) -> dict[str, tuple[float, f
     the fit paths' tables back in the plain ``EmbeddingBagCollection`` (FBGEMM's TBE
     forward is slower than the per-table bags at inference here), the sharded path
     through DMP's sharded TBE. Also returned: ``breakdown`` (:func:`step_breakdown` of the
-    ``fit bf16`` step) and ``roofline`` (:func:`model_roofline` of the default model).
+    ``fit bf16`` step) and ``roofline`` (:func:`recsys_moe.model.cost.forward_cost` of the default model).
     """
     import polars as pl
     import torch.distributed as dist
@@ -237,7 +216,7 @@ def bench_model(cfg, B: int = 4096, rounds: int = 3) -> dict[str, tuple[float, f
     from recsys_moe.distributed.sharding import distribute
     from recsys_moe.model.inputs import ExampleTensors, InputSpec
     from recsys_moe.model.ranker import RankingModel
-    from recsys_moe.train import (
+    from recsys_moe.training import (
         fused_embeddings,
         loss_of,
         make_optimizer,
@@ -288,7 +267,7 @@ def bench_model(cfg, B: int = 4096, rounds: int = 3) -> dict[str, tuple[float, f
         for name, precision in (("fit fp32", "fp32"), ("fit bf16", "bf16")):
             m = model("concat", precision)
             fused = stack.enter_context(fused_embeddings(m, tcfg))
-            paths[name] = (m, stepper(m, make_optimizer(m, tcfg, fused)))
+            paths[name] = (m, stepper(m, make_optimizer(m, tcfg, fused)[0]))
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29591")
         if not dist.is_initialized():
@@ -302,7 +281,7 @@ def bench_model(cfg, B: int = 4096, rounds: int = 3) -> dict[str, tuple[float, f
             for name, (_, step) in paths.items():
                 train[name] = max(train[name], _rate(step, B, 1.0))
         out["breakdown"] = step_breakdown(paths["fit bf16"][1])
-        out["roofline"] = model_roofline(ref, batches[0])
+        out["roofline"] = forward_cost(ref, batches[0])
     # inference after training, as evaluation, scoring and serving run the model: the fit
     # paths' tables are back in the plain collection (what a saved model loads), the
     # sharded path keeps DMP's sharded TBE (what Ray Train workers evaluate with)

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     from recsys_moe.model.offload import DomainSliceCache
     from recsys_moe.model.ranker import RankingModel
     from recsys_moe.model.slicing import domain_slice
-    from recsys_moe.train import predict
+    from recsys_moe.training import predict
 
     torch.set_num_threads(1)
     cfg = load_config(args.config)

@@ -48,7 +48,7 @@ def _step_worker(rank, world, port, config, shard, steps, out):
     from recsys_moe.distributed.sharding import distribute
     from recsys_moe.model.inputs import ExampleTensors, InputSpec
     from recsys_moe.model.ranker import RankingModel
-    from recsys_moe.train import loss_of, prepare_for_training
+    from recsys_moe.training import loss_of, prepare_for_training
 
     cfg = load_config(config)
     store = cfg.features.store_dir
@@ -60,7 +60,7 @@ def _step_worker(rank, world, port, config, shard, steps, out):
     model = RankingModel(spec, cfg.model)
     # as Ray Train's workers train: training.precision, training.expert_impl, the allocator
     prepare_for_training(model, cfg.training, torch.device("cpu"))
-    d = distribute(model, cfg.training, shard_experts_=shard)
+    d = distribute(model, cfg.training, expert_parallel_=shard)
     d.model.train()
     for i in range(steps + 5):
         if i == 5:
@@ -91,7 +91,7 @@ def epoch_throughput(config: str, world: int, shard: bool) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         _, meta = fit_distributed(
             cfg, workers=world, run_name=f"bench-{world}-{shard}", storage=tmp,
-            shard_experts=shard, progress=False,
+            expert_parallel=shard, progress=False,
         )  # fmt: skip
     return float(meta["history"][0]["train/samples_per_s"])
 
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                   "worker and all-reducing their gradients. Expert parallelism pays when "
                   "experts are large next to the activations (or do not fit on one worker), "
                   "which a 2-core CPU box cannot show; it is kept on by default because the "
-                  "layout is what scales, and `--replicate-experts` switches it off."]  # fmt: skip
+                  "layout is what scales, and `--no-expert-parallel` switches it off."]  # fmt: skip
     write_section(
         "Training throughput (Ray Train, torchrec sharding, expert parallelism)", "\n".join(lines)
     )

@@ -72,12 +72,19 @@ def to_list_column(col: str, sep: str, dtype: pl.DataType) -> pl.Expr:
     )
 
 
+def timestamp_seconds(col: str, dtype: pl.DataType) -> pl.Expr:
+    """Timestamps as int64 epoch seconds, whatever the stored type (int, float, datetime, date)."""
+    if dtype == pl.Date:
+        return pl.col(col).cast(pl.Datetime("ms")).dt.epoch("s")
+    if isinstance(dtype, pl.Datetime):
+        return pl.col(col).dt.epoch("s")
+    return pl.col(col).cast(pl.Int64)
+
+
 def prepare(
     df: pl.DataFrame, spec: FeatureSpec, schema: dict[str, pl.DataType], b: Boundaries
 ) -> pl.DataFrame:
     """Canonical dtypes, int64 epoch-second timestamps, list columns and the split column."""
-    from recsys_moe.data.schema import timestamp_seconds
-
     df = df.select([pl.col(c).cast(schema[c]) for c in schema if c in df.columns])
     df = df.with_columns(
         timestamp_seconds(spec.timestamp, schema[spec.timestamp]).alias(spec.timestamp)

@@ -17,8 +17,6 @@ calls it with the request time, so training and serving share one formula.
 
 from __future__ import annotations
 
-import math
-
 import polars as pl
 
 from features.spec import AGG, GRAINS, MAX_RECENCY_DAYS, SEGMENT, FeatureSpec
@@ -132,13 +130,3 @@ def derive_history(df: pl.DataFrame, spec: FeatureSpec, now: pl.Expr | None = No
     exprs.append(segment_expr(pl.col(f"{AGG}user_n").fill_null(0), spec).alias(SEGMENT))
     agg_cols = [c for g in GRAINS for c in spec.agg_cols(g)]
     return df.with_columns(exprs).drop(agg_cols)
-
-
-def no_history_value(spec: FeatureSpec, name: str) -> float:
-    """The value a history feature takes for a never-seen key (documentation and tests)."""
-    if name.endswith("_recency"):
-        return math.log1p(MAX_RECENCY_DAYS)
-    if name.endswith("_cnt"):
-        return 0.0
-    task = name.split("_rate_", 1)[1]
-    return spec.priors[task]

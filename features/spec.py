@@ -13,8 +13,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from recsys_moe.config import Config
-
 CAT = "cat__"
 NUM = "num__"
 LABEL = "label__"
@@ -64,8 +62,9 @@ class FeatureSpec:
     priors: dict[str, float] = field(default_factory=dict)
 
     @classmethod
-    def from_config(cls, cfg: Config) -> FeatureSpec:
-        d, f = cfg.data, cfg.features
+    def from_config(cls, d: Any, f: Any) -> FeatureSpec:
+        """From the config's ``[data]`` and ``[features]`` sections (read by attribute:
+        this package depends on no other package of the project)."""
         spec = cls(
             user_id=d.user_id,
             item_id=d.item_id,

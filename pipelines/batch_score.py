@@ -1,6 +1,6 @@
 """``recsys-moe score``: batch scoring of candidate rows on Ray Data.
 
-    recsys-moe score --model models:/recsys_moe_ranker@champion --input cands/ --output scored/
+    recsys-moe score --model models:/recsys_moe_default@champion --input cands/ --output scored/
 
 1. The model is resolved (an MLflow ``models:/<name>@<alias>`` or ``models:/<name>/<version>``
    URI, or a local model bundle folder) and the input's schema is checked before any work:
@@ -21,73 +21,30 @@ Runs locally or on a cluster (``RAY_ADDRESS``); ``--use-gpu`` puts each actor on
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 import pyarrow as pa
 import pyarrow.dataset as pads
+import ray
+import ray.data
 
+from pipelines.cli import command_parser
+from recsys_moe.bundle import BundleError
+from recsys_moe.cluster import init_ray
 from recsys_moe.config import Config, ScoringConfig, load_config
+from recsys_moe.registry import ModelNotFound, open_model
 from recsys_moe.scorer import RequestError, Scorer
 
 REJECT_REASON = "reject_reason"
 # Ray Data's read / filter / write tasks are I/O-light: a quarter CPU each, so they are
 # never starved by the scoring actors (which would deadlock the stream)
 IO_CPUS = 0.25
-
-
-@dataclass
-class ResolvedModel:
-    bundle: Path
-    name: str
-    version: str  # registry version, or "local"
-    uri: str
-
-
-def resolve_model(uri: str, tracking_uri: str | None = None) -> ResolvedModel:
-    """A local bundle folder, or an MLflow registry URI downloaded to a local folder."""
-    p = Path(uri)
-    if p.is_dir():
-        if not (p / "model.json").exists():
-            raise RequestError(f"{p} is not a model bundle (no model.json)")
-        return ResolvedModel(p.resolve(), p.name, "local", str(p.resolve()))
-    if not uri.startswith("models:/"):
-        raise RequestError(
-            f"--model {uri!r}: expected models:/<name>@<alias>, models:/<name>/<version> or a folder"
-        )
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    from recsys_moe.tracking import tracking_uri as default_uri
-
-    client = mlflow.MlflowClient(tracking_uri or default_uri())
-    ref = uri.removeprefix("models:/")
-    try:
-        if "@" in ref:
-            name, alias = ref.split("@", 1)
-            mv = client.get_model_version_by_alias(name, alias)
-        else:
-            name, version = ref.rsplit("/", 1)
-            mv = client.get_model_version(name, version)
-        # the version's own artifact location: a models:/ URI would be resolved against
-        # the process-wide registry, not this client's store
-        source = client.get_model_version_download_uri(name, mv.version)
-        local = mlflow.artifacts.download_artifacts(
-            artifact_uri=source, tracking_uri=client.tracking_uri
-        )
-    except MlflowException as e:
-        raise RequestError(f"cannot load {uri}: {e.message}") from None
-    bundles = list(Path(local).glob("artifacts/*/model.json"))
-    if not bundles:
-        raise RequestError(f"{uri}: the model has no recsys-moe bundle (artifacts/*/model.json)")
-    return ResolvedModel(bundles[0].parent, name, str(mv.version), uri)
 
 
 def check_input(path: str | Path, scorer: Scorer) -> pa.Schema:
@@ -178,15 +135,9 @@ def run_score(
     progress: bool = True,
 ) -> dict[str, Any]:
     """The whole job; returns the summary (also written to <output>/summary.json)."""
-    import ray
-    import ray.data
-
-    from pipelines.ray_env import init_ray
-
     started = time.perf_counter()
     sc = cfg.scoring
-    resolved = resolve_model(model)
-    scorer = Scorer.from_dir(resolved.bundle)
+    resolved, scorer = open_model(model)
     check_input(input_path, scorer)
     out = Path(output)
     if out.exists():
@@ -277,27 +228,20 @@ def run_score(
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="recsys-moe score", description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default="configs/default.toml")
-    ap.add_argument(
-        "--model",
-        default=None,
-        help="models:/<name>@<alias> (default: the config's serving model and alias), models:/<name>/<version> or a bundle folder",
-    )
+    ap = command_parser("score", __doc__, model=True)
     ap.add_argument("--input", required=True, help="Parquet file or folder of candidate rows")
     ap.add_argument("--output", required=True, help="output folder (replaced)")
     ap.add_argument("--top-k", type=int, default=None, help="also write the K best per user")
     ap.add_argument("--use-gpu", action="store_true")
-    ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     cfg = load_config(args.config)
-    model = args.model or f"models:/{cfg.serving.model_name}@{cfg.serving.model_alias}"
+    model = args.model or cfg.model_uri
     try:
         s = run_score(
             cfg, model=model, input_path=args.input, output=args.output, top_k=args.top_k,
             use_gpu=args.use_gpu, progress=not args.no_progress,
         )  # fmt: skip
-    except RequestError as e:
+    except (RequestError, ModelNotFound, BundleError) as e:
         print(f"recsys-moe score: error: {e}", file=sys.stderr)
         return 2
     print(

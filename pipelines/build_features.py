@@ -12,7 +12,6 @@ Runs on the embedded local Ray, or on a cluster when ``RAY_ADDRESS`` is set.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import shutil
@@ -26,9 +25,15 @@ import polars as pl
 import pyarrow as pa
 
 from features import examples as ex
-from features.history import merge_snapshots, snapshot_aggregates
-from features.spec import CAT, GRAINS, LABEL, NUM, SEGMENT, SPLIT, FeatureSpec
-from features.store import MANIFEST
+from features.spec import GRAINS, SPLIT, FeatureSpec
+from features.store import (
+    MANIFEST,
+    block_statistics,
+    build_tables,
+    merge_counts,
+    write_store,
+)
+from pipelines.cli import command_parser
 from recsys_moe.config import Config, load_config
 from recsys_moe.data.schema import (
     REJECT_REASON,
@@ -38,11 +43,9 @@ from recsys_moe.data.schema import (
     interaction_columns,
     read_table,
     scan_table,
-    timestamp_seconds,
     validate_raw_log,
 )
 
-FORMAT_VERSION = 1
 USER_BUCKET = "_ubucket"
 ITEM_BUCKET = "_ibucket"
 
@@ -70,7 +73,7 @@ def plan_features(cfg: Config) -> Plan:
     full = lf.collect_schema()
     schema = {c: full[c] for c in interaction_columns(d)}
     good = lf.filter(bad_row_reason(d).is_null()).with_columns(
-        timestamp_seconds(d.timestamp, schema[d.timestamp]).alias(d.timestamp)
+        ex.timestamp_seconds(d.timestamp, schema[d.timestamp]).alias(d.timestamp)
     )
     b = ex.compute_boundaries(
         good.select(d.timestamp),
@@ -86,7 +89,9 @@ def plan_features(cfg: Config) -> Plan:
         raise ValueError(
             "the training window is empty: too few distinct timestamps for a time split"
         )
-    spec = FeatureSpec.from_config(cfg).with_priors({t: float(pri[t][0]) for t in d.task_names})
+    spec = FeatureSpec.from_config(cfg.data, cfg.features).with_priors(
+        {t: float(pri[t][0]) for t in d.task_names}
+    )
     uid, iid = schema[d.user_id], schema[d.item_id]
     users = ex.prepare_attributes(
         read_table(tables["users"]), spec, d.user_id, d.user_categorical, d.user_numeric, uid
@@ -178,18 +183,6 @@ def shuffle_stages(block_refs: list, plan: Plan, partitions: int) -> list:
     return [istage.remote(items_ref, plan.spec, *[m[j] for m in by_item]) for j in range(P)]
 
 
-def block_statistics(df: pl.DataFrame, spec: FeatureSpec) -> dict[str, Any]:
-    """Exact partial statistics of one block (merged on the driver)."""
-    return {
-        "vocab": ex.vocab_counts(df, spec),
-        "moments": ex.numeric_moments(df, spec),
-        "snapshots": {g: snapshot_aggregates(df, spec, g) for g in GRAINS}
-        if spec.history_features
-        else {},
-        "counts": df.group_by(SPLIT, spec.domain).len(),
-    }
-
-
 def _block_statistics_arrow(batch: pa.Table, spec: FeatureSpec) -> dict[str, Any]:
     return block_statistics(_pl(batch), spec)
 
@@ -207,116 +200,6 @@ def _encode_block(
 
 
 # ------------------------------------------------------------------ pipeline
-
-
-def build_tables(plan: Plan, snapshots: dict[str, list[pl.DataFrame]]) -> dict[str, pl.DataFrame]:
-    """Online lookup tables: attributes + end-of-log aggregates, one row per key."""
-    spec = plan.spec
-    out: dict[str, pl.DataFrame] = {}
-    for name, grain, attrs, key in (
-        ("users", "user", plan.users, spec.user_id),
-        ("items", "item", plan.items, spec.item_id),
-    ):
-        if spec.history_features:
-            agg = merge_snapshots(snapshots[grain], spec, grain)
-            out[name] = attrs.join(agg, on=key, how="full", coalesce=True).sort(key)
-        else:
-            out[name] = attrs.sort(key)
-    for name, grain in (("user_domain", "userdom"), ("item_domain", "itemdom")):
-        if spec.history_features:
-            out[name] = merge_snapshots(snapshots[grain], spec, grain)
-        else:
-            out[name] = pl.DataFrame(schema={k: plan.schema[k] for k in spec.grain_keys(grain)})
-    return out
-
-
-def merge_counts(parts: list[pl.DataFrame], spec: FeatureSpec) -> dict[str, dict[str, int]]:
-    c = (
-        pl.concat(parts)
-        .group_by(SPLIT, spec.domain)
-        .agg(pl.col("len").sum())
-        .sort(SPLIT, spec.domain)
-    )
-    out: dict[str, dict[str, int]] = {}
-    for split, dom, n in c.iter_rows():
-        out.setdefault(split, {})[str(dom)] = int(n)
-    return out
-
-
-def write_store(
-    plan: Plan,
-    store: Path,
-    vocabs: dict[str, pl.DataFrame],
-    stats: dict[str, dict[str, float]],
-    tables: dict[str, pl.DataFrame],
-    counts: dict[str, dict[str, int]],
-    timings: dict[str, float],
-) -> dict[str, Any]:
-    """Write vocabularies, lookup tables and ``manifest.json`` (examples are written by the caller)."""
-    spec, cfg = plan.spec, plan.cfg
-    (store / "vocab").mkdir(parents=True, exist_ok=True)
-    (store / "tables").mkdir(parents=True, exist_ok=True)
-    cat_meta = []
-    for f in spec.categorical:
-        vocabs[f].write_parquet(store / "vocab" / f"{f}.parquet")
-        source = (
-            "id" if f in (spec.user_id, spec.item_id)
-            else "domain" if f == spec.domain
-            else "derived" if f == SEGMENT
-            else "user" if f in spec.user_categorical
-            else "item" if f in spec.item_categorical
-            else "context"
-        )  # fmt: skip
-        cat_meta.append(
-            {
-                "name": f,
-                "column": CAT + f,
-                "source": source,
-                "vocab_size": vocabs[f].height + 1,
-                "oov_index": 0,
-                "multi_valued": f in spec.multi_valued,
-                "vocab_file": f"vocab/{f}.parquet",
-            }
-        )
-    num_meta = [{"name": f, "column": NUM + f, **stats[f]} for f in spec.numeric]
-    for name, t in tables.items():
-        t.write_parquet(store / "tables" / f"{name}.parquet")
-    dom_vocab = vocabs[spec.domain]
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "name": cfg.name,
-        "fingerprint": fingerprint(plan),
-        "inputs": {k: [str(p) for p in v.paths] for k, v in plan.tables.items()},
-        "config": cfg.to_dict(),
-        "spec": spec.to_dict(),
-        "keys": {
-            "user_id": spec.user_id,
-            "item_id": spec.item_id,
-            "domain": spec.domain,
-            "timestamp": spec.timestamp,
-        },
-        "tasks": [
-            {**asdict(t), "column": LABEL + t.name, "prior": spec.priors[t.name]}
-            for t in cfg.data.tasks
-        ],
-        "domains": dom_vocab.sort("index")["value"].cast(pl.String).to_list(),
-        "features": {"categorical": cat_meta, "numeric": num_meta},
-        "splits": {
-            "valid_start": plan.boundaries.valid_start,
-            "test_start": plan.boundaries.test_start,
-            "rows": {s: sum(counts.get(s, {}).values()) for s in ("train", "valid", "test")},
-            "rows_per_domain": counts,
-        },
-        "validation": asdict(plan.report) | {"rejected_total": plan.report.rejected_total},
-        "tables": {
-            name: {"file": f"tables/{name}.parquet", "rows": t.height} for name, t in tables.items()
-        },
-        "timings_s": timings,
-        "versions": _versions(),
-    }
-    (store / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
-    return manifest
 
 
 def _versions() -> dict[str, str]:
@@ -353,7 +236,7 @@ def build_features(cfg: Config, progress: bool = True) -> dict[str, Any]:
     import ray
     import ray.data
 
-    from pipelines.ray_env import init_ray
+    from recsys_moe.cluster import init_ray
 
     t0 = time.perf_counter()
     plan = plan_features(cfg)
@@ -390,7 +273,7 @@ def build_features(cfg: Config, progress: bool = True) -> dict[str, Any]:
     snapshots = {
         g: [p["snapshots"][g] for p in partials] for g in (GRAINS if spec.history_features else ())
     }
-    tables = build_tables(plan, snapshots)
+    tables = build_tables(spec, plan.users, plan.items, snapshots, plan.schema)
     t_stats = time.perf_counter()
 
     ray.data.from_arrow_refs(item_refs).map_batches(
@@ -406,8 +289,20 @@ def build_features(cfg: Config, progress: bool = True) -> dict[str, Any]:
         "encode_write": round(t_write - t_stats, 3),
         "total": round(t_write - t0, 3),
     }
-    manifest = write_store(plan, store, vocabs, stats, tables, counts, timings)
-    return manifest
+    return write_store(
+        store, spec, vocabs=vocabs, stats=stats, tables=tables, counts=counts,
+        splits={"valid_start": plan.boundaries.valid_start, "test_start": plan.boundaries.test_start},
+        tasks=[asdict(t) for t in cfg.data.tasks],
+        header={
+            "name": cfg.name,
+            "fingerprint": fingerprint(plan),
+            "inputs": {k: [str(p) for p in v.paths] for k, v in plan.tables.items()},
+            "config": cfg.to_dict(),
+            "validation": asdict(plan.report) | {"rejected_total": plan.report.rejected_total},
+            "timings_s": timings,
+            "versions": _versions(),
+        },
+    )  # fmt: skip
 
 
 def build_reference(
@@ -444,9 +339,7 @@ def summarize(manifest: dict[str, Any], store: str | Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="recsys-moe features", description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default="configs/default.toml")
-    ap.add_argument("--no-progress", action="store_true")
+    ap = command_parser("features", __doc__)
     args = ap.parse_args(argv)
     cfg = load_config(args.config)
     manifest = build_features(cfg, progress=not args.no_progress)

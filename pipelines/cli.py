@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
 
+import recsys_moe.cluster  # noqa: F401  (first: Ray's settings are read when ray is imported)
 from recsys_moe.config import ConfigError
 from recsys_moe.data.schema import RawLogError
 
@@ -42,6 +44,23 @@ COMMANDS = {
         "the MLflow experiment UI over the tracking store (127.0.0.1:5000)",
     ),
 }
+
+
+MODEL_HELP = (
+    "models:/<name>@<alias> (default: the config's registered model at its alias, "
+    "models:/recsys_moe_<config name>@champion), models:/<name>/<version> or a bundle folder"
+)
+
+
+def command_parser(name: str, doc: str | None, *, model: bool = False) -> argparse.ArgumentParser:
+    """The parser of ``recsys-moe <name>``: ``--config`` and ``--no-progress`` (and, with
+    ``model``, ``--model``), as every stage takes them."""
+    ap = argparse.ArgumentParser(prog=f"recsys-moe {name}", description=(doc or "").splitlines()[0])
+    ap.add_argument("--config", default="configs/default.toml", help="the TOML config")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars or lines")
+    if model:
+        ap.add_argument("--model", default=None, help=MODEL_HELP)
+    return ap
 
 
 def usage() -> str:

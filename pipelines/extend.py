@@ -1,6 +1,6 @@
 """``recsys-moe extend``: add a new domain to a trained model without retraining the rest.
 
-    recsys-moe extend --model models:/recsys_moe_ranker@champion --domain live --data data/raw/live
+    recsys-moe extend --model models:/recsys_moe_default@champion --domain live --data data/raw/live
 
 1. **Data.** ``--data`` is a raw log in the parent's schema holding the new domain's
    interactions (plus users / items tables for its entities). Its rows are turned into
@@ -11,9 +11,9 @@
    parent's, so every existing index keeps its meaning); numeric normalisation and task
    priors stay the parent's. The lookup tables keep every existing key's row and gain
    rows for new keys and for (user | item, new domain).
-2. **Model.** :func:`recsys_moe.model.extend.grow` adds the domain's experts and gates
+2. **Model.** :func:`recsys_moe.model.grow.grow` adds the domain's experts and gates
    (warm-started at the parent's treatment of an unknown domain) and new embedding rows;
-   :func:`~recsys_moe.model.extend.freeze` leaves only those trainable (``[extend]`` in
+   :func:`~recsys_moe.model.grow.freeze` leaves only those trainable (``[extend]`` in
    the config can unfreeze more). Trained on the new domain's rows (plus a replay sample
    of the old ones if configured), early-stopped on its validation AUC. While only the
    new parameters train, the parent's part of each row (expert input and the parent
@@ -30,8 +30,6 @@
 
 from __future__ import annotations
 
-import argparse
-import copy
 import dataclasses
 import json
 import math
@@ -48,6 +46,9 @@ import torch
 from features import examples as ex
 from features.history import merge_snapshots, snapshot_aggregates
 from features.spec import GRAINS, SPLIT
+from features.store import child_manifest, grow_table, grow_vocab
+from pipelines.cli import command_parser
+from recsys_moe.bundle import BundleError, write_bundle
 from recsys_moe.config import Config, ExtendConfig, config_from_dict, load_config
 from recsys_moe.data.schema import (
     RawLogError,
@@ -55,17 +56,11 @@ from recsys_moe.data.schema import (
     bad_row_reason,
     scan_table,
 )
-from recsys_moe.model.extend import freeze, frozen_changes, grow, trainable_count
+from recsys_moe.model.grow import freeze, frozen_changes, grow, trainable_count
 from recsys_moe.model.inputs import ExampleTensors, InputSpec
-from recsys_moe.model.ranker import require_extendable
+from recsys_moe.registry import ModelNotFound, open_model
 from recsys_moe.scorer import RequestError, Scorer
-from recsys_moe.train import (
-    evaluate_model,
-    loss_of,
-    save_model,
-    seed_everything,
-    task_metrics,
-)
+from recsys_moe.training import evaluate_model, task_metrics, train_extension
 
 
 class ExtendError(ValueError):
@@ -91,32 +86,6 @@ def _read_interactions(paths: list[Path], cfg: Config) -> pl.DataFrame:
     return lf.filter(bad_row_reason(cfg.data).is_null()).collect()
 
 
-def _grow_vocab(parent: pl.DataFrame, counts: pl.DataFrame, min_count: int) -> pl.DataFrame:
-    """Parent vocabulary + the new values (count >= min_count), appended after it."""
-    dtype = parent.schema["value"]
-    add = (
-        counts.with_columns(pl.col("value").cast(dtype))
-        .filter(pl.col("count") >= min_count)
-        .join(parent.select("value"), on="value", how="anti")
-        .sort(["count", "value"], descending=[True, False])
-    )
-    start = int(parent["index"].max() or 0) + 1
-    add = add.with_columns(
-        pl.int_range(start, start + pl.len(), dtype=parent.schema["index"]).alias("index")
-    )
-    return pl.concat([parent, add.select(parent.columns)], how="vertical_relaxed")
-
-
-def _grow_table(parent: pl.DataFrame, new: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
-    """The parent's rows unchanged + the rows of keys it does not have."""
-    add = new.join(parent.select(keys), on=keys, how="anti")
-    for c in parent.columns:
-        if c not in add.columns:
-            add = add.with_columns(pl.lit(None, dtype=parent.schema[c]).alias(c))
-    add = add.select([pl.col(c).cast(parent.schema[c]) for c in parent.columns])
-    return pl.concat([parent, add]).sort(keys)
-
-
 def extension_data(
     parent: Scorer, data_dir: str | Path, domain: str, ecfg: ExtendConfig, history: bool = True
 ) -> ExtensionData:
@@ -129,7 +98,9 @@ def extension_data(
             f"domain {domain!r} is already in the model ({man['domains']}); extend adds a new "
             "domain (adding experts to an existing one is not supported yet)"
         )
-    base = config_from_dict(man["config"])
+    # the sections that say how the parent's features were made (a manifest written by an
+    # older release may carry sections or keys this one no longer has)
+    base = config_from_dict({k: man["config"][k] for k in ("source", "data", "features")})
     cfg = base.replace(data=dataclasses.replace(base.data, raw_dir=str(data_dir)))
     plan = plan_features(cfg)  # validates the new log (missing files / columns, dtypes)
     spec, d = parent.spec, cfg.data
@@ -176,14 +147,14 @@ def extension_data(
     ):
         cols = [key, *cat, *num]
         old_attr = parent.tables[name].select(cols)
-        attr[name] = _grow_table(old_attr, new_attr.select(cols), [key])
+        attr[name] = grow_table(old_attr, new_attr.select(cols), [key])
     df = ex.item_stage(ex.user_stage(df, attr["users"], spec), attr["items"], spec)
     rows = df.filter(is_new)
     # vocabularies: append-only
     counts = ex.vocab_counts(rows, spec)
     min_count = cfg.features.min_count
     vocabs = {
-        f: _grow_vocab(parent.vocabs[f], counts[f], min_count)
+        f: grow_vocab(parent.vocabs[f], counts[f], min_count)
         if ecfg.new_embedding_rows or f == spec.domain
         else parent.vocabs[f]
         for f in spec.categorical
@@ -212,13 +183,13 @@ def extension_data(
             ("items", "item", spec.item_id),
         ):
             full = attr[name].join(snaps[grain], on=key, how="full", coalesce=True)
-            tables[name] = _grow_table(parent.tables[name], full, [key])
+            tables[name] = grow_table(parent.tables[name], full, [key])
         for name, grain in (("user_domain", "userdom"), ("item_domain", "itemdom")):
             add = snaps[grain].filter(is_new)
-            tables[name] = _grow_table(parent.tables[name], add, spec.grain_keys(grain))
+            tables[name] = grow_table(parent.tables[name], add, spec.grain_keys(grain))
     else:
         for name, key in (("users", spec.user_id), ("items", spec.item_id)):
-            tables[name] = _grow_table(parent.tables[name], attr[name], [key])
+            tables[name] = grow_table(parent.tables[name], attr[name], [key])
     # probe rows of the existing domains (their test window) and the replay sample
     old_rows = df.filter(~is_new)
     if old_rows.height:
@@ -246,158 +217,18 @@ def extension_data(
         replay = ex.encode(
             train_old.sample(fraction=ecfg.replay_fraction, seed=ecfg.seed), spec, vocabs, stats
         ).drop(SPLIT)
-    manifest = _child_manifest(man, vocabs, tables, domain, b, examples, sources, grown)
+    manifest = child_manifest(man, vocabs, tables, domain, {
+        "inputs": sources,
+        "splits": {"valid_start": b.valid_start, "test_start": b.test_start,
+                   "rows": {s: e.height for s, e in examples.items()}},
+        "vocab_growth": grown,
+    })  # fmt: skip
     return ExtensionData(
         manifest, vocabs, tables, examples, raw, probe, replay, sources, grown
     )  # fmt: skip
 
 
-def _child_manifest(man, vocabs, tables, domain, b, examples, sources, grown) -> dict[str, Any]:
-    out = copy.deepcopy(man)
-    for f in out["features"]["categorical"]:
-        f["vocab_size"] = vocabs[f["name"]].height + 1
-    out["domains"] = [*man["domains"], domain]
-    out["tables"] = {
-        name: {"file": f"tables/{name}.parquet", "rows": t.height} for name, t in tables.items()
-    }
-    out.setdefault("extensions", []).append(
-        {
-            "domain": domain,
-            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "inputs": sources,
-            "splits": {
-                "valid_start": b.valid_start,
-                "test_start": b.test_start,
-                "rows": {s: e.height for s, e in examples.items()},
-            },
-            "vocab_growth": grown,
-        }
-    )
-    return out
-
-
-def write_child_bundle(child, data: ExtensionData, out: Path, parent_info: dict) -> Path:
-    save_model(child, out, data.manifest, extra={"parent": parent_info})
-    (out / "vocab").mkdir(exist_ok=True)
-    (out / "tables").mkdir(exist_ok=True)
-    for f in data.manifest["features"]["categorical"]:
-        data.vocabs[f["name"]].write_parquet(out / f["vocab_file"])
-    for name, t in data.tables.items():
-        t.write_parquet(out / "tables" / f"{name}.parquet")
-    return out
-
-
-# ------------------------------------------------------------------ training
-
-
-@torch.no_grad()
-def activation_cache(child, data: ExampleTensors, limit_gb: float) -> dict[str, Any] | None:
-    """The parent's part of every training row, computed once: expert input, cross sides
-    and parent expert outputs. Valid when only the newest extension trains (nothing
-    upstream of the parent's experts needs a gradient), there is no dropout and every row
-    is of the new domain; None otherwise, or when it would exceed ``limit_gb``."""
-    newest = f"extensions.{len(child.extensions) - 1}."
-    upstream = any(p.requires_grad for n, p in child.named_parameters() if not n.startswith(newest))
-    dom = child.spec.n_domains - 1
-    if upstream or child.cfg.dropout > 0 or not bool((data.domain == dom).all()):
-        return None
-    ex = child.experts  # per row: expert input, both cross sides, parent expert outputs
-    width = (
-        ex.d_in
-        + 2 * len(child.cfg.interactions) * child.cfg.embedding_dim
-        + ex.n_experts * ex.d_out
-    )
-    if len(data) * width * 4 > limit_gb * 2**30:
-        return None
-    child.eval()
-    xs, ss, bs = [], [], []
-    for b in data.batches(8192):
-        x, sides = child._inputs(b)
-        xs.append(x)
-        ss.append(sides)
-        bs.append(child.experts(x))
-    return {
-        "x": torch.cat(xs),
-        "sides": torch.cat(ss, dim=1) if ss[0] is not None else None,
-        "base": torch.cat(bs),
-        "labels": data.labels,
-    }
-
-
-def train_extension(
-    child,
-    params: list[torch.nn.Parameter],
-    train: ExampleTensors,
-    valid: ExampleTensors,
-    ecfg: ExtendConfig,
-    *,
-    on_epoch=None,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Adam on ``params`` only, early stopping on the valid auc_mean (patience 1)."""
-    from tqdm import tqdm
-
-    gen = seed_everything(ecfg.seed)
-    opt = torch.optim.Adam(params, lr=ecfg.lr)
-    best, best_state, best_epoch, history = -math.inf, None, -1, []
-    t0 = time.perf_counter()
-    cache = activation_cache(child, train, ecfg.cache_gb)
-    if progress:
-        print(
-            "extend: the parent's activations computed once and cached"
-            if cache
-            else "extend: training through the parent's experts every step",
-            flush=True,
-        )
-    ext = child.extensions[-1]
-    n = (len(train) + ecfg.batch_size - 1) // ecfg.batch_size
-    for epoch in range(ecfg.epochs):
-        child.train()
-        losses = []
-        if cache:
-            order = torch.randperm(len(train), generator=gen)
-            batches = (
-                order[i : i + ecfg.batch_size] for i in range(0, len(train), ecfg.batch_size)
-            )
-        else:
-            batches = train.batches(ecfg.batch_size, shuffle=True, generator=gen)
-        for b in tqdm(batches, total=n, desc=f"extend epoch {epoch}", disable=not progress,
-                      leave=False):  # fmt: skip
-            opt.zero_grad(set_to_none=True)
-            if cache:
-                sides = cache["sides"][:, b] if cache["sides"] is not None else None
-                out = child.head(
-                    child.extension_mixture(ext, cache["x"][b], sides, cache["base"][b])
-                )
-                total, _ = loss_of(child, out, cache["labels"][b])
-            else:
-                total, _ = loss_of(child, child(b), b.labels)
-            total.backward()
-            opt.step()
-            losses.append(float(total.detach()))
-        for group in opt.param_groups:
-            group["lr"] *= ecfg.lr_decay
-        val, _ = evaluate_model(child, valid)
-        rec = {"epoch": epoch, "train/loss": float(np.mean(losses)), "valid/loss": val["loss"],
-               "valid/auc_mean": val.get("auc_mean", math.nan)}  # fmt: skip
-        history.append(rec)
-        if on_epoch:
-            on_epoch(epoch, rec)
-        if progress:
-            print(
-                f"extend epoch {epoch}: train loss {rec['train/loss']:.4f}, "
-                f"valid auc_mean {rec['valid/auc_mean']:.4f}",
-                flush=True,
-            )
-        if rec["valid/auc_mean"] > best:
-            best, best_epoch = rec["valid/auc_mean"], epoch
-            best_state = {k: v.clone() for k, v in child.state_dict().items()}
-        elif epoch - best_epoch > 1:
-            break
-    if best_state is not None:
-        child.load_state_dict(best_state)
-    child.eval()
-    return {"best_epoch": best_epoch, "history": history, "seconds": time.perf_counter() - t0}
+# ------------------------------------------------------------------ checks
 
 
 def _new_values(child: Scorer, parent, rows: pl.DataFrame) -> np.ndarray:
@@ -434,15 +265,12 @@ def run_extend(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Extend ``model`` with ``domain`` from ``data_dir``; returns the summary."""
-    from pipelines.batch_score import resolve_model
-
     t0 = time.perf_counter()
     ecfg = cfg.extend
-    resolved = resolve_model(model)
-    parent = Scorer.from_dir(resolved.bundle)
+    resolved, parent = open_model(model)
     pm = parent.model
     try:  # before any data work
-        require_extendable(pm.cfg)
+        pm.require_extendable()
     except ValueError as e:
         raise ExtendError(str(e)) from None
     print(f"extend: parent {resolved.uri} (version {resolved.version}); new domain {domain!r}")
@@ -476,7 +304,8 @@ def run_extend(
     tst = evaluate_model(child, test)[0]
     out = Path(output or Path("models") / f"extend-{domain}")
     parent_info = {"uri": resolved.uri, "name": resolved.name, "version": resolved.version}
-    write_child_bundle(child, data, out, parent_info)
+    write_bundle(child, out, data.manifest, vocabs=data.vocabs, tables=data.tables,
+                 extra={"parent": parent_info})  # fmt: skip
     # existing domains: the same probe rows through the parent's and the child's bundles
     ext_scorer = Scorer.from_dir(out)
     diff = np.abs(ext_scorer.score(data.probe) - parent.score(data.probe)).max(axis=1)
@@ -526,30 +355,24 @@ def _track(cfg: Config, summary: dict, out: Path, data: ExtensionData, resolved)
     """One MLflow run with lineage; a new registered version, promoted if the gates pass."""
     import mlflow
 
-    from recsys_moe.tracking import Tracker, _flatten, log_metrics, tracking_uri
+    from recsys_moe import registry
+    from recsys_moe.tracking import Tracker, flatten, log_metrics
 
-    name, alias = resolved.name, cfg.serving.model_alias
-    if resolved.version == "local":
-        name = cfg.serving.model_name
-    client = mlflow.MlflowClient(tracking_uri())
-    parent_run = ""
-    if resolved.version != "local":
-        parent_run = client.get_model_version(name, resolved.version).run_id or ""
+    local = resolved.version == "local"
+    name, alias = (cfg.model_name if local else resolved.name), cfg.serving.model_alias
     with Tracker.open(cfg, f"extend-{summary['domain']}") as tr:
-        client = mlflow.MlflowClient(tr.uri)
-        mlflow.log_params(_flatten({"extend": dataclasses.asdict(cfg.extend)}))
+        mlflow.log_params(flatten({"extend": dataclasses.asdict(cfg.extend)}))
         mlflow.log_params({"extend.domain": summary["domain"], "parent.uri": resolved.uri})
         tags = {
             "parent.model": resolved.name,
             "parent.version": str(resolved.version),
-            "parent.run_id": parent_run,
+            "parent.run_id": resolved.run_id,
             "extend.domain": summary["domain"],
             "extend.gates": json.dumps(summary["gates"]),
         }
-        if parent_run:
-            tags["mlflow.parentRunId"] = parent_run
-        mlflow.set_tags(tags)
+        mlflow.set_tags(tags | ({"mlflow.parentRunId": resolved.run_id} if resolved.run_id else {}))
         mlflow.log_dict(data.manifest, "manifest.json")
+        client = registry.client(tr.uri)
         for rec in summary["history"]:
             log_metrics(client, tr.run_id, {k: v for k, v in rec.items() if k != "epoch"},
                         step=int(rec["epoch"]))  # fmt: skip
@@ -563,51 +386,39 @@ def _track(cfg: Config, summary: dict, out: Path, data: ExtensionData, resolved)
         }
         log_metrics(client, tr.run_id, flat)
         tr.log_model(out, data.examples["test"].head(5))
-        mv = mlflow.register_model(tr.model_info.model_uri, name)
-        for k, v in {**tags, "run_id": tr.run_id,
-                     "promote_metric": "valid/auc_mean",
-                     "valid_score": f"{summary['valid'].get('auc_mean', math.nan):.6f}"}.items():  # fmt: skip
-            if k != "mlflow.parentRunId":
-                client.set_model_version_tag(name, mv.version, k, v)
-        ok = all(summary["gates"].values())
+        auc = summary["valid"].get("auc_mean", math.nan)
+        version = registry.register(
+            tr.model_info.model_uri, name,
+            {**tags, "run_id": tr.run_id, "promote_metric": "valid/auc_mean",
+             "valid_score": f"{auc:.6f}"},
+            tr.uri,
+        )  # fmt: skip
         failed = [g for g, v in summary["gates"].items() if not v]
-        why = (
+        decision = registry.Decision(
+            not failed,
             f"promoted to @{alias}: existing domains unchanged, {summary['domain']!r} valid "
-            f"auc_mean {summary['valid'].get('auc_mean', math.nan):.4f}"
-            if ok
-            else f"not promoted: failed {failed}"
+            f"auc_mean {auc:.4f}"
+            if not failed
+            else f"not promoted: failed {failed}",
         )
-        if ok:
-            client.set_registered_model_alias(name, alias, mv.version)
-        client.set_model_version_tag(name, mv.version, "promotion", why)
-        mlflow.set_tag("registry.decision", why)
-        return {"name": name, "version": int(mv.version), "alias": alias, "promoted": ok,
-                "decision": why, "run_id": tr.run_id}  # fmt: skip
+        return registry.promote(name, version, alias, decision, run_id=tr.run_id, uri=tr.uri)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="recsys-moe extend", description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default="configs/default.toml", help="[extend] settings")
-    ap.add_argument(
-        "--model",
-        default=None,
-        help="models:/<name>@<alias> (default: the config's serving model and alias), "
-        "models:/<name>/<version> or a bundle folder",
-    )
+    ap = command_parser("extend", __doc__, model=True)
     ap.add_argument("--domain", required=True, help="the new domain's name (as in the raw log)")
     ap.add_argument("--data", required=True, help="raw log folder with the new domain's rows")
     ap.add_argument("--output", default=None, help="bundle folder (default models/extend-<domain>)")
     ap.add_argument("--no-register", action="store_true", help="no MLflow run / registry")
-    ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     cfg = load_config(args.config)
-    model = args.model or f"models:/{cfg.serving.model_name}@{cfg.serving.model_alias}"
+    model = args.model or cfg.model_uri
     try:
         s = run_extend(
             cfg, model=model, domain=args.domain, data_dir=args.data, output=args.output,
             register=not args.no_register, progress=not args.no_progress,
         )  # fmt: skip
-    except (ExtendError, RequestError, RawLogError) as e:
+    except (ExtendError, RequestError, RawLogError, ModelNotFound, BundleError) as e:
         print(f"recsys-moe extend: error: {e}", file=sys.stderr)
         return 2
     v, pv = s["valid"].get("auc_mean", math.nan), s["parent_valid"].get("auc_mean", math.nan)

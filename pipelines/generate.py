@@ -7,12 +7,12 @@ a loader kind (``movielens100k``, ``census_kdd``, ...) maps a public dataset fro
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from pipelines.cli import command_parser
 from recsys_moe.config import Config, load_config
 from recsys_moe.data.loaders import materialize
 from recsys_moe.data.synthetic import generate
@@ -53,15 +53,13 @@ def format_oracle(meta: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="recsys-moe generate", description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default="configs/default.toml")
+    ap = command_parser("generate", __doc__)
     ap.add_argument("--rows", type=int, default=None, help="override synthetic.n_rows")
     ap.add_argument(
         "--if-missing",
         action="store_true",
         help="do nothing if a raw log made from this config exists",
     )
-    ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     overrides = {"synthetic.n_rows": args.rows} if args.rows else None
     cfg = load_config(args.config, overrides)

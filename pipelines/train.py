@@ -20,10 +20,8 @@ run from its last checkpoint, and ``FailureConfig(max_failures)`` restarts worke
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import signal
 import sys
 import tempfile
 import time
@@ -34,21 +32,26 @@ import numpy as np
 import polars as pl
 import torch
 
-from features.store import example_files, load_manifest, read_examples
+from features.spec import SEGMENT
+from features.store import example_files, load_manifest, read_examples, read_vocabs
+from pipelines.cli import command_parser
+from recsys_moe.bundle import write_bundle
 from recsys_moe.config import Config, config_from_dict, load_config
+from recsys_moe.metrics import evaluate_slices
 from recsys_moe.model.inputs import ExampleTensors, InputSpec
 from recsys_moe.model.observe import RouterMonitor
 from recsys_moe.model.ranker import RankingModel
-from recsys_moe.train import (
+from recsys_moe.training import (
+    EarlyStopping,
     evaluate_model,
+    evaluation_slices,
     loss_of,
     prepare_for_training,
-    save_model,
+    run_epochs,
     task_metrics,
+    train_batches,
+    train_step,
 )
-
-REPO = Path(__file__).resolve().parent.parent
-
 
 # ------------------------------------------------------------------ reporting helpers
 
@@ -80,6 +83,19 @@ def table(spec: InputSpec, res: dict[str, float], oracle: dict[str, float] | Non
             lines.append(
                 f"{t.name:<{tw}}{d:<{dw}}{res[f'{key}/auc']:8.4f}{o}{res[f'{key}/logloss']:9.4f}{calib:7.3f}"
             )
+    return "\n".join(lines)
+
+
+def slice_table(spec: InputSpec, res: dict[str, float]) -> str:
+    """Test AUC of the cold-start and user-segment slices (rows, AUC per task)."""
+    names = sorted({k.split("/")[0] for k in res if k.endswith("/n") and k.count("/") == 1})
+    if not names:
+        return ""
+    tasks = [t.name for t in spec.tasks if t.kind == "binary"]
+    lines = [f"{'slice':<16}{'rows':>9}" + "".join(f"{t:>12}" for t in tasks)]
+    for n in names:
+        cells = "".join(f"{res.get(f'{n}/{t}/auc', float('nan')):12.4f}" for t in tasks)
+        lines.append(f"{n:<16}{int(res[f'{n}/n']):>9,}{cells}")
     return "\n".join(lines)
 
 
@@ -128,19 +144,10 @@ def _gather_eval(d, it, spec: InputSpec, batch_size: int, device) -> dict[str, f
     return res
 
 
-def _maybe_fail(fail_at: dict | None, rank: int, epoch: int, step: int) -> None:
-    """Test hook: SIGKILL this worker process once at (rank, epoch, step)."""
-    if not fail_at or (fail_at["rank"], fail_at["epoch"], fail_at["step"]) != (rank, epoch, step):
-        return
-    marker = Path(fail_at["marker"])
-    if marker.exists():
-        return
-    marker.write_text(str(os.getpid()))
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
 def worker_loop(config: dict[str, Any]) -> None:
-    """One Ray Train worker: shard the model, train, validate, checkpoint every epoch."""
+    """One Ray Train worker: shard the model, then the library's epoch loop
+    (:func:`recsys_moe.training.run_epochs`) with this rank's shard of the data; rank 0
+    evaluates and decides, every rank checkpoints."""
     import ray
     import ray.train
     import torch.distributed as dist
@@ -151,7 +158,6 @@ def worker_loop(config: dict[str, Any]) -> None:
         load_checkpoint,
         reduce_monitor,
         save_checkpoint,
-        set_epoch_learning_rates,
     )
 
     torch.set_num_threads(config["threads"])
@@ -165,19 +171,16 @@ def worker_loop(config: dict[str, Any]) -> None:
     model = RankingModel(spec, cfg.model)
     prepare_for_training(model, tcfg, device)  # bf16 / fused experts for training steps
     d = distribute(
-        model,
-        tcfg,
-        device,
-        shard_experts_=config["shard_experts"],
-        sharding_types=config.get("sharding_types"),
-    )
+        model, tcfg, device,
+        expert_parallel_=config["expert_parallel"], sharding_types=config.get("sharding_types"),
+    )  # fmt: skip
     client = None
     if rank == 0 and config.get("run_id"):
         from mlflow import MlflowClient
 
         client = MlflowClient(config["tracking_uri"])
         client.log_dict(config["run_id"], d.plan_summary(), "sharding_plan.json")
-        client.log_param(config["run_id"], "experts_sharded", d.experts_sharded)
+        client.log_param(config["run_id"], "train.expert_parallel", d.expert_parallel)
     nodes = [None] * world
     dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     if rank == 0:
@@ -185,7 +188,7 @@ def worker_loop(config: dict[str, Any]) -> None:
             f"{t}:{p['sharding']}@{','.join(map(str, p['ranks']))}"
             for t, p in d.plan_summary().items()
         )
-        experts = f"{world} x {cfg.model.n_experts // world}" if d.experts_sharded else "replicated"
+        experts = f"{world} x {d.module.experts.n_local}" if d.expert_parallel else "replicated"
         print(
             f"[train] {world} workers on {len(set(nodes))} node(s); tables {plan}; experts {experts}",
             flush=True,
@@ -193,101 +196,87 @@ def worker_loop(config: dict[str, Any]) -> None:
         if client is not None:
             client.log_param(config["run_id"], "train.nodes", len(set(nodes)))
 
-    state = {"epoch": -1, "best": None, "best_epoch": -1, "bad": 0, "history": []}
+    stopping = EarlyStopping(
+        tcfg.promote_metric.removeprefix("valid/"), tcfg.early_stopping_patience
+    )
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as path:
-            state = load_checkpoint(d, path)
+            stopping = EarlyStopping.from_state(load_checkpoint(d, path)["stopping"])
         if rank == 0:
-            print(f"[train] resumed after epoch {state['epoch']} from {ckpt.path}", flush=True)
-    # learning rates follow the epoch (the decay is a schedule, not optimiser state)
-    set_epoch_learning_rates(d, tcfg, state["epoch"] + 1)
+            print(f"[train] resumed after epoch {stopping.epoch} from {ckpt.path}", flush=True)
 
     train_it = ray.train.get_dataset_shard("train")
     valid_it = ray.train.get_dataset_shard("valid")
-    metric = tcfg.promote_metric.removeprefix("valid/")
     rows_per_rank = config["train_rows"] // world
     # training.batch_size is the global batch: W workers on B/W rows each take the same
     # steps as one process on B rows (and the sharded model computes the same gradients)
     batch_size = max(1, tcfg.batch_size // world)
     monitor = RouterMonitor(spec.domains)
-    for epoch in range(state["epoch"] + 1, tcfg.epochs):
-        d.model.train()
+
+    def train_epoch(epoch: int) -> dict[str, float]:
         monitor.reset()
-        losses, seen, t0, next_report = [], 0, time.perf_counter(), 0.1
-        for step, tbl in enumerate(
-            train_it.iter_batches(
+        next_report = [0.1]
+
+        def report(seen: int, losses: list[float]) -> None:
+            if rank == 0 and config["progress"] and seen >= next_report[0] * rows_per_rank:
+                print(f"[train] epoch {epoch} {min(seen / rows_per_rank, 1):4.0%} "
+                      f"loss {np.mean(losses[-50:]):.4f}", flush=True)  # fmt: skip
+                next_report[0] += 0.1
+
+        batches = (
+            ExampleTensors(spec, tbl).batch(slice(None)).to(device)
+            for tbl in train_it.iter_batches(
                 batch_size=batch_size,
                 batch_format="pyarrow",
                 local_shuffle_buffer_size=config["shuffle_buffer"],
                 local_shuffle_seed=tcfg.seed + 1000 * epoch + rank,
             )
-        ):
-            _maybe_fail(config.get("fail_at"), rank, epoch, step)
-            b = ExampleTensors(spec, tbl).batch(slice(None)).to(device)
-            d.optimizer.zero_grad()
-            out = d.model(b)
-            total, _ = loss_of(d.module, out, b.labels)
-            total.backward()
-            d.optimizer.step()
-            monitor.update(out, b.domain.cpu())
-            losses.append(float(total.detach()))
-            seen += len(b)
-            if rank == 0 and config["progress"] and seen >= next_report * rows_per_rank:
-                rate = seen * world / (time.perf_counter() - t0)
-                print(
-                    f"[train] epoch {epoch} {min(seen / rows_per_rank, 1):4.0%} "
-                    f"loss {np.mean(losses[-50:]):.4f} {rate:,.0f} samples/s",
-                    flush=True,
-                )
-                next_report += 0.1
-        train_seconds = time.perf_counter() - t0
-        # every rank's loss and sample count -> the epoch's global figures
-        sums = torch.tensor([float(np.sum(losses)), float(len(losses)), float(seen)])
+        )
+        mine = train_batches(
+            lambda b: train_step(d.module, b, d.optimizer, monitor, forward=d.model),
+            batches, progress=False, on_step=report,
+        )  # fmt: skip
+        # every rank's loss sum, steps and samples -> the epoch's global figures
+        n_steps = mine["train/samples"] and -(-mine["train/samples"] // batch_size)
+        sums = torch.tensor([mine["train/loss"] * n_steps, float(n_steps), mine["train/samples"]])
         dist.all_reduce(sums)
-        samples_per_s = float(sums[2]) / train_seconds
         reduce_monitor(monitor)
-        val = _gather_eval(d, valid_it, spec, 8192, device)
-        set_epoch_learning_rates(d, tcfg, epoch + 1)
+        return {
+            "train/loss": float(sums[0] / sums[1]),
+            "train/samples": float(sums[2]),
+            "train/seconds": mine["train/seconds"],
+            "train/samples_per_s": float(sums[2]) / mine["train/seconds"],
+            **{f"train/{k}": v for k, v in monitor.metrics().items()},
+        }
 
-        # rank 0 decides (metrics, early stopping) and tells everyone
-        decision = [None]
-        if rank == 0:
-            rec = {
-                "epoch": epoch,
-                "train/loss": float(sums[0] / sums[1]),
-                "train/samples_per_s": samples_per_s,
-                "train/seconds": train_seconds,
-                **{f"valid/{k}": v for k, v in val.items()},
-                **{f"train/{k}": v for k, v in monitor.metrics().items()},
-            }
-            score = -val["loss"] if metric == "loss" else val.get(metric, float("nan"))
-            improved = state["best"] is None or score > state["best"]
-            state["best"], state["best_epoch"] = (
-                (score, epoch) if improved else (state["best"], state["best_epoch"])
-            )
-            state["bad"] = 0 if improved else state["bad"] + 1
-            state["history"].append({k: v for k, v in rec.items() if "/router/" not in k})
-            if client is not None:
-                from recsys_moe.tracking import log_metrics
+    def sync(st: EarlyStopping) -> EarlyStopping:
+        box = [st]
+        dist.broadcast_object_list(box, src=0)  # rank 0 decides, everyone follows
+        return box[0]
 
-                log_metrics(client, config["run_id"], rec, step=epoch)
-            print(
-                f"[train] epoch {epoch}: train loss {rec['train/loss']:.4f}, valid loss "
-                f"{val['loss']:.4f}, valid {metric} {score:.4f}, {samples_per_s:,.0f} samples/s",
-                flush=True,
-            )
-            decision = [{**state, "epoch": epoch, "valid_score": score}]
-        dist.broadcast_object_list(decision, src=0)
-        state = decision[0]
+    def checkpoint(epoch: int, st: EarlyStopping, record: dict[str, float] | None) -> None:
+        if client is not None and record is not None:
+            from recsys_moe.tracking import log_metrics
+
+            log_metrics(client, config["run_id"], record, step=epoch)
         with tempfile.TemporaryDirectory() as tmp:
-            save_checkpoint(d, tmp, state)
+            save_checkpoint(d, tmp, {"stopping": st.state()})
             ray.train.report(
-                {"epoch": epoch, "valid_score": state["valid_score"]},
+                {"epoch": epoch, "valid_score": st.last_score},
                 checkpoint=Checkpoint.from_directory(tmp),
             )
-        if state["bad"] > tcfg.early_stopping_patience:
-            break
+
+    run_epochs(
+        epochs=tcfg.epochs,
+        stopping=stopping,
+        train_epoch=train_epoch,
+        evaluate=lambda epoch: _gather_eval(d, valid_it, spec, 8192, device),
+        schedule=d.schedule,
+        sync=sync,
+        on_epoch=checkpoint,
+        log=(lambda line: print(f"[train] {line}", flush=True)) if rank == 0 else None,
+    )
 
 
 # ------------------------------------------------------------------ the driver
@@ -313,18 +302,18 @@ def fit_distributed(
     storage: str | Path,
     run_id: str | None = None,
     tracking_uri: str | None = None,
-    shard_experts: bool = True,
+    expert_parallel: bool = True,
     sharding_types: list[str] | None = None,
     max_failures: int = 2,
-    fail_at: dict | None = None,
     progress: bool = True,
-) -> tuple[Any, dict[str, Any]]:
-    """Run the TorchTrainer; returns (best checkpoint, its meta: state and history)."""
+) -> tuple[Any, EarlyStopping]:
+    """Run the TorchTrainer; returns the best checkpoint and the loop's final state (the
+    best epoch and the history)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipelines.ray_env import init_ray
+    from recsys_moe.cluster import init_ray
 
     init_ray(dashboard=True)
     store = cfg.features.store_dir
@@ -341,12 +330,11 @@ def fit_distributed(
             "manifest": manifest,
             "run_id": run_id,
             "tracking_uri": tracking_uri,
-            "shard_experts": shard_experts,
+            "expert_parallel": expert_parallel,
             "sharding_types": sharding_types,
             "threads": threads,
             "train_rows": train_rows,
             "shuffle_buffer": cfg.training.shuffle_buffer,
-            "fail_at": fail_at,
             "progress": progress,
         },
         torch_config=TorchConfig(backend="nccl" if cfg.training.use_gpu else "gloo"),
@@ -378,9 +366,9 @@ def fit_distributed(
     if not scored:
         raise RuntimeError(f"training run {run_name} reported no checkpoint")
     best, _ = max(scored, key=lambda cm: (cm[1]["valid_score"], -cm[1]["epoch"]))
-    with best.as_directory() as path:
+    with result.checkpoint.as_directory() as path:  # the last epoch's: the whole history
         meta = json.loads((Path(path) / "meta.json").read_text())
-    return best, meta
+    return best, EarlyStopping.from_state(meta["stopping"])
 
 
 def model_from_checkpoint(checkpoint, spec: InputSpec, cfg: Config) -> RankingModel:
@@ -403,7 +391,28 @@ def evaluate_test(
     monitor = RouterMonitor(spec.domains)
     users = test_df[manifest["keys"]["user_id"]].to_numpy()
     res, preds = evaluate_model(model, test, users, monitor=monitor)
+    vocab = read_vocabs(cfg.features.store_dir, manifest).get(SEGMENT)
+    segments = dict(zip(vocab["value"], vocab["index"], strict=True)) if vocab is not None else None
+    tasks = [(t.name, t.kind) for t in spec.tasks]
+    res |= evaluate_slices(test.labels.numpy(), preds, tasks,
+                           evaluation_slices(manifest, test, segments))  # fmt: skip
     return res, oracle_metrics(cfg, test_df, test, spec), monitor, preds, test_df
+
+
+CHALLENGE_ROWS = 100_000
+
+
+def challenge_rows(bundle: Path, store: str | Path) -> pl.DataFrame:
+    """The rows the promotion gate scores both models on: the validation split (at most
+    :data:`CHALLENGE_ROWS`, a fixed sample) as raw request rows plus one column per task."""
+    from recsys_moe.scorer import Scorer
+
+    valid = read_examples(store, "valid")
+    if valid.height > CHALLENGE_ROWS:
+        valid = valid.sample(CHALLENGE_ROWS, seed=0)
+    scorer = Scorer.from_dir(bundle)
+    labels = valid.select(pl.col(t.column).alias(t.name) for t in scorer.model.spec.tasks)
+    return pl.concat([scorer.example_rows(valid), labels], how="horizontal")
 
 
 def run_training(
@@ -413,15 +422,14 @@ def run_training(
     output: str | Path,
     resume: str | None = None,
     register: bool = True,
-    shard_experts: bool | None = None,
+    expert_parallel: bool | None = None,
     sharding_types: list[str] | None = None,
     max_failures: int | None = None,
-    fail_at: dict | None = None,
+    force_promote: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
     """The whole train command; returns a summary (also written to <output>/metrics.json)."""
-    from recsys_moe import tracking
-    from recsys_moe.scorer import write_bundle
+    from recsys_moe import registry, tracking
 
     started = time.perf_counter()
     store = cfg.features.store_dir
@@ -432,35 +440,28 @@ def run_training(
     tracker = tracking.Tracker.open(cfg, run_name)
     with tracker:
         tracker.log_start(cfg, manifest, workers=workers, run_name=run_name, storage=storage)
-        best, meta = fit_distributed(
+        best, stopping = fit_distributed(
             cfg,
             workers=workers,
             run_name=run_name,
             storage=storage,
             run_id=tracker.run_id,
             tracking_uri=tracker.uri,
-            shard_experts=cfg.training.expert_parallel if shard_experts is None else shard_experts,
+            expert_parallel=(
+                cfg.training.expert_parallel if expert_parallel is None else expert_parallel
+            ),
             sharding_types=sharding_types,
             max_failures=cfg.training.max_failures if max_failures is None else max_failures,
-            fail_at=fail_at,
             progress=progress,
         )
         model = model_from_checkpoint(best, spec, cfg)
         test_metrics, oracle, monitor, preds, test_df = evaluate_test(cfg, model, manifest)
-        history = meta["history"]
-        best_epoch = int(meta["best_epoch"])
-        valid = {
-            k.removeprefix("valid/"): v
-            for k, v in history[[h["epoch"] for h in history].index(best_epoch)].items()
-            if k.startswith("valid/")
-        }
-        out = save_model(
-            model,
-            output,
-            manifest,
-            {"config": cfg.to_dict(), "valid": valid, "test": test_metrics, "run_name": run_name},
-        )
-        write_bundle(out, store)
+        history, best_epoch, valid = stopping.history, stopping.best_epoch, stopping.best_valid()
+        out = write_bundle(
+            model, output, manifest, store=store,
+            extra={"config": cfg.to_dict(), "valid": valid, "test": test_metrics,
+                   "run_name": run_name},
+        )  # fmt: skip
         samples = [h["train/samples_per_s"] for h in history]
         summary = {
             "model_dir": str(Path(out).resolve()),
@@ -480,57 +481,26 @@ def run_training(
         (Path(out) / "metrics.json").write_text(json.dumps(summary, indent=2, default=float))
         tracker.log_end(summary, model, monitor, preds, test_df, out)
         if register:
-            summary["registry"] = tracker.register_and_promote(out, valid, cfg)
+            metric = cfg.training.promote_metric
+            score = valid.get(metric.removeprefix("valid/"), float("nan"))
+            rows = challenge_rows(out, store)
+            summary["registry"] = tracker.register_and_promote(
+                cfg,
+                {"promote_metric": metric, "valid_score": f"{score:.6f}"},
+                lambda version: registry.challenge(
+                    out, rows, name=cfg.model_name, alias=cfg.serving.model_alias,
+                    metric=metric, force=force_promote, uri=tracker.uri,
+                ),
+            )  # fmt: skip
     summary["run_id"] = tracker.run_id
     summary["tracking_uri"] = tracker.uri
     print(table(spec, test_metrics, oracle), flush=True)
-    return summary
-
-
-def train_single(cfg: Config, output: str | Path, progress: bool = True) -> dict[str, Any]:
-    """One process, no Ray and no MLflow: fit on the store, evaluate on test, save the model.
-    The quality benchmarks (bench/quality/) use it to compare models on equal terms."""
-    from recsys_moe.train import fit
-
-    torch.set_num_threads(max(1, min(os.cpu_count() or 1, 4)))
-    store = cfg.features.store_dir
-    manifest = load_manifest(store)
-    spec = InputSpec.from_manifest(manifest)
-    train = ExampleTensors(spec, read_examples(store, "train"))
-    valid = ExampleTensors(spec, read_examples(store, "valid"))
-    test_df = read_examples(store, "test")
-    test = ExampleTensors(spec, test_df)
-    torch.manual_seed(cfg.training.seed)
-    model = RankingModel(spec, cfg.model)
-    started = time.perf_counter()
-    res = fit(model, train, valid, cfg.training,
-              metric=cfg.training.promote_metric.removeprefix("valid/"), progress=progress)  # fmt: skip
-    users = test_df[manifest["keys"]["user_id"]].to_numpy()
-    test_metrics, _ = evaluate_model(model, test, users=users)
-    oracle = oracle_metrics(cfg, test_df, test, spec)
-    out = save_model(
-        model, output, manifest, {"config": cfg.to_dict(), "valid": res.valid, "test": test_metrics}
-    )
-    summary = {
-        "model_dir": str(Path(out).resolve()),
-        "best_epoch": res.best_epoch,
-        "train_rows": len(train),
-        "seconds": round(time.perf_counter() - started, 1),
-        "samples_per_s": round(res.samples_per_s),
-        "valid": res.valid,
-        "test": test_metrics,
-        "oracle": oracle,
-        "router": res.router,
-    }
-    (Path(out) / "metrics.json").write_text(json.dumps(summary, indent=2, default=float))
-    if progress:
-        print(table(spec, test_metrics, oracle), flush=True)
+    print(slice_table(spec, test_metrics), flush=True)
     return summary
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="recsys-moe train", description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default="configs/default.toml")
+    ap = command_parser("train", __doc__)
     ap.add_argument(
         "--workers",
         type=int,
@@ -540,10 +510,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--use-gpu", action="store_true", help="GPU workers with NCCL")
     ap.add_argument("--output", default=None, help="model folder (default: models/<config name>)")
     ap.add_argument("--resume", default=None, metavar="RUN", help="continue this stopped run")
-    ap.add_argument("--replicate-experts", action="store_true", help="no expert parallelism")
+    ap.add_argument(
+        "--no-expert-parallel",
+        action="store_true",
+        help="replicate the experts on every worker (training.expert_parallel = false)",
+    )
     ap.add_argument("--no-register", action="store_true", help="log the run, skip the registry")
+    ap.add_argument(
+        "--force-promote",
+        action="store_true",
+        help="move the alias even if the champion scores higher or models other data",
+    )
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     overrides = {}
     for item in args.set:
@@ -563,7 +541,8 @@ def main(argv: list[str] | None = None) -> int:
         output=output,
         resume=args.resume,
         register=not args.no_register,
-        shard_experts=False if args.replicate_experts else None,
+        expert_parallel=False if args.no_expert_parallel else None,
+        force_promote=args.force_promote,
         progress=not args.no_progress,
     )
     reg = s.get("registry") or {}

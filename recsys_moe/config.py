@@ -95,6 +95,11 @@ class SyntheticConfig:
     days: int = 30
     chunk_rows: int = 500_000
     seed: int = 7
+    # ids as strings ("u17", "i4"), as most real logs have them, instead of integers
+    string_ids: bool = False
+    # share of users and of items that first appear after the log starts (at a uniform
+    # time within it; they get impressions only from then on): new users and cold items
+    arrival_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         _require_positive(
@@ -106,6 +111,8 @@ class SyntheticConfig:
             _fail("synthetic", "idiosyncratic", "must be >= 0")
         if self.zipf_exponent <= 0:
             _fail("synthetic", "zipf_exponent", "must be > 0")
+        if not 0.0 <= self.arrival_fraction < 1.0:
+            _fail("synthetic", "arrival_fraction", "must be in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -244,6 +251,10 @@ class ModelConfig:
     shared_experts: int = 4
     specific_experts: int = 2
     dropout: float = 0.0
+    # training only: each user / item id is replaced by the out-of-vocabulary index with
+    # this probability, so the OOV row learns to stand for users and items never seen
+    # (cold start) and rare ids lean on attributes and history
+    id_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         _require_positive("model", self, "embedding_dim", "n_experts", "ple_levels")
@@ -262,6 +273,8 @@ class ModelConfig:
             _fail("model", "capacity_factor", "must be > 0")
         if not 0.0 <= self.dropout < 1.0:
             _fail("model", "dropout", "must be in [0, 1)")
+        if not 0.0 <= self.id_dropout < 1.0:
+            _fail("model", "id_dropout", "must be in [0, 1)")
 
 
 EMBEDDING_OPTIMIZERS = ("adagrad", "rowwise_adagrad", "sgd", "adam")
@@ -332,26 +345,23 @@ class TrainingConfig:
 
 @dataclass(frozen=True)
 class ServingConfig:
-    """The Ray Serve ranking application."""
+    """Where a trained model is registered: the registered model's name and the alias that
+    marks the served version. The service itself is configured in ``serving/config.yaml``
+    (which names the model it serves)."""
 
-    host: str = "127.0.0.1"
-    port: int = 8000
-    model_name: str = "recsys_moe_ranker"
+    # "" = recsys_moe_<config name>: a model trained on other data never competes with
+    # (or replaces) another config's champion
+    model_name: str = ""
     model_alias: str = "champion"
-    max_candidates: int = 1000
-    max_batch_size: int = 32
-    batch_wait_timeout_s: float = 0.002
 
     def __post_init__(self) -> None:
-        if not 0 < self.port < 65536:
-            _fail("serving", "port", f"must be in 1..65535, got {self.port}")
-        if self.max_candidates < 1:
-            _fail("serving", "max_candidates", "must be >= 1")
+        if not self.model_alias:
+            _fail("serving", "model_alias", "must be non-empty")
 
 
 @dataclass(frozen=True)
 class ExtendConfig:
-    """``recsys-moe extend``: a new domain added to a trained model (recsys_moe/model/extend.py)."""
+    """``recsys-moe extend``: a new domain added to a trained model (recsys_moe/model/grow.py)."""
 
     # experts of the new domain (its gates also reach the parent's shared experts)
     experts: int = 3
@@ -360,6 +370,8 @@ class ExtendConfig:
     lr: float = 3e-3
     # learning rate x this after every epoch (as [training] lr_decay)
     lr_decay: float = 0.3
+    # stop after more than this many epochs without a better validation auc_mean
+    early_stopping_patience: int = 1
     # the new domain's own crosses: a learned D x D transform of each interaction's first
     # side, (A left) * right, fed to its experts only (needs model.interactions)
     cross: bool = True
@@ -439,6 +451,16 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def model_name(self) -> str:
+        """The registered model this config's training registers under."""
+        return self.serving.model_name or f"recsys_moe_{self.name}"
+
+    @property
+    def model_uri(self) -> str:
+        """``models:/<name>@<alias>``: the version this config's commands use by default."""
+        return f"models:/{self.model_name}@{self.serving.model_alias}"
 
     def replace(self, **sections: Any) -> Config:
         return dataclasses.replace(self, **sections)

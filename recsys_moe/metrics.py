@@ -51,9 +51,11 @@ def regression_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
 
 def grouped_auc(y: np.ndarray, p: np.ndarray, groups: np.ndarray) -> float:
     """Impression-weighted mean of per-group AUC over groups with both classes (GAUC)."""
-    order = np.argsort(groups, kind="stable")
-    g, y, p = groups[order], y[order], p[order]
-    bounds = np.flatnonzero(np.diff(g)) + 1
+    # group codes: any id type (ints, strings, ids that look numeric but are strings)
+    codes = np.unique(groups, return_inverse=True)[1].ravel()
+    order = np.argsort(codes, kind="stable")
+    g, y, p = codes[order], y[order], p[order]
+    bounds = np.flatnonzero(g[1:] != g[:-1]) + 1
     total, weight = 0.0, 0
     for ys, ps in zip(np.split(y, bounds), np.split(p, bounds), strict=True):
         if 0 < ys.sum() < len(ys):
@@ -103,4 +105,22 @@ def evaluate(
         out["auc_mean"] = float(np.mean(task_auc))
     if per_domain_auc:
         out["auc_worst_domain"] = float(np.min(per_domain_auc))
+    return out
+
+
+def evaluate_slices(
+    labels: np.ndarray,
+    preds: np.ndarray,
+    tasks: list[tuple[str, str]],
+    slices: dict[str, np.ndarray],
+) -> dict[str, float]:
+    """AUC (binary tasks) and row count of each slice of the rows (``slices``: name -> bool
+    mask, e.g. cold users, a user segment): ``"<slice>/<task>/auc"``, ``"<slice>/n"``."""
+    out: dict[str, float] = {}
+    for name, mask in slices.items():
+        out[f"{name}/n"] = float(mask.sum())
+        for t, (task, kind) in enumerate(tasks):
+            y = labels[mask, t]
+            if kind == "binary" and 0 < y.sum() < len(y):
+                out[f"{name}/{task}/auc"] = float(roc_auc_score(y, preds[mask, t]))
     return out

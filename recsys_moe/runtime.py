@@ -4,10 +4,8 @@ glibc's malloc serves every allocation above its mmap threshold (128 KiB at star
 only as far as the largest block freed so far) with a fresh ``mmap`` and hands the top of
 its heap back to the OS whenever more than a trim threshold is free. A training step
 allocates and frees tens of MiB of activations and gradients, so every step page-faults
-them in again (the kernel zeroes each 4 KiB page): in a fresh process a bf16 training
-step of the default model at batch 4096 took median 51-54 ms with glibc's defaults and
-41-44 ms with the settings below (2-core Xeon, three alternating runs each; ~8,000 fewer
-page faults per step); `make train` went from 322 s to 248 s of training. :func:`tune_allocator` keeps
+them in again (the kernel zeroes each 4 KiB page; bench/RESULTS.md has the step times
+with and without). :func:`tune_allocator` keeps
 allocations up to 32 MiB (glibc's maximum threshold) in the heap and freed memory in the
 process, the way a caching allocator (jemalloc, tcmalloc) would. The price: resident
 memory stays at its peak instead of shrinking after it, which a training or scoring

@@ -1,11 +1,4 @@
-"""Scoring raw request rows with a trained model: the model bundle and :class:`Scorer`.
-
-A *bundle* is a folder that holds everything scoring needs, so a served or batch-scored
-model can never read features with another vocabulary than the one it was trained on::
-
-    model.safetensors  model.json     weights, model config, manifest (recsys_moe.train)
-    vocab/<feature>.parquet           the store's vocabularies
-    tables/<name>.parquet             the store's online lookup tables (users, items, ...)
+"""Scoring raw request rows with a trained model (a bundle, :mod:`recsys_moe.bundle`).
 
 :class:`Scorer` turns rows of ``user_id, item_id, domain[, timestamp][, context...]`` into
 per-task scores with the same ``features/`` code as training (``features.online.assemble``
@@ -16,7 +9,6 @@ column or a wrong type is a :class:`RequestError` naming it.
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -27,32 +19,19 @@ import torch
 
 from features.examples import encode
 from features.online import assemble
-from features.spec import SEGMENT
-from features.store import (
-    TABLE_NAMES,
-    numeric_stats,
-    read_tables,
-    read_vocabs,
-    spec_from_manifest,
-)
+from features.spec import CAT, NUM, SEGMENT
+from features.store import numeric_stats, spec_from_manifest
+from recsys_moe.bundle import load_model, read_tables, read_vocabs
 from recsys_moe.config import ScoringConfig
 from recsys_moe.model.inputs import ExampleTensors
 from recsys_moe.model.observe import RouterMonitor
 from recsys_moe.model.ranker import RankingModel
 from recsys_moe.model.slicing import domain_slice
-from recsys_moe.train import load_model, predict
+from recsys_moe.training import predict
 
 
 class RequestError(ValueError):
     """Rows that cannot be scored: a missing required column or a column of the wrong type."""
-
-
-def write_bundle(model_dir: str | Path, store: str | Path) -> Path:
-    """Copy the store's vocabularies and lookup tables next to a saved model."""
-    out = Path(model_dir)
-    for sub in ("vocab", "tables"):
-        shutil.copytree(Path(store) / sub, out / sub, dirs_exist_ok=True)
-    return out
 
 
 class Scorer:
@@ -137,10 +116,10 @@ class Scorer:
         out = encoded.select(s.user_id, s.item_id, s.domain, s.timestamp)
         for c in [*s.context_categorical, *s.context_numeric]:
             if c in s.context_numeric:
-                out = out.with_columns(encoded["num__" + c].alias(c))
+                out = out.with_columns(encoded[NUM + c].alias(c))
                 continue
             vocab = self.vocabs[c].select(pl.col("index").cast(pl.Int64), "value")
-            codes = encoded.select(pl.col("cat__" + c).cast(pl.Int64).alias("index"))
+            codes = encoded.select(pl.col(CAT + c).cast(pl.Int64).alias("index"))
             out = out.with_columns(
                 codes.join(vocab, on="index", how="left", maintain_order="left")["value"].alias(c)
             )
@@ -169,12 +148,17 @@ class Scorer:
 
     def offload_experts(self, directory: str | Path, capacity: int = 2):
         """Serve every domain from its slice, at most ``capacity`` slices in memory and
-        the rest memory-mapped from ``directory`` on demand
-        (:class:`recsys_moe.model.offload.DomainSliceCache`)."""
+        the rest read from ``directory`` on demand
+        (:class:`recsys_moe.model.offload.DomainSliceCache`). The full expert pool is then
+        dropped from memory (kept only for domains added by ``recsys-moe extend``, which
+        read every parent expert)."""
         from recsys_moe.model.offload import DomainSliceCache
 
-        self.slices = DomainSliceCache(self.model, directory, capacity)  # type: ignore[assignment]
-        return self.slices
+        cache = DomainSliceCache(self.model, directory, capacity)
+        self.slices = cache  # type: ignore[assignment]
+        if not len(self.model.extensions):
+            self.model = cache.model_without_experts()
+        return cache
 
     def _predict(
         self,
@@ -212,23 +196,18 @@ class Scorer:
         blend: ScoringConfig | None = None,
         batch_size: int = 8192,
         monitors: dict[int, RouterMonitor] | None = None,
+        *,
+        checked: bool = False,
     ) -> pl.DataFrame:
         """One ``score_<task>`` column per task; with ``blend`` also ``score`` (the blended
-        ranking score), ``segment`` (cold / casual / power), ``cold_user``, ``cold_item``."""
+        ranking score), ``segment`` (cold / casual / power), ``cold_user``, ``cold_item``.
+        ``checked``: the rows already went through :meth:`check` (no second check)."""
         if rows.height == 0:
             return self._empty_frame(blend)
-        return self.score_checked(self.check(rows), blend, batch_size, monitors)
+        checked_rows = rows if checked else self.check(rows)
+        return self._score_checked(checked_rows, blend, batch_size, monitors)
 
-    def score_checked(
-        self,
-        checked: pl.DataFrame,
-        blend: ScoringConfig | None = None,
-        batch_size: int = 8192,
-        monitors: dict[int, RouterMonitor] | None = None,
-    ) -> pl.DataFrame:
-        """:meth:`score_frame` for rows already through :meth:`check` (no second check)."""
-        if checked.height == 0:
-            return self._empty_frame(blend)
+    def _score_checked(self, checked, blend, batch_size, monitors) -> pl.DataFrame:
         df = assemble(checked.select(self.input_columns()), self.tables, self.spec)
         p = self._predict(
             encode(df, self.spec, self.vocabs, self.stats, keep_split=False), batch_size, monitors
@@ -265,4 +244,4 @@ def blended(scores: np.ndarray, tasks: list[str], cfg: ScoringConfig) -> np.ndar
     return (scores.astype(np.float64) @ w).astype(np.float32)
 
 
-__all__ = ["TABLE_NAMES", "RequestError", "Scorer", "blended", "write_bundle"]
+__all__ = ["RequestError", "Scorer", "blended"]

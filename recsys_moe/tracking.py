@@ -10,9 +10,9 @@ train/valid loss and per task x domain metrics (logged by rank 0 while training)
 metrics, throughput, the sharding plan, plots (expert utilisation heatmaps, per-domain AUC
 bars, calibration curves) and the model as an MLflow pyfunc that scores a table of raw
 request rows (``user_id, item_id, domain[, ts, context]``) using the manifest,
-vocabularies and lookup tables packed with it. The model is registered under
-``serving.model_name``; the ``serving.model_alias`` alias (``champion``) moves only when the
-new version beats the current champion on ``training.promote_metric``.
+vocabularies and lookup tables packed with it, logged from code
+(``recsys_moe/mlflow_model.py``: no pickle). Registration and promotion:
+:mod:`recsys_moe.registry`.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from recsys_moe.config import Config
 
 PACKAGES = ("recsys_moe", "features")
 REPO = Path(__file__).resolve().parent.parent
+MODEL_CODE = Path(__file__).resolve().parent / "mlflow_model.py"
 MAX_PARAM = 500  # MLflow's limit on a param value's length
 
 
@@ -43,16 +44,26 @@ def tracking_uri() -> str:
     return f"sqlite:///{root / 'mlflow.db'}"
 
 
+def artifact_location(uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: beside a SQLite store's database file
+    (MLflow's own default, ``./mlruns`` under the working directory, would scatter them
+    wherever a command runs); a server decides for itself (None)."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "artifacts").as_uri()
+    return None
+
+
 def experiment_name(cfg: Config) -> str:
     return f"recsys-moe-{cfg.name}"
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """A nested dict as MLflow params: dotted keys, values as strings cut to MLflow's limit."""
     out: dict[str, str] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
+            out.update(flatten(v, key + "."))
         else:
             out[key] = str(v)[:MAX_PARAM]
     return out
@@ -86,31 +97,6 @@ def _pip_requirements() -> list[str]:
     return out
 
 
-try:  # the pyfunc class needs mlflow; the rest of the library does not
-    import mlflow.pyfunc
-
-    class RankerModel(mlflow.pyfunc.PythonModel):
-        """MLflow pyfunc: a table of raw request rows -> one ``score_<task>`` column per task."""
-
-        def load_context(self, context) -> None:
-            from recsys_moe.scorer import Scorer
-
-            self.scorer = Scorer.from_dir(context.artifacts["bundle"])
-
-        def predict(self, context, model_input, params=None):
-            import polars as pl
-
-            rows = (
-                pl.from_pandas(model_input)
-                if not isinstance(model_input, pl.DataFrame)
-                else model_input
-            )
-            return self.scorer.score_frame(rows).to_pandas()
-
-except ImportError:  # pragma: no cover
-    RankerModel = None  # type: ignore[assignment,misc]
-
-
 @dataclass
 class Tracker:
     """One MLflow run of ``recsys-moe train`` (the driver's side; rank 0 logs epochs)."""
@@ -130,10 +116,7 @@ class Tracker:
         name = experiment_name(cfg)
         exp = mlflow.get_experiment_by_name(name)
         if exp is None:
-            location = None
-            if uri.startswith("sqlite:///") and not os.environ.get("MLFLOW_TRACKING_URI"):
-                location = (Path("mlruns").resolve() / "artifacts").as_uri()
-            exp_id = mlflow.create_experiment(name, artifact_location=location)
+            exp_id = mlflow.create_experiment(name, artifact_location=artifact_location(uri))
         else:
             exp_id = exp.experiment_id
         run = mlflow.start_run(experiment_id=exp_id, run_name=run_name)
@@ -152,7 +135,7 @@ class Tracker:
     ) -> None:
         import mlflow
 
-        mlflow.log_params(_flatten(cfg.to_dict()))
+        mlflow.log_params(flatten(cfg.to_dict()))
         mlflow.set_tags(
             {
                 "data.fingerprint": manifest.get("fingerprint", ""),
@@ -204,7 +187,7 @@ class Tracker:
         )
         self.model_info = mlflow.pyfunc.log_model(
             name="model",
-            python_model=RankerModel(),
+            python_model=str(MODEL_CODE),  # from code: loading never unpickles
             artifacts={"bundle": str(model_dir)},
             code_paths=[str(REPO / p) for p in PACKAGES],
             signature=sig,
@@ -212,51 +195,20 @@ class Tracker:
             pip_requirements=_pip_requirements(),
         )
 
-    def register_and_promote(self, model_dir, valid: dict[str, float], cfg: Config) -> dict:
-        """Register the run's model; move the alias only if it beats the current champion."""
-        import mlflow
-        from mlflow.exceptions import MlflowException
+    def register_and_promote(
+        self, cfg: Config, tags: dict[str, Any], decide: Any, alias: str | None = None
+    ) -> dict[str, Any]:
+        """Register the run's logged model under the config's model name, tagged; then
+        ``decide(version) -> registry.Decision`` says whether it takes the alias."""
+        from recsys_moe import registry
 
-        client = mlflow.MlflowClient(self.uri)
-        name, alias = cfg.serving.model_name, cfg.serving.model_alias
-        metric = cfg.training.promote_metric.removeprefix("valid/")
-        mv = mlflow.register_model(self.model_info.model_uri, name)
-        client.set_model_version_tag(name, mv.version, "run_id", self.run_id)
-        score = float(valid.get(metric, float("nan")))
-        client.set_model_version_tag(name, mv.version, "promote_metric", f"valid/{metric}")
-        client.set_model_version_tag(name, mv.version, "valid_score", f"{score:.6f}")
-        try:
-            champ = client.get_model_version_by_alias(name, alias)
-        except MlflowException:
-            champ = None
-        if not math.isfinite(score):
-            promoted, why = False, f"not promoted: valid/{metric} is not available"
-        elif champ is None:
-            promoted, why = True, f"promoted to @{alias}: no current champion"
-        else:
-            old = float(champ.tags.get("valid_score", "nan"))
-            if not math.isfinite(old):
-                promoted, why = (
-                    True,
-                    f"promoted to @{alias}: champion v{champ.version} has no valid_score",
-                )
-            elif score > old:
-                promoted = True
-                why = f"promoted to @{alias}: valid/{metric} {score:.4f} > champion v{champ.version} {old:.4f}"
-            else:
-                promoted = False
-                why = f"not promoted: valid/{metric} {score:.4f} <= champion v{champ.version} {old:.4f}"
-        if promoted:
-            client.set_registered_model_alias(name, alias, mv.version)
-        client.set_model_version_tag(name, mv.version, "promotion", why)
-        mlflow.set_tag("registry.decision", why)
-        return {
-            "name": name,
-            "version": int(mv.version),
-            "alias": alias,
-            "promoted": promoted,
-            "decision": why,
-        }
+        name = cfg.model_name
+        alias = alias or cfg.serving.model_alias
+        version = registry.register(
+            self.model_info.model_uri, name, {"run_id": self.run_id, **tags}, self.uri
+        )
+        return registry.promote(name, version, alias, decide(version), run_id=self.run_id,
+                                uri=self.uri)  # fmt: skip
 
 
 # ------------------------------------------------------------------ plots

@@ -1,14 +1,14 @@
 """The ranking service on Ray Serve: a FastAPI ingress that routes each request to its
 segment's ranker deployment.
 
-    client --HTTP--> Ingress (FastAPI: validation, segment router) --handle--> Ranker[segment]
+    client --HTTP--> Ingress (FastAPI: validation, segment router) --handle--> SegmentRanker[segment]
                                                                       (@serve.batch, model slice)
 
 - **Ingress** validates the request (4xx with a message for every client mistake, bounded
   request size), resolves the segment from the request's domain and the user's segment
   (cold / casual / power, from the feature store's user x domain table) and calls that
   segment's ranker.
-- **Ranker** (one deployment per segment, its own replicas and task blend) loads
+- **SegmentRanker** (one deployment per segment, its own replicas and task blend) loads
   ``models:/<name>@<alias>`` from MLflow, batches requests with ``@serve.batch``, looks
   user and item features up from the bundle's tables with the same ``features/`` code as
   training, and computes only the experts its domains use (:mod:`recsys_moe.model.slicing`).
@@ -100,7 +100,7 @@ def _error(status: int, message: str) -> JSONResponse:
 
 
 @serve.deployment(max_ongoing_requests=64)
-class Ranker:
+class SegmentRanker:
     """One segment's ranker: the model behind the segment's alias, batched."""
 
     def __init__(self, settings: dict[str, Any], segment: str) -> None:
@@ -150,7 +150,7 @@ class Ranker:
         from recsys_moe.scorer import Scorer
 
         scorer = Scorer.from_dir(bundle)
-        if self.segment.offload_capacity and scorer.model.cfg.arch in ("mmoe", "star"):
+        if self.segment.offload_capacity and scorer.model.supports_domain_slices:
             # one folder per loaded version: a swap never reads another version's slices
             where = tempfile.mkdtemp(prefix=f"recsys-moe-{self.segment.name}-v{version}-")
             cache = scorer.offload_experts(where, self.segment.offload_capacity)
@@ -192,8 +192,8 @@ class Ranker:
                 out[i] = {"error": str(e)}
         if frames:
             rows = pl.concat(frames, how="diagonal_relaxed")
-            scored = scorer.score_checked(
-                rows, cur.payload["blend"], monitors=cur.payload["monitors"]
+            scored = scorer.score_frame(
+                rows, cur.payload["blend"], monitors=cur.payload["monitors"], checked=True
             )
             start = 0
             for i in ok:
@@ -292,17 +292,14 @@ async def _invalid(request: Request, exc: RequestValidationError) -> JSONRespons
 
 def _routing_tables(bundle: str, version: str) -> dict[str, Any]:
     """What the router needs from the bundle: known domains, user -> segment."""
-    import json
-    from pathlib import Path
-
     from features.history import segment_expr
     from features.spec import AGG
-    from features.store import read_tables, spec_from_manifest
-    from recsys_moe.train import META
+    from features.store import spec_from_manifest
+    from recsys_moe.bundle import read_meta, read_tables
 
-    meta = json.loads((Path(bundle) / META).read_text())
+    meta = read_meta(bundle)
     spec = spec_from_manifest(meta["manifest"])
-    users = read_tables(Path(bundle))["users"]
+    users = read_tables(bundle)["users"]
     seg = users.select(
         spec.user_id, segment_expr(pl.col(f"{AGG}user_n").fill_null(0), spec).alias("segment")
     )
@@ -417,8 +414,8 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
     settings = ServeSettings.from_dict(args)
     raw = settings.to_dict()
     rankers = {
-        seg.name: Ranker.options(
-            name=f"Ranker_{seg.name}",
+        seg.name: SegmentRanker.options(
+            name=f"SegmentRanker_{seg.name}",
             num_replicas=seg.replicas,
             ray_actor_options={"num_cpus": seg.num_cpus},
         ).bind(raw, seg.name)

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from recsys_moe.registry import ModelNotFound
+
 log = logging.getLogger("ray.serve")
 
 
@@ -63,20 +65,20 @@ class ModelWatcher:
     def _resolve_version(self) -> str:
         if not self.uri.startswith("models:/"):
             return "local"
-        import mlflow
+        from recsys_moe.registry import alias_version, parse_uri
 
-        from recsys_moe.tracking import tracking_uri
-
-        name, alias = self.uri.removeprefix("models:/").split("@", 1)
-        client = mlflow.MlflowClient(self.tracking_uri or tracking_uri())
-        return str(client.get_model_version_by_alias(name, alias).version)
+        name, alias, _ = parse_uri(self.uri)
+        mv = alias_version(name, alias or "", self.tracking_uri)
+        if mv is None:
+            raise ModelNotFound(f"no model {self.uri} yet (`make train` registers one)")
+        return str(mv.version)
 
     def _download(self, version: str) -> Path:
-        from pipelines.batch_score import resolve_model
+        from recsys_moe.registry import parse_uri, resolve_model
 
         if version == "local":
             return resolve_model(self.uri).bundle
-        name = self.uri.removeprefix("models:/").split("@", 1)[0]
+        name = parse_uri(self.uri)[0]
         return resolve_model(f"models:/{name}/{version}", self.tracking_uri).bundle
 
     def _build(self, bundle: Path, version: str) -> Loaded:

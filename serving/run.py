@@ -38,7 +38,7 @@ def start(raw: dict[str, Any], *, blocking_ready_s: float = 300.0) -> str:
     """Deploy the application of a parsed serve config; returns the base URL."""
     from ray import serve
 
-    from pipelines.ray_env import init_ray
+    from recsys_moe.cluster import init_ray
     from serving.app import app_builder
 
     init_ray()

@@ -58,7 +58,7 @@ class Segment:
 
 @dataclass(frozen=True)
 class ServeSettings:
-    model_name: str = "recsys_moe_ranker"
+    model_name: str = "recsys_moe_default"
     model_alias: str = "champion"
     # None: MLFLOW_TRACKING_URI or the repository's mlruns/ store (recsys_moe.tracking)
     tracking_uri: str | None = None

@@ -8,16 +8,47 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-# Triton kernels run under the interpreter where there is no GPU; the variable must be set
-# before anything imports triton (torch may, and triton.language's helpers are decorated
-# at import). Real-GPU machines (nvidia-smi present) run them natively.
-if not os.path.exists("/dev/nvidiactl"):
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+# Ray reads it when first imported (test modules import ray at collection): the local
+# instance of the tests runs with token authentication, as every command's does
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+# The suite's Triton tests are interpreter tests, on every machine: CPU tensors through
+# Triton's interpreter. The variable must be set before anything imports triton
+# (triton.language's helpers are decorated at import). The compiled kernels are tested on
+# CUDA tensors by the `gpu` test, in a process of its own without the interpreter.
+os.environ["TRITON_INTERPRET"] = "1"
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("RECSYS_MOE_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+# the user's own state in the repository: the suite must leave it exactly as it found it
+USER_STATE = ("mlruns", "models", "checkpoints", "data", "mlflow.db")
+
+
+def _user_state() -> dict[str, tuple[int, int]]:
+    """Every file under the repository's state folders: path -> (size, mtime_ns)."""
+    out = {}
+    for name in USER_STATE:
+        root = REPO / name
+        paths = [root] if root.is_file() else root.rglob("*") if root.exists() else []
+        for p in paths:
+            if p.is_file():
+                st = p.stat()
+                out[str(p.relative_to(REPO))] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def user_state_untouched():
+    """Fails the run if any test created, changed or removed anything in the repository's
+    mlruns/, models/, checkpoints/ or data/ (tests write under temporary folders only, with
+    their own MLflow store)."""
+    before = _user_state()
+    yield
+    after = _user_state()
+    changed = sorted({k for k in before.keys() | after.keys() if before.get(k) != after.get(k)})
+    assert not changed, f"the test suite changed the user's state in the repository: {changed[:20]}"
 
 
 def small_config_dict(tmp: Path, n_rows: int = 20_000, **features) -> dict:
@@ -68,16 +99,10 @@ def ray_session():
     """One local Ray instance for the whole test session (never `ray stop`)."""
     import ray
 
-    from pipelines.ray_env import serve_env
+    from recsys_moe.cluster import init_ray
 
-    if not ray.is_initialized():
-        with serve_env():  # Serve in the tests runs as `recsys-moe serve` runs it
-            ray.init(
-                num_cpus=2,
-                include_dashboard=False,
-                runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}},
-                log_to_driver=False,
-            )
+    # as every command starts it: token authentication on, loopback, Serve's settings
+    init_ray(num_cpus=2, log_to_driver=False)
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -126,10 +151,10 @@ def scoring_model(small_store, tmp_path_factory):
     import torch
 
     from features.store import load_manifest, read_examples
+    from recsys_moe.bundle import write_bundle
     from recsys_moe.model.inputs import ExampleTensors, InputSpec
     from recsys_moe.model.ranker import RankingModel
-    from recsys_moe.scorer import write_bundle
-    from recsys_moe.train import fit, save_model
+    from recsys_moe.training import fit
 
     cfg, _ = small_store
     tmp = tmp_path_factory.mktemp("scoring")
@@ -144,26 +169,38 @@ def scoring_model(small_store, tmp_path_factory):
     fit(m, ExampleTensors(spec, read_examples(store, "train")),
         ExampleTensors(spec, read_examples(store, "valid")),
         dataclasses.replace(cfg.training, epochs=1, batch_size=512), progress=False)  # fmt: skip
-    bundle = write_bundle(save_model(m, tmp / "bundle", manifest), store)
+    bundle = write_bundle(m, tmp / "bundle", manifest, store=store)
     uri = f"sqlite:///{tmp}/mlflow.db"
     assert register_bundle(cfg, bundle, uri, 0.6, "scoring-test")["promoted"]
     return cfg, bundle, uri, tmp
 
 
-def register_bundle(cfg, bundle, uri: str, metric: float, run_name: str) -> dict:
+def register_bundle(
+    cfg, bundle, uri: str, metric: float, run_name: str, force: bool = False
+) -> dict:
     """Log ``bundle`` in a run of the MLflow store ``uri`` and register it behind the
-    promotion gate (validation metric ``metric``); returns the registration summary."""
+    promotion gate, as `recsys-moe train` does (``metric``: its recorded valid_score;
+    ``force``: move the alias whatever the comparison says); returns the summary."""
     import mlflow
 
     from features.store import read_examples
-    from recsys_moe import tracking
+    from pipelines.train import challenge_rows
+    from recsys_moe import registry, tracking
 
     old = mlflow.get_tracking_uri()
     os.environ["MLFLOW_TRACKING_URI"] = uri
     try:
         with tracking.Tracker.open(cfg, run_name) as tracker:
             tracker.log_model(bundle, read_examples(cfg.features.store_dir, "test").head(5))
-            return tracker.register_and_promote(bundle, {"auc_mean": metric}, cfg)
+            rows = challenge_rows(bundle, cfg.features.store_dir)
+            return tracker.register_and_promote(
+                cfg,
+                {"promote_metric": "valid/auc_mean", "valid_score": f"{metric:.6f}"},
+                lambda version: registry.challenge(
+                    bundle, rows, name=cfg.model_name, alias=cfg.serving.model_alias,
+                    metric="valid/auc_mean", force=force, uri=uri,
+                ),
+            )  # fmt: skip
     finally:
         del os.environ["MLFLOW_TRACKING_URI"]
         mlflow.set_tracking_uri(old)

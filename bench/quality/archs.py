@@ -31,9 +31,9 @@ def main() -> None:
     ap.add_argument("--note", default="")
     args = ap.parse_args()
 
+    from bench.quality.common import train_single
     from pipelines.build_features import build_features
     from pipelines.generate import raw_log_is_current, run_generate
-    from pipelines.train import train_single
 
     cfg = load_config(args.config)
     fresh = not raw_log_is_current(cfg)

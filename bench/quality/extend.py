@@ -47,7 +47,7 @@ def _split_log(raw: Path, domain: str, rest: Path, held: Path) -> dict[str, int]
 
 def _auc_on(model, spec, enc: pl.DataFrame, ts: str, ts_min: int, domain: int) -> dict[str, float]:
     from recsys_moe.model.inputs import ExampleTensors
-    from recsys_moe.train import evaluate_model
+    from recsys_moe.training import evaluate_model
 
     rows = enc.filter((pl.col(spec.domain_column) == domain) & (pl.col(ts) >= ts_min))
     res, _ = evaluate_model(model, ExampleTensors(spec, rows))
@@ -61,9 +61,8 @@ def _baselines(base, all_cfg, cfg_for, domain: str) -> tuple[dict, dict]:
     """Split the log, train the parent (held-out domain removed) and the full retrain."""
     import ray
 
+    from bench.quality.common import train_single
     from pipelines.build_features import build_features
-    from pipelines.train import train_single
-    from recsys_moe.scorer import write_bundle
 
     counts = _split_log(OUT / "raw_all", domain, OUT / "raw_rest", OUT / "raw_held")
     times: dict[str, float] = {}
@@ -75,7 +74,6 @@ def _baselines(base, all_cfg, cfg_for, domain: str) -> tuple[dict, dict]:
     print("training the parent (without the held-out domain) ...", flush=True)
     parent_sum = train_single(rest_cfg, OUT / "parent" / "model", progress=False)
     times["parent_train"] = parent_sum["seconds"]
-    write_bundle(OUT / "parent" / "model", rest_cfg.features.store_dir)
 
     # full retrain: features + training on every domain
     t = time.perf_counter()
@@ -106,10 +104,11 @@ def main() -> None:
     from features.store import load_manifest, read_examples
     from pipelines.extend import extension_data, run_extend
     from pipelines.generate import raw_log_is_current, run_generate
+    from recsys_moe.bundle import load_model
     from recsys_moe.config import load_config
     from recsys_moe.model.inputs import InputSpec
     from recsys_moe.scorer import Scorer
-    from recsys_moe.train import load_model, task_metrics
+    from recsys_moe.training import task_metrics
 
     base = load_config(args.config)
     if args.rows:

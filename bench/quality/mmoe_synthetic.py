@@ -21,7 +21,7 @@ from bench.common import machine, write_section
 from bench.quality.common import dense_spec, dense_tensors, fmt_mean_std
 from recsys_moe.config import ModelConfig, TrainingConfig
 from recsys_moe.model.ranker import RankingModel
-from recsys_moe.train import fit, predict
+from recsys_moe.training import fit, predict
 
 D, M_SINES = 100, 10
 _MOE = {

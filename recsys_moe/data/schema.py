@@ -121,15 +121,6 @@ def _check_numeric(tf: TableFiles, schema: pl.Schema, cols: list[str], what: str
             )
 
 
-def timestamp_seconds(col: str, dtype: pl.DataType) -> pl.Expr:
-    """Timestamps as int64 epoch seconds, whatever the stored type (int, float, datetime, date)."""
-    if dtype == pl.Date:
-        return pl.col(col).cast(pl.Datetime("ms")).dt.epoch("s")
-    if isinstance(dtype, pl.Datetime):
-        return pl.col(col).dt.epoch("s")
-    return pl.col(col).cast(pl.Int64)
-
-
 def bad_row_reason(cfg: DataConfig) -> pl.Expr:
     """Per interaction row: the first contract violation as a string, or null for a good row."""
     checks: list[tuple[pl.Expr, str]] = [

@@ -4,9 +4,9 @@ DDP for the rest; optimisers; checkpoints.
 :func:`distribute` turns a :class:`RankingModel` (built identically on every rank from the
 same seed) into a :class:`Distributed`:
 
-- experts of MMoE / STAR (``StackedExperts``) become :class:`ExpertParallel` (E/W per rank)
-  when ``shard_experts`` and E is divisible by W; otherwise (shared-bottom, PLE) they stay
-  replicated under DDP;
+- the expert pool becomes :class:`ExpertParallel` (E/W per rank) with ``expert_parallel``
+  where the model supports it (MMoE, STAR) and E divides by W; otherwise (shared-bottom,
+  PLE) the experts stay replicated under DDP;
 - the ``EmbeddingBagCollection`` is sharded by torchrec ``DistributedModelParallel`` with the
   plan of ``EmbeddingShardingPlanner`` (table-wise / row-wise / data-parallel as it decides);
   tables use FBGEMM's table-batched kernels with the fused optimiser
@@ -53,12 +53,12 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from recsys_moe.config import TrainingConfig
 from recsys_moe.distributed.expert_parallel import ExpertParallel
-from recsys_moe.model.experts import StackedExperts
 from recsys_moe.model.observe import RouterMonitor
 from recsys_moe.model.ranker import RankingModel
-from recsys_moe.train import dense_optimizer, embedding_optimizer
+from recsys_moe.training import LrSchedule, dense_optimizer, embedding_optimizer
 
-LOCAL = ".local."  # expert-parallel parameter names: experts.local.weights.0, ...
+LOCAL = ".local."  # expert-parallel parameter names: core.experts.local.weights.0, ...
+EXPERTS = "core.experts."  # the expert pool's parameter names in a RankingModel
 
 
 @dataclass
@@ -69,8 +69,8 @@ class Distributed:
     optimizer: CombinedOptimizer
     dense_optimizer: KeyedOptimizerWrapper
     plan: ShardingPlan
-    experts_sharded: bool
-    embedding_optimizers: list[Any]
+    expert_parallel: bool
+    schedule: LrSchedule
 
     @property
     def module(self) -> RankingModel:
@@ -96,15 +96,13 @@ class Distributed:
         return out
 
 
-def shard_experts(model: RankingModel, group: dist.ProcessGroup | None = None) -> bool:
-    """Replace ``model.experts`` by this rank's :class:`ExpertParallel` slice when possible."""
-    experts = getattr(model, "experts", None)
+def expert_parallel(model: RankingModel, group: dist.ProcessGroup | None = None) -> bool:
+    """Replace the model's expert pool by this rank's :class:`ExpertParallel` slice where
+    the model supports it (one pool every gate reads) and E divides by the world size."""
     W = dist.get_world_size(group)
-    if not isinstance(experts, StackedExperts) or model.cfg.arch not in ("mmoe", "star"):
+    if not model.supports_expert_parallel or model.experts.n_experts % W:
         return False
-    if experts.n_experts % W:
-        return False
-    model.experts = ExpertParallel(experts, group)
+    model.set_experts(ExpertParallel(model.experts, group))
     return True
 
 
@@ -144,7 +142,7 @@ def distribute(
     cfg: TrainingConfig,
     device: torch.device | None = None,
     *,
-    shard_experts_: bool = True,
+    expert_parallel_: bool = True,
     sharding_types: list[str] | None = None,
 ) -> Distributed:
     """Shard ``model`` over the initialised default process group (see module docstring)."""
@@ -155,7 +153,7 @@ def distribute(
             "use adagrad, rowwise_adagrad or sgd (adam works on GPU workers)"
         )
     tables = {k: v.detach().clone() for k, v in model.embedding.state_dict().items()}
-    sharded = shard_experts(model) if shard_experts_ else False
+    sharded = expert_parallel(model) if expert_parallel_ else False
     ignore = expert_param_names(model)
     cls, kw = embedding_optimizer(cfg)
     apply_optimizer_in_backward(cls, model.embedding.ebc.parameters(), dict(kw))
@@ -178,11 +176,17 @@ def distribute(
     # data-parallel tables are not fused: they take the embedding optimiser here
     tables_dp = {k: rest.pop(k) for k in list(rest) if k.startswith("embedding.")}
     dense = KeyedOptimizerWrapper(rest, lambda params: dense_optimizer(params, cfg))
-    parts = [dmp.fused_optimizer, dense]
+    parts = [(dmp.fused_optimizer, cfg.embedding_lr), (dense, cfg.lr)]
     if tables_dp:
-        parts.append(KeyedOptimizerWrapper(tables_dp, lambda params: cls(params, **kw)))
+        tdp = KeyedOptimizerWrapper(tables_dp, lambda params: cls(params, **kw))
+        parts.append((tdp, cfg.embedding_lr))
     return Distributed(
-        dmp, CombinedOptimizer(parts), dense, plan, sharded, [dmp.fused_optimizer, *parts[2:]]
+        dmp,
+        CombinedOptimizer([o for o, _ in parts]),
+        dense,
+        plan,
+        sharded,
+        LrSchedule(parts, cfg.lr_decay),
     )
 
 
@@ -200,16 +204,6 @@ def _copy_tables(dmp: DistributedModelParallel, full: dict[str, torch.Tensor]) -
                 shard.tensor.copy_(src[r0 : r0 + nr, c0 : c0 + nc])
         else:
             value.copy_(src)
-
-
-def set_epoch_learning_rates(d: Distributed, cfg: TrainingConfig, epoch: int) -> None:
-    """Learning rates for ``epoch``: base x ``lr_decay ** epoch`` (tables: ``embedding_lr``)."""
-    factor = cfg.lr_decay**epoch
-    for group in d.dense_optimizer.param_groups:
-        group["lr"] = cfg.lr * factor
-    for opt in d.embedding_optimizers:
-        for group in opt.param_groups:
-            group["lr"] = cfg.embedding_lr * factor
 
 
 def reduce_monitor(monitor: RouterMonitor) -> None:
@@ -290,8 +284,8 @@ def read_model_state(path: str | Path, model: RankingModel) -> dict[str, torch.T
     saved = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
 
     def saved_key(k: str) -> str:
-        local = "model." + k.replace("experts.", "experts" + LOCAL, 1)
-        return local if k.startswith("experts.") and local in saved else "model." + k
+        local = "model." + k.replace(EXPERTS, EXPERTS.rstrip(".") + LOCAL, 1)
+        return local if k.startswith(EXPERTS) and local in saved else "model." + k
 
     own = model.state_dict()
     template = {saved_key(k): torch.empty_like(v) for k, v in own.items()}

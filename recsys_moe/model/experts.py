@@ -102,8 +102,8 @@ _HAS_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(
 
 def _linear_relu(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, relu: bool) -> torch.Tensor:
     """``relu(x @ w.T + b)`` (or without the ReLU), ``w`` as (out, in): on CPU one oneDNN
-    GEMM with bias and ReLU in its epilogue (1.8x faster than addmm + relu_ at
-    [4096, 436] @ [436, 1024] in bf16), addmm + in-place ReLU elsewhere."""
+    GEMM with bias and ReLU in its epilogue (one pass over the output instead of
+    two; bench/kernels.py measures it), addmm + in-place ReLU elsewhere."""
     if x.device.type == "cpu" and _HAS_ONEDNN_LINEAR and x.shape[0]:
         return torch.ops.mkldnn._linear_pointwise(x, w, b, "relu" if relu else "none", [], "")
     h = torch.addmm(b, x, w.t())
@@ -116,7 +116,7 @@ class _FusedExperts(torch.autograd.Function):
     Layer 1 is one concatenated GEMM ``[B, d] @ [d, E*h1]`` with bias and ReLU in the
     GEMM's epilogue; its output is laid out expert-major ``(E, B, h1)`` once, so every later
     layer is one contiguous batched GEMM (``baddbmm``) and the layer-2 weight gradient one
-    ``bmm`` (strided per-expert GEMMs ran 2.7x slower in bf16). Backward: ReLU masks in
+    ``bmm`` (oneDNN's bf16 batched GEMM reads strided operands slowly). Backward: ReLU masks in
     place, bias gradients as sums, the input gradient of layer 1 by one GEMM (no
     per-expert accumulation). Only post-ReLU activations are kept. Weights are cast to
     the input's dtype once per call: a bfloat16 input (``training.precision = "bf16"``) runs

@@ -26,6 +26,9 @@ class SparseFeature:
     column: str
     vocab_size: int
     multi_valued: bool
+    # where it comes from (the manifest's "source"): "id" for the user and item ids,
+    # "domain", "user", "item", "context", "derived"
+    source: str = ""
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,13 @@ class InputSpec:
     @classmethod
     def from_manifest(cls, m: dict[str, Any]) -> InputSpec:
         sparse = [
-            SparseFeature(f["name"], f["column"], int(f["vocab_size"]), bool(f["multi_valued"]))
+            SparseFeature(
+                f["name"],
+                f["column"],
+                int(f["vocab_size"]),
+                bool(f["multi_valued"]),
+                f.get("source", ""),
+            )
             for f in m["features"]["categorical"]
         ]
         dense = [

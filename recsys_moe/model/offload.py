@@ -51,19 +51,30 @@ class DomainSliceCache:
         self.hits = self.misses = self.evictions = 0
         self._resident: OrderedDict[int, RankingModel] = OrderedDict()
         self._active: dict[int, list[int]] = {}
-        # one template slice: the shared parts, with experts and gates to be filled in
+        if not model.supports_domain_slices:
+            raise ValueError(f"model.arch {model.cfg.arch!r} has no domain slices to offload")
         for k in range(model.base_domains):  # added domains stay with the full model
             s = domain_slice(model, k)
-            if s is model:
-                raise ValueError(f"model.arch {model.cfg.arch!r} has no domain slices to offload")
             save_file(_slice_state(s), str(self.dir / f"domain_{k}.safetensors"))
             self._active[k] = list(s.active)
-        self._template = s
+            del s
         self.full_expert_bytes = sum(
             p.numel() * p.element_size()
-            for name, p in model.named_parameters()
-            if name.startswith(("experts.", "gates."))
+            for p in [*model.experts.parameters(), *model.gates.parameters()]
         )
+        # the template: the model with a slice-shaped expert pool and gates that hold no
+        # storage (meta tensors); a slice is the template with its tensors assigned
+        shape = domain_slice(model, 0)
+        self._template = with_experts(
+            model, copy.deepcopy(shape.experts).to("meta"), copy.deepcopy(shape.gates).to("meta"),
+            [],
+        )  # fmt: skip
+        del shape
+
+    def model_without_experts(self) -> RankingModel:
+        """The model with no expert or gate weights in memory (the template): what a scorer
+        keeps once every domain it serves is offloaded."""
+        return self._template
 
     def __contains__(self, k: int) -> bool:
         return k in self._active
@@ -81,9 +92,13 @@ class DomainSliceCache:
         self.misses += 1
         state = load_file(str(self.dir / f"domain_{k}.safetensors"))
         experts = copy.deepcopy(self._template.experts)
-        experts.load_state_dict({n[8:]: v for n, v in state.items() if n.startswith("experts.")})
+        experts.load_state_dict(
+            {n[8:]: v for n, v in state.items() if n.startswith("experts.")}, assign=True
+        )
         gates = copy.deepcopy(self._template.gates)
-        gates.load_state_dict({n[6:]: v for n, v in state.items() if n.startswith("gates.")})
+        gates.load_state_dict(
+            {n[6:]: v for n, v in state.items() if n.startswith("gates.")}, assign=True
+        )
         gates.mask = state["mask"]
         m = with_experts(self._template, experts, gates, self._active[k])
         self._resident[k] = m

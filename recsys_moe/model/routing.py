@@ -46,6 +46,18 @@ class RouteOut:
     dropped_fraction: torch.Tensor  # scalar, share of top-k assignments dropped by capacity
 
 
+@dataclass
+class GateLayer:
+    """The routing of one gate layer, for losses and observability."""
+
+    name: str  # "gates", "level0", ...
+    outputs: list[str]  # what each gate output feeds: task names, or "shared"
+    route: RouteOut
+    # rows of the batch whose domain index is >= this were not routed by these gates
+    # (they belong to a domain added later by `recsys-moe extend`); 0: every row
+    domains: int = 0
+
+
 class GateBank(nn.Module):
     """Gate logits for O outputs x K domains over E experts; one GEMM (or one einsum when
     every output reads its own input, as in PLE)."""
@@ -100,8 +112,8 @@ class GateBank(nn.Module):
 
 def _masked_softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Softmax over the allowed experts (last axis), computed expert-major: on CPU,
-    torch.softmax over a short last axis (E = 8) is ~4x slower than over the leading axis
-    of the transposed copy (vectorised across rows); the order of every sum is fixed, so
+    torch.softmax over a short last axis (E = 8) vectorises poorly, over the leading
+    axis of the transposed copy it runs across rows; the order of every sum is fixed, so
     a row's weights do not depend on where its tensor sits in memory."""
     z = logits.masked_fill(~mask, NEG_INF)
     return torch.softmax(z.movedim(-1, 0).contiguous(), dim=0).movedim(0, -1)

@@ -24,18 +24,11 @@ from recsys_moe.model.routing import GateBank
 
 
 def active_experts(model: RankingModel, domain: int) -> list[int]:
-    """The experts domain index ``domain``'s gates can give weight to (all for
-    shared-bottom and PLE, which have no domain-specific experts)."""
-    gates = getattr(model, "gates", None)
-    if model.cfg.arch not in ("mmoe", "star") or gates is None:
-        n = getattr(getattr(model, "experts", None), "n_experts", 0)
-        return list(range(n))
-    if domain >= model.base_domains:  # added by `recsys-moe extend`: reach + its own experts
-        ext = model.extensions[domain - model.base_domains]
-        E = model.experts.n_experts
-        return [*ext.reach, *range(E, E + ext.experts.n_experts)]
-    k = domain if gates.K > 1 else 0
-    return torch.nonzero(gates.mask[k].any(0)).flatten().tolist()
+    """The experts domain index ``domain``'s gates can give weight to (all, for a model
+    without domain slices)."""
+    if not model.supports_domain_slices:
+        return list(range(getattr(model.experts, "n_experts", 0)))
+    return model.core.reachable_experts(domain)
 
 
 def _slice_experts(experts: StackedExperts, keep: torch.Tensor) -> StackedExperts:
@@ -70,12 +63,9 @@ def _slice_gates(gates: GateBank, domain: int, keep: torch.Tensor) -> GateBank:
 @torch.no_grad()
 def domain_slice(model: RankingModel, domain: int) -> RankingModel:
     """A copy of ``model`` computing only the experts and gates domain index ``domain`` uses
-    (the model itself, unchanged, where nothing can be cut: shared-bottom, PLE)."""
-    if model.cfg.arch not in ("mmoe", "star") or getattr(model, "gates", None) is None:
-        return model
-    if model.gates.per_output_input:  # pragma: no cover - mmoe/star gates read one input
-        return model
-    if domain >= model.base_domains:  # an added domain: computed by its extension anyway
+    (the model itself, unchanged, where nothing can be cut: shared-bottom, PLE, a domain
+    added after training)."""
+    if not model.supports_domain_slices or domain >= model.base_domains:
         return model
     keep = torch.tensor(active_experts(model, domain), dtype=torch.long)
     return with_experts(
@@ -89,15 +79,15 @@ def domain_slice(model: RankingModel, domain: int) -> RankingModel:
 def with_experts(
     model: RankingModel, experts: nn.Module, gates: GateBank, active: list[int]
 ) -> RankingModel:
-    """A one-domain copy of ``model`` sharing embeddings, towers and buffers, with its own
-    ``experts`` and ``gates`` (``active``: the global ids of those experts)."""
-    out = copy.copy(model)
-    out._modules = dict(model._modules)
-    out._modules["experts"] = experts
-    out._modules["gates"] = gates
-    out._gate_domains = 1
+    """A one-domain copy of ``model`` sharing embeddings, towers and buffers, whose core
+    has its own ``experts`` and ``gates`` (``active``: the global ids of those experts)."""
+    core = copy.copy(model.core)
+    core._modules = dict(model.core._modules)
+    core._modules["experts"] = experts
+    core._modules["gates"] = gates
+    out = model.with_core(core)
     out.active = active
-    return out.eval()
+    return out
 
 
 __all__ = ["active_experts", "domain_slice", "with_experts"]

@@ -14,20 +14,15 @@ and embedding-bag gather-and-pool fused into the first expert layer.
   weight (as FBGEMM's TBE lays them out), bags in torchrec's key-major KJT order. The
   backward runs in torch (recomputed pooling, ``index_add_`` into the table rows).
 
-Both are ``torch.autograd.Function`` s. On a machine without a GPU the same kernels run
-under Triton's interpreter (``TRITON_INTERPRET=1``, set here when CUDA is absent) - slow,
-for tests only. The model calls :func:`gate_combine` on CUDA tensors (``use_triton``);
-everything else keeps the torch path, with no configuration change.
+Both are ``torch.autograd.Function`` s. The model calls :func:`gate_combine` on CUDA
+tensors (``use_triton``); everything else keeps the torch path, with no configuration
+change. Without a GPU the same kernels run under Triton's interpreter on CPU tensors when
+``TRITON_INTERPRET=1`` is set before triton is imported (slow; the test suite does this).
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
-
-if not torch.cuda.is_available():  # the interpreter, for the CPU tests
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 try:
     import triton
@@ -42,11 +37,8 @@ def available() -> bool:
 
 
 def use_triton(t: torch.Tensor) -> bool:
-    """The model's switch: Triton on CUDA tensors (or, for tests, wherever
-    ``RECSYS_MOE_TRITON=1`` asks for the interpreter)."""
-    if triton is None:
-        return False
-    return t.is_cuda or os.environ.get("RECSYS_MOE_TRITON") == "1"
+    """The model's switch: Triton on CUDA tensors, where it is installed."""
+    return triton is not None and t.is_cuda
 
 
 def _block(n: int, lo: int = 16) -> int:

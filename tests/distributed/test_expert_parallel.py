@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from recsys_moe.config import TrainingConfig
 from recsys_moe.distributed.sharding import distribute, read_model_state, save_checkpoint
 from recsys_moe.model.ranker import RankingModel
-from recsys_moe.train import loss_of, make_optimizer
+from recsys_moe.training import loss_of, make_optimizer
 from tests.distributed.tiny import SPEC, examples, model_config
 
 W, B = 2, 16
@@ -36,7 +36,7 @@ def _worker(rank: int, port: int, out: str, mcfg: dict, sharding: str, shard_exp
         torch.manual_seed(0)
         model = RankingModel(SPEC, model_config(**mcfg))
         b = examples(B * W).batch(slice(rank * B, (rank + 1) * B))
-        d = distribute(model, TCFG, sharding_types=[sharding], shard_experts_=shard_experts)
+        d = distribute(model, TCFG, sharding_types=[sharding], expert_parallel_=shard_experts)
         d.model.train()
         o = d.model(b)
         total, _ = loss_of(d.module, o, b.labels)
@@ -47,7 +47,7 @@ def _worker(rank: int, port: int, out: str, mcfg: dict, sharding: str, shard_exp
         save_checkpoint(d, f"{out}/ckpt", {"epoch": 0})
         torch.save(
             {"preds": o.preds.detach(), "loss": total.detach(), "grads": grads, "plan": plan,
-             "sharded": d.experts_sharded},
+             "sharded": d.expert_parallel},
             f"{out}/rank{rank}.pt",
         )  # fmt: skip
     finally:
@@ -73,7 +73,7 @@ def test_sharded_equals_single_process(tmp_path, mcfg, sharding, shard_experts):
     ref = RankingModel(SPEC, model_config(**mcfg))
     ref.train()
     batch = examples(B * W).batch(slice(0, B * W))
-    opt = make_optimizer(ref, TCFG)
+    opt, _ = make_optimizer(ref, TCFG)
     out = ref(batch)
     total, _ = loss_of(ref, out, batch.labels)
     total.backward()

@@ -34,7 +34,7 @@ def frame():
             "features": {"smoothing_strength": 5.0},
         }
     )
-    spec = FeatureSpec.from_config(cfg).with_priors({"click": 0.5, "buy": 0.5})
+    spec = FeatureSpec.from_config(cfg.data, cfg.features).with_priors({"click": 0.5, "buy": 0.5})
     return inter, spec
 
 

@@ -79,7 +79,7 @@ def test_model_scores_do_not_depend_on_the_impl(small_store):
     from features.store import load_manifest, read_examples
     from recsys_moe.model.inputs import ExampleTensors, InputSpec
     from recsys_moe.model.ranker import RankingModel
-    from recsys_moe.train import predict
+    from recsys_moe.training import predict
 
     cfg, _ = small_store
     store = cfg.features.store_dir

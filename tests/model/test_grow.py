@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from recsys_moe.model.extend import freeze, frozen_changes, grow
-from recsys_moe.model.inputs import ExampleTensors, InputSpec, SparseFeature
+from recsys_moe.model.grow import freeze, frozen_changes, grow
+from recsys_moe.model.inputs import ExampleTensors, InputSpec
 from recsys_moe.model.ranker import RankingModel
 from recsys_moe.model.slicing import active_experts, domain_slice
-from recsys_moe.train import loss_of, predict
+from recsys_moe.training import loss_of, predict
 
 
 def _child_spec(spec: InputSpec, domain: str, grow_items: int = 3) -> InputSpec:
@@ -24,7 +24,7 @@ def _child_spec(spec: InputSpec, domain: str, grow_items: int = 3) -> InputSpec:
     sparse = []
     for f in spec.sparse:
         extra = 1 if f.column == spec.domain_column else grow_items if f.name == "item_id" else 0
-        sparse.append(SparseFeature(f.name, f.column, f.vocab_size + extra, f.multi_valued))
+        sparse.append(dataclasses.replace(f, vocab_size=f.vocab_size + extra))
     return dataclasses.replace(spec, sparse=sparse, domains=[*spec.domains, domain])
 
 
@@ -96,7 +96,7 @@ def test_training_moves_only_new_parameters(family):
     params = freeze(child, parent)
     newest = {id(p) for p in child.extensions[-1].parameters()}
     assert newest <= {id(p) for p in params}
-    assert all(n.startswith(("extensions.", "embedding.")) for n, p in child.named_parameters()
+    assert all(n.startswith(("core.extensions.", "embedding.")) for n, p in child.named_parameters()
                if p.requires_grad)  # fmt: skip
     opt = torch.optim.Adam(params, lr=0.05)
     data = ExampleTensors(cspec, live)
@@ -126,7 +126,7 @@ def test_training_moves_only_new_parameters(family):
 
 def test_grown_model_round_trips_and_slices(family, small_store, tmp_path):
     from features.store import load_manifest
-    from recsys_moe.train import load_model, save_model
+    from recsys_moe.bundle import load_model, write_bundle
 
     _parent, child, spec, cspec, test, live = family
     manifest = load_manifest(small_store[0].features.store_dir)
@@ -134,7 +134,7 @@ def test_grown_model_round_trips_and_slices(family, small_store, tmp_path):
     for f in manifest["features"]["categorical"]:
         f["vocab_size"] = sizes[f["name"]]
     manifest["domains"] = cspec.domains
-    save_model(child, tmp_path / "m", manifest)
+    write_bundle(child, tmp_path / "m", manifest)
     loaded, meta = load_model(tmp_path / "m")
     assert [e["domain"] for e in meta["extensions"]] == ["live"]
     for rows in (live, test):

@@ -34,7 +34,7 @@ def star(small_store):
 
 def test_offloaded_slices_score_like_resident_ones(star, tmp_path):
     from recsys_moe.model.inputs import ExampleTensors
-    from recsys_moe.train import predict
+    from recsys_moe.training import predict
 
     model, spec, test, data = star
     cache = DomainSliceCache(model, tmp_path / "experts", capacity=1)
@@ -74,5 +74,7 @@ def test_scorer_with_offloaded_experts_scores_like_the_full_model(scoring_model,
     cache = off.offload_experts(tmp_path / "experts", capacity=1)
     rows = full.example_rows(read_examples(cfg.features.store_dir, "test").head(300))
     rows = pl.concat([rows, rows.head(5).with_columns(pl.lit("mars").alias("domain"))])
+    # no full copy of the offloaded experts stays: the scorer's own model holds none
+    assert all(p.is_meta for p in [*off.model.experts.parameters(), *off.model.gates.parameters()])
     np.testing.assert_allclose(off.score(rows), full.score(rows), rtol=1e-5, atol=1e-6)
     assert len(cache.resident()) == 1 and cache.misses >= 3

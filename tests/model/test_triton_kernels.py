@@ -1,10 +1,20 @@
 """The Triton kernels against their torch references, outputs and gradients, on small odd
-shapes: under Triton's interpreter on the CPU (``TRITON_INTERPRET=1``), natively where a
-GPU exists (``gpu`` marker). Plus: the model scores the same on the fused path."""
+shapes. Two kinds of test, the same on every machine:
+
+- interpreter tests: CPU tensors through Triton's interpreter (tests/conftest.py sets
+  ``TRITON_INTERPRET=1`` before triton is imported); a GPU, present or not, changes nothing;
+- the ``gpu`` test: the compiled kernels on CUDA tensors, in a fresh process without the
+  interpreter (deselected by default; ``pytest -m gpu`` on a GPU machine).
+
+Plus: the model scores the same on the fused path."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +24,17 @@ pytest.importorskip("triton")
 from recsys_moe.model import triton_kernels as tk
 
 GPU = pytest.mark.gpu
+
+
+@pytest.fixture(autouse=True)
+def _interpreter(request):
+    """Every test here but the gpu one runs under the interpreter, or fails saying why."""
+    if request.node.get_closest_marker("gpu") is None:
+        import triton
+
+        assert triton.knobs.runtime.interpret, (
+            "TRITON_INTERPRET=1 must be set before triton's import"
+        )
 
 
 def _same_as_reference(fn, reference, inputs, grad_rtol):
@@ -131,9 +152,10 @@ def test_pooled_reference_is_embedding_bag():
 
 def test_model_scores_the_same_on_the_fused_path(small_store, monkeypatch):
     from features.store import load_manifest, read_examples
+    from recsys_moe.model import cores
     from recsys_moe.model.inputs import ExampleTensors, InputSpec
     from recsys_moe.model.ranker import RankingModel
-    from recsys_moe.train import loss_of
+    from recsys_moe.training import loss_of
 
     cfg, _ = small_store
     spec = InputSpec.from_manifest(load_manifest(cfg.features.store_dir))
@@ -146,7 +168,8 @@ def test_model_scores_the_same_on_the_fused_path(small_store, monkeypatch):
     loss_of(model, ref, b.labels)[0].backward()
     ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
-    monkeypatch.setenv("RECSYS_MOE_TRITON", "1")
+    # the kernel the model takes on CUDA tensors, given to it here on CPU tensors
+    monkeypatch.setattr(cores, "fused_combine", lambda experts: tk.gate_combine)
     fused = model(b)
     loss_of(model, fused, b.labels)[0].backward()
     torch.testing.assert_close(fused.preds, ref.preds, rtol=1e-5, atol=1e-6)
@@ -155,9 +178,17 @@ def test_model_scores_the_same_on_the_fused_path(small_store, monkeypatch):
             torch.testing.assert_close(p.grad, ref_grads[n], rtol=1e-4, atol=1e-6, msg=n)
 
 
-@GPU
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_kernels_on_gpu():
+def gpu_checks() -> None:
+    """The compiled kernels on CUDA tensors (run by :func:`test_kernels_on_gpu`)."""
     for shape in [(1, 1, 1, 1, None), (64, 3, 8, 64, None), (257, 3, 10, 96, 2)]:
         _check_gate(*shape, device="cuda")
     _check_bags(129, [50, 70, 30], 32, 96, [0, 1, 0], device="cuda")
+
+
+@GPU
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_kernels_on_gpu():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = f"import runpy; runpy.run_path({str(Path(__file__))!r})['gpu_checks']()"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-4000:]

@@ -12,6 +12,7 @@ import pytest
 from pipelines.batch_score import run_score
 from pipelines.candidates import write_candidates
 from recsys_moe.config import ScoringConfig
+from recsys_moe.registry import ModelNotFound
 from recsys_moe.scorer import RequestError, Scorer
 
 pytestmark = pytest.mark.ray
@@ -67,7 +68,7 @@ def test_scores_equal_in_process_model_and_rows_add_up(model, candidates, tmp_pa
 def test_registered_alias_and_top_k(model, candidates, tmp_path, monkeypatch):
     cfg, _, uri, _ = model
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    s = run_score(cfg, model="models:/recsys_moe_ranker@champion", input_path=candidates,
+    s = run_score(cfg, model="models:/recsys_moe_default@champion", input_path=candidates,
                   output=tmp_path / "out", top_k=3, progress=False)  # fmt: skip
     assert s["model_version"] == "1"
     out = pl.read_parquet(tmp_path / "out" / "scores")
@@ -95,12 +96,12 @@ def test_bad_input_fails_before_any_work(model, tmp_path):
     with pytest.raises(RequestError, match="no such file"):
         run_score(cfg, model=str(bundle), input_path=tmp_path / "nope", output=tmp_path / "o3",
                   progress=False)  # fmt: skip
-    with pytest.raises(RequestError, match="cannot load"):
+    with pytest.raises(ModelNotFound, match="no model models:/recsys_moe_default@nope"):
         import os
 
         os.environ["MLFLOW_TRACKING_URI"] = uri
         try:
-            run_score(cfg, model="models:/recsys_moe_ranker@nope", input_path=tmp_path,
+            run_score(cfg, model="models:/recsys_moe_default@nope", input_path=tmp_path,
                       output=tmp_path / "o4", progress=False)  # fmt: skip
         finally:
             del os.environ["MLFLOW_TRACKING_URI"]

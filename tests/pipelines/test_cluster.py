@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -61,8 +62,10 @@ def _stop(pids: list[int]) -> None:
 def test_two_node_cluster_runs_features_and_training(tmp_path):
     temp = tempfile.mkdtemp(prefix="rc", dir="/tmp")  # short: Ray's socket paths are bounded
     port = _free_port()
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
-           "PYTHONPATH": str(REPO)}  # fmt: skip
+    # token authentication, as on a real cluster: every process of it (nodes and the job's
+    # driver) is given the same token
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN": secrets.token_hex(32), "PYTHONPATH": str(REPO)}  # fmt: skip
     common = ["--num-cpus=2", "--object-store-memory=300000000", "--disable-usage-stats"]
     started: list[int] = []
     try:
@@ -91,13 +94,13 @@ def test_two_node_cluster_runs_features_and_training(tmp_path):
         cli = str(BIN / "recsys-moe")
         for args in (["generate"], ["features"], ["train", "--no-progress"]):
             r = subprocess.run(
-                [cli, *args, "--config", str(cfg)], env=run_env, cwd=REPO, capture_output=True,
-                text=True, timeout=900,
+                [cli, *args, "--config", str(cfg)], env=run_env, cwd=tmp_path,
+                capture_output=True, text=True, timeout=900,
             )  # fmt: skip
             assert r.returncode == 0, (args, r.stdout[-3000:], r.stderr[-3000:])
         out = r.stdout + r.stderr
         assert "2 workers on 2 node(s)" in out, out[-3000:]
-        assert "registered: recsys_moe_ranker version 1" in out
+        assert "registered: recsys_moe_cluster version 1" in out
         assert (tmp_path / "store" / "manifest.json").exists()
     finally:
         _stop(sorted(set(started + _cluster_pids(temp))))

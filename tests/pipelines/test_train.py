@@ -62,7 +62,7 @@ def test_two_workers_train_register_and_log(two_runs):
     run = client.get_run(two["run_id"])
     assert run.info.status == "FINISHED"
     params, metrics = run.data.params, run.data.metrics
-    assert params["model.arch"] == "mmoe" and params["experts_sharded"] == "True"
+    assert params["model.arch"] == "mmoe" and params["train.expert_parallel"] == "True"
     assert (
         run.data.tags["data.fingerprint"]
         == json.loads((Path(cfg.features.store_dir) / "manifest.json").read_text())["fingerprint"]
@@ -97,7 +97,7 @@ def test_registry_round_trip_scores_raw_rows(two_runs, small_store):
     """models:/name@champion loads as pyfunc (in this process, from the registry) and
     scores raw rows exactly like the in-process model bundle the run wrote."""
     cfg, two, one = two_runs
-    name, alias = cfg.serving.model_name, cfg.serving.model_alias
+    name, alias = cfg.model_name, cfg.serving.model_alias
     champion = mlflow.MlflowClient().get_model_version_by_alias(name, alias)
     run = {two["run_id"]: two, one["run_id"]: one}[champion.tags["run_id"]]
     model = mlflow.pyfunc.load_model(f"models:/{name}@{alias}")
@@ -119,7 +119,7 @@ def test_registry_round_trip_scores_raw_rows(two_runs, small_store):
 def test_promotion_gate_keeps_champion_from_worse_model(two_runs, small_store, tracked):
     cfg, _, _ = two_runs
     client = mlflow.MlflowClient()
-    name, alias = cfg.serving.model_name, cfg.serving.model_alias
+    name, alias = cfg.model_name, cfg.serving.model_alias
     champion = client.get_model_version_by_alias(name, alias)
     # a deliberately worse model: one epoch at a tiny learning rate
     bad_cfg = _cfg(small_store, tracked, epochs=1, lr=1e-6, embedding_lr=1e-6)
@@ -151,14 +151,56 @@ def test_resume_continues_from_last_checkpoint(small_store, tracked):
     assert len(checkpoints) == 2
 
 
-def test_worker_killed_mid_run_restarts_and_finishes(small_store, tracked):
-    cfg = _cfg(small_store, tracked, epochs=2)
-    marker = tracked / "killed.pid"
+def _kill_a_worker_after_first_checkpoint(run_dir: Path, seen: dict) -> None:
+    """The fault, injected from outside: once epoch 0's checkpoint is complete, remember
+    its history and SIGKILL one Ray Train worker process (mid epoch 1)."""
+    import signal
+    import time
+
+    import psutil
+
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        metas = sorted(run_dir.glob("checkpoint_*/meta.json"))
+        if metas:
+            try:
+                seen["history"] = json.loads(metas[0].read_text())["stopping"]["history"]
+            except (json.JSONDecodeError, KeyError):
+                time.sleep(0.05)
+                continue
+            time.sleep(2.0)  # the checkpoint registered by Ray Train; epoch 1 under way
+            for proc in psutil.process_iter(["pid", "cmdline"]):
+                if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
+                    os.kill(proc.info["pid"], signal.SIGKILL)
+                    seen["killed"] = proc.info["pid"]
+                    return
+        time.sleep(0.05)
+
+
+def test_worker_killed_mid_run_resumes_from_checkpoint(small_store, tracked):
+    import threading
+
+    cfg = _cfg(small_store, tracked, epochs=3, early_stopping_patience=5)
+    run_name = "kill-test"
+    seen: dict = {}
+    watcher = threading.Thread(
+        target=_kill_a_worker_after_first_checkpoint,
+        args=(tracked / "ckpt" / run_name, seen),
+        daemon=True,
+    )
+    watcher.start()
     s = run_training(
-        cfg, workers=2, output=tracked / "ft", register=False, progress=False, max_failures=1,
-        fail_at={"rank": 1, "epoch": 1, "step": 3, "marker": str(marker)},
+        cfg, workers=2, output=tracked / "ft", resume=run_name, register=False, progress=False,
+        max_failures=1,
     )  # fmt: skip
-    assert marker.exists()  # a worker process was SIGKILLed mid-epoch
-    assert [h["epoch"] for h in s["history"]] == [0, 1]
+    watcher.join(timeout=5)
+    assert "killed" in seen  # a worker process was SIGKILLed after epoch 0's checkpoint
+    assert [h["epoch"] for h in s["history"]] == [0, 1, 2]
+    # resumed, not restarted: epoch 0's record is the one written before the kill (its
+    # timings included), and no epoch was checkpointed twice
+    assert s["history"][0] == seen["history"][0]
+    metas = (tracked / "ckpt" / run_name).glob("checkpoint_*/meta.json")
+    epochs = [json.loads(m.read_text())["stopping"]["epoch"] for m in metas]
+    assert epochs.count(0) == 1 and max(epochs) == 2, epochs
     assert (tracked / "ft" / "model.safetensors").exists()
     assert s["valid"]["auc_mean"] > 0.57

@@ -102,7 +102,7 @@ def test_ranking_equals_in_process_scores_and_routes_segments(service):
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["segment"] == "feed" and body["user_segment"] == "power"
-    assert body["model_version"] == "1" and body["model"] == "recsys_moe_ranker"
+    assert body["model_version"] == "1" and body["model"] == "recsys_moe_default"
     rows = pl.DataFrame({"user_id": [power] * 50, "item_id": cands, "domain": ["feed"] * 50,
                          "ts": [1_700_000_000] * 50, "hour": ["9"] * 50, "device": ["ios"] * 50})  # fmt: skip
     blend = ScoringConfig(task_weights={"click": 1.0, "conversion": 2.0})
@@ -139,15 +139,15 @@ def test_rankers_compute_only_their_domains_experts(service):
     from ray import serve
 
     _url, *_ = service
-    h = serve.get_deployment_handle("Ranker_feed", app_name="ranking")
+    h = serve.get_deployment_handle("SegmentRanker_feed", app_name="ranking")
     experts = h.experts.remote().result()
     # STAR, 2 shared + 1 per domain: feed's ranker computes 3 of the 2 + 4 experts
     assert list(experts) == ["feed"] and len(experts["feed"]) == 3
     assert experts["feed"][:2] == [0, 1]
-    h2 = serve.get_deployment_handle("Ranker_other", app_name="ranking")
+    h2 = serve.get_deployment_handle("SegmentRanker_other", app_name="ranking")
     assert set(h2.experts.remote().result()) == {"search", "video"}  # "live": unknown to v1
     # the cold segment offloads: the same slices, served from memory-mapped files
-    h3 = serve.get_deployment_handle("Ranker_cold", app_name="ranking")
+    h3 = serve.get_deployment_handle("SegmentRanker_cold", app_name="ranking")
     cold = h3.experts.remote().result()
     assert set(cold) == {"feed", "search", "video"} and cold["feed"] == experts["feed"]
     assert all(len(v) == 3 and v[:2] == [0, 1] for v in cold.values())
@@ -228,7 +228,7 @@ def champion_restored(scoring_model):
 
     yield
     mlflow.MlflowClient(scoring_model[2]).set_registered_model_alias(
-        "recsys_moe_ranker", "champion", "1"
+        "recsys_moe_default", "champion", "1"
     )
 
 
@@ -256,9 +256,9 @@ def test_hot_swap_under_load_then_bad_version_keeps_old(service, scoring_model, 
     for t in threads:
         t.start()
     try:
-        reg = register_bundle(
-            scoring_model[0], bundle, uri, 0.7, "serve-swap"
-        )  # better: the alias moves to 2
+        reg = register_bundle(  # the same weights again: forced, so the alias moves to 2
+            scoring_model[0], bundle, uri, 0.7, "serve-swap", force=True
+        )
         assert reg["promoted"]
         deadline = time.monotonic() + 120
         while "2" not in seen and time.monotonic() < deadline:
@@ -275,8 +275,8 @@ def test_hot_swap_under_load_then_bad_version_keeps_old(service, scoring_model, 
     junk = tmp_path / "junk"
     junk.mkdir()
     (junk / "MLmodel").write_text("not a model\n")
-    mv = client_.create_model_version("recsys_moe_ranker", str(junk))
-    client_.set_registered_model_alias("recsys_moe_ranker", "champion", mv.version)
+    mv = client_.create_model_version("recsys_moe_default", str(junk))
+    client_.set_registered_model_alias("recsys_moe_default", "champion", mv.version)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         ready = requests.get(f"{url}/readyz", timeout=10).json()
@@ -350,7 +350,7 @@ def test_extended_domain_served_after_alias_moves(service, tmp_path, monkeypatch
     assert before_live.status_code == 200  # served as an unknown domain by version 1
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     ecfg = cfg.replace(extend=ExtendConfig(epochs=1, batch_size=256, min_auc=0.5, probe_rows=200))
-    s = run_extend(ecfg, model="models:/recsys_moe_ranker/1", domain="live",
+    s = run_extend(ecfg, model="models:/recsys_moe_default/1", domain="live",
                    data_dir=live_log(cfg, tmp_path / "live"), output=tmp_path / "child",
                    progress=False)  # fmt: skip
     assert s["gates"]["existing_unchanged"], s
@@ -360,7 +360,7 @@ def test_extended_domain_served_after_alias_moves(service, tmp_path, monkeypatch
         import mlflow
 
         mlflow.MlflowClient(uri).set_registered_model_alias(
-            "recsys_moe_ranker", "champion", version
+            "recsys_moe_default", "champion", version
         )
     _wait_version(url, "other", version)
     _wait_version(url, "feed", version)

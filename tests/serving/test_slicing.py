@@ -17,7 +17,7 @@ def test_slice_equals_full_model(small_store, arch):
     from features.store import load_manifest, read_examples
     from recsys_moe.model.inputs import ExampleTensors, InputSpec
     from recsys_moe.model.ranker import RankingModel
-    from recsys_moe.train import predict
+    from recsys_moe.training import predict
 
     cfg, _ = small_store
     store = cfg.features.store_dir

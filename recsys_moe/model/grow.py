@@ -26,8 +26,9 @@ from collections.abc import Iterable
 
 import torch
 
-from recsys_moe.model.inputs import Batch, InputSpec
-from recsys_moe.model.ranker import Extension, RankingModel, require_extendable
+from recsys_moe.model.cores import Extension
+from recsys_moe.model.inputs import Batch, ExampleTensors, InputSpec
+from recsys_moe.model.ranker import ModelOutput, RankingModel
 
 # what `freeze` may leave trainable besides the new domain's experts and gates
 UNFREEZABLE = ("embeddings", "experts", "gates", "towers")
@@ -35,7 +36,7 @@ UNFREEZABLE = ("embeddings", "experts", "gates", "towers")
 
 def _reach(parent: RankingModel) -> tuple[int, ...]:
     """The parent experts an unknown domain's gates can use (all for MMoE)."""
-    return tuple(torch.nonzero(parent.gates.mask[0].any(0)).flatten().tolist())
+    return tuple(parent.require_extendable().reachable_experts(0))
 
 
 @torch.no_grad()
@@ -49,7 +50,7 @@ def grow(
     """The child model of ``parent`` for ``spec`` (``parent.spec`` plus one domain, longer
     vocabularies allowed); ``sample``: rows of the new domain (encoded with ``spec``) used
     to pick which parent experts the new ones start from."""
-    require_extendable(parent.cfg)
+    parent.require_extendable()
     if n_experts < 1:
         raise ValueError("the new domain needs at least one expert")
     if spec.domains[:-1] != parent.spec.domains:
@@ -86,7 +87,7 @@ def _warm_start(parent: RankingModel, child: RankingModel, sample: Batch | None)
     # how much the parent's unknown-domain gate uses each expert on the new domain's rows
     if sample is not None and len(sample):
         x = child.inputs(sample)
-        r = child._route(gp, x, torch.zeros_like(sample.domain))
+        r = child.core.gate(gp, x, torch.zeros_like(sample.domain))[0]
         use = r.weights.mean((0, 1))  # (E,)
     else:
         use = gp.b.detach().view(gp.K, O, E)[0].mean(0)
@@ -116,12 +117,15 @@ def _warm_start(parent: RankingModel, child: RankingModel, sample: Batch | None)
         ge.noise.copy_(cols(gp.noise.detach(), False))
 
 
+EXTENSIONS = "core.extensions."  # parameter names of the added domains
+
+
 def _module_of(name: str) -> str:
     if name.startswith("embedding."):
         return "embeddings"
     if name.startswith("towers."):
         return "towers"
-    if name.startswith("gates."):
+    if name.startswith("core.gates."):
         return "gates"
     return "experts"
 
@@ -143,12 +147,12 @@ def freeze(
         raise ValueError(f"unfreeze: unknown part(s) {sorted(bad)}; choose from {UNFREEZABLE}")
     old = dict(parent.named_parameters())
     domain_feature = next(f.name for f in child.spec.sparse if f.column == child.spec.domain_column)
-    newest = f"extensions.{len(child.extensions) - 1}."
+    newest = f"{EXTENSIONS}{len(child.extensions) - 1}."
     out = []
     for name, p in child.named_parameters():
         if name.startswith(newest):
             p.requires_grad_(True)
-        elif name.startswith("extensions."):  # an earlier extension: part of the parent
+        elif name.startswith(EXTENSIONS):  # an earlier extension: part of the parent
             p.requires_grad_(False)
         elif _module_of(name) in unfreeze:
             p.requires_grad_(True)
@@ -183,15 +187,66 @@ def frozen_changes(
     state = child.state_dict()
     changed = []
     for name, t in parent.state_dict().items():
-        if _module_of(name) in unfreeze and not name.startswith("extensions."):
+        if _module_of(name) in unfreeze and not name.startswith(EXTENSIONS):
             continue
         if not torch.equal(state[name][: t.shape[0]], t):
             changed.append(name)
     return changed
 
 
+class ActivationCache:
+    """The parent's part of every training row of the newest domain, computed once: the
+    expert input, both cross sides and the parent experts' outputs. While only the newest
+    extension trains, these are constants, so a training step computes only the new
+    domain's experts, gates and the towers on them.
+
+    Use :meth:`build` (None where the cache does not apply) and :meth:`output`.
+    """
+
+    def __init__(self, x, sides, base, labels) -> None:
+        self.x, self.sides, self.base, self.labels = x, sides, base, labels
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, child: RankingModel, data: ExampleTensors, limit_gb: float):
+        """The cache of ``data``'s rows, or None when it would not be exact (something
+        upstream of the parent's experts trains, dropout, rows of other domains) or would
+        exceed ``limit_gb``."""
+        newest = f"{EXTENSIONS}{len(child.extensions) - 1}."
+        upstream = any(
+            p.requires_grad for n, p in child.named_parameters() if not n.startswith(newest)
+        )
+        dom = child.spec.n_domains - 1
+        if upstream or child.cfg.dropout > 0 or not bool((data.domain == dom).all()):
+            return None
+        ex = child.experts
+        width = ex.d_in + 2 * len(child.cfg.interactions) * child.cfg.embedding_dim
+        width += ex.n_experts * ex.d_out
+        if len(data) * width * 4 > limit_gb * 2**30:
+            return None
+        child.eval()
+        xs, ss, bs = [], [], []
+        for b in data.batches(8192):
+            x, sides = child.expert_inputs(b)
+            xs.append(x)
+            ss.append(sides)
+            bs.append(child.experts(x))
+        sides = torch.cat(ss, dim=1) if ss[0] is not None else None
+        return cls(torch.cat(xs), sides, torch.cat(bs), data.labels)
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def output(self, child: RankingModel, idx: torch.Tensor) -> ModelOutput:
+        """The child's output for cached rows ``idx`` (the newest extension's rows)."""
+        sides = self.sides[:, idx] if self.sides is not None else None
+        core = child.require_extendable()
+        reps = core.extension_mixture(child.extensions[-1], self.x[idx], sides, self.base[idx])
+        return child.head(reps)
+
+
 def trainable_count(params: list[torch.nn.Parameter]) -> int:
     return sum(p.numel() for p in params)
 
 
-__all__ = ["UNFREEZABLE", "freeze", "frozen_changes", "grow", "trainable_count"]
+__all__ = ["UNFREEZABLE", "ActivationCache", "freeze", "frozen_changes", "grow", "trainable_count"]

@@ -12,6 +12,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+# Ray reads RAY_AUTH_MODE once, when it is imported: a local instance (no RAY_ADDRESS)
+# starts with token authentication unless the user chose otherwise. Import this module
+# before anything imports ray (the CLI and the tests do).
+if not os.environ.get("RAY_ADDRESS"):
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+
 import ray
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -27,10 +33,9 @@ WORKER_ENV = {
 # ingress: the HTTP proxy stays, so clients keep one address): replicas run user code
 # and the router on their main event loop instead of extra threads, the proxy and
 # handles talk gRPC, request-path logs are buffered and not copied to stderr (they stay
-# in Ray's log folder), the GC is frozen after start-up. Measured by bench/serve_floor.py
-# on 2 cores, concurrency 8: the no-op ranker's throughput 94 -> 139-164 req/s, p99
-# 124-133 -> 76-97 ms (across runs). Read when Ray's processes start: a cluster joined
-# through RAY_ADDRESS needs them in the environment of `ray start`.
+# in Ray's log folder), the GC is frozen after start-up: fewer threads and copies per
+# request (bench/serve_floor.py measures it; bench/RESULTS.md). Read when Ray's processes
+# start: a cluster joined through RAY_ADDRESS needs them in the environment of `ray start`.
 SERVE_ENV = {
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
@@ -67,16 +72,28 @@ SHIP_EXCLUDES = [
 ]
 
 
-def init_ray(num_cpus: int | None = None, dashboard: bool = False) -> None:
+LOOPBACK = "127.0.0.1"
+
+
+def init_ray(
+    num_cpus: int | None = None, dashboard: bool = False, log_to_driver: bool = True
+) -> None:
     """Connect to ``RAY_ADDRESS`` if set, else start a local instance; no-op if already up.
 
-    ``dashboard``: start the dashboard (on 127.0.0.1) with a local instance; Ray Train's
-    controller polls the state API it serves and warns every few seconds without it.
+    A local instance is closed to the network as far as Ray lets it be: token
+    authentication on (``RAY_AUTH_MODE=token``, Ray generates the token under ``~/.ray/``;
+    gcs_server, raylet and the workers still listen on every interface, and the token is
+    what guards them), the node's address and the dashboard on 127.0.0.1. A user who sets
+    ``RAY_AUTH_MODE`` themselves decides. On a cluster (``RAY_ADDRESS``) the cluster's own
+    settings apply: export its ``RAY_AUTH_MODE`` and token (``RAY_AUTH_TOKEN`` or
+    ``RAY_AUTH_TOKEN_PATH``) before the command; TLS between nodes is the operator's.
+
+    ``dashboard``: start the dashboard with a local instance; Ray Train's controller polls
+    the state API it serves and warns every few seconds without it.
     """
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     address = os.environ.get("RAY_ADDRESS")
     if address:
         runtime_env = {
@@ -90,6 +107,8 @@ def init_ray(num_cpus: int | None = None, dashboard: bool = False) -> None:
             ray.init(
                 num_cpus=num_cpus,
                 include_dashboard=dashboard,
+                dashboard_host=LOOPBACK,
+                _node_ip_address=LOOPBACK,
                 runtime_env={"env_vars": WORKER_ENV},
-                log_to_driver=True,
+                log_to_driver=log_to_driver,
             )

@@ -1,0 +1,345 @@
+"""The expert cores, one module per architecture, all with one forward signature:
+
+    core(x (B, d_in), domain (B,), sides (2, B, P, D) | None)
+        -> task representations (B, T, H), the gate layers that routed them
+
+- :class:`SharedBottomCore`: one expert every task reads (the baseline);
+- :class:`MoECore`: E experts and per (task, domain) gates (MMoE); with a domain mask
+  over the experts it is STAR (shared experts + experts private to each domain); it can
+  gain domains after training (:class:`DomainExtension`, ``recsys-moe extend``);
+- :class:`PLECore`: progressive layered extraction (CGC levels of shared and task
+  experts).
+
+:class:`~recsys_moe.model.ranker.RankingModel` composes embeddings, a core and the
+towers; what a model can do beyond scoring is asked of its core
+(``supports_domain_slices``, ``supports_expert_parallel``, ``supports_extension``),
+never read from ``model.arch`` elsewhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from recsys_moe.config import ModelConfig
+from recsys_moe.model.experts import GroupedExperts, StackedExperts
+from recsys_moe.model.routing import GateBank, GateLayer, RouteOut, route
+
+SHARED = "shared"
+
+
+def _experts(cfg: ModelConfig, n: int, d_in: int) -> StackedExperts:
+    return StackedExperts(
+        n_experts=n, d_in=d_in, hidden=cfg.expert_hidden, dropout=cfg.dropout, impl=cfg.expert_impl
+    )
+
+
+class ExpertCore(nn.Module):
+    """Base of the cores: routing helpers and the capabilities (all off)."""
+
+    supports_domain_slices = False  # a domain's rows need only part of the experts
+    supports_expert_parallel = False  # one expert pool, split across workers
+    supports_extension = False  # can gain a domain after training
+
+    def __init__(self, cfg: ModelConfig, task_names: list[str]) -> None:
+        super().__init__()
+        self.cfg, self.task_names, self.n_tasks = cfg, list(task_names), len(task_names)
+
+    def gate(
+        self, gates: GateBank, x: torch.Tensor, domain: torch.Tensor
+    ) -> tuple[RouteOut, torch.Tensor, torch.Tensor]:
+        """The routing of ``gates`` for ``x``, with the gate logits and mask it came from."""
+        dom = domain if gates.K > 1 else torch.zeros_like(domain)
+        logits, std, mask = gates(x, dom)
+        c = self.cfg
+        r = route(
+            logits, mask, mode=c.routing, top_k=c.top_k, capacity_factor=c.capacity_factor,
+            noise_std=std, training=self.training,
+            losses=c.aux_loss_coef > 0 or c.z_loss_coef > 0,
+        )  # fmt: skip
+        return r, logits, mask
+
+    def forward(
+        self, x: torch.Tensor, domain: torch.Tensor, sides: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, list[GateLayer]]:
+        raise NotImplementedError
+
+
+class SharedBottomCore(ExpertCore):
+    """One expert (the shared bottom) whose output every task tower reads."""
+
+    def __init__(
+        self, cfg: ModelConfig, *, d_in: int, task_names: list[str], n_domains: int
+    ) -> None:
+        super().__init__(cfg, task_names)
+        self.experts = _experts(cfg, 1, d_in)
+
+    def forward(self, x, domain, sides=None):
+        h = self.experts(x)  # (B, 1, H)
+        return h.expand(-1, self.n_tasks, -1), []
+
+
+@dataclass(frozen=True)
+class Extension:
+    """A domain added to a trained model by ``recsys-moe extend``: its own ``experts``
+    (new), and a gate per output over the parent experts in ``reach`` plus its own."""
+
+    domain: str
+    experts: int
+    reach: tuple[int, ...]
+    # the domain's own crosses: ((A_p @ left_p) * right_p) for each of the model's
+    # interactions p, appended to its experts' input (A_p starts as the identity)
+    cross: bool = False
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Extension:
+        return cls(d["domain"], int(d["experts"]), tuple(d["reach"]), bool(d.get("cross")))
+
+
+class DomainExtension(nn.Module):
+    """The parameters one :class:`Extension` adds: ``experts``, a one-domain gate bank over
+    ``base + experts`` experts (the parent experts outside ``reach`` masked out) and, with
+    ``cross``, a D x D transform per interaction whose crosses only its experts read."""
+
+    def __init__(
+        self, ext: Extension, *, d_in: int, n_outputs: int, base_experts: int, cfg: ModelConfig
+    ) -> None:
+        super().__init__()
+        self.domain, self.reach = ext.domain, list(ext.reach)
+        n_cross = len(cfg.interactions) if ext.cross else 0
+        D = cfg.embedding_dim
+        self.cross = (
+            nn.Parameter(torch.eye(D).repeat(n_cross, 1, 1)) if n_cross else None
+        )  # (P, D, D)
+        self.experts = _experts(cfg, ext.experts, d_in + n_cross * D)
+        E = base_experts + ext.experts
+        mask = torch.zeros(1, 1, E, dtype=torch.bool)
+        mask[..., self.reach] = True
+        mask[..., base_experts:] = True
+        self.gates = GateBank(d_in=d_in, n_outputs=n_outputs, n_domains=1, n_experts=E,
+                              mask=mask, noisy=cfg.routing == "noisy_topk")  # fmt: skip
+
+
+def fused_combine(experts: torch.Tensor) -> Callable | None:
+    """Triton's fused gate softmax + weighted sum (``triton_kernels.gate_combine``) for
+    CUDA tensors where Triton is installed; None elsewhere (the torch path)."""
+    if not experts.is_cuda:
+        return None
+    from recsys_moe.model import triton_kernels
+
+    return triton_kernels.gate_combine if triton_kernels.use_triton(experts) else None
+
+
+def combine(cfg: ModelConfig, r: RouteOut, logits, mask, experts: torch.Tensor) -> torch.Tensor:
+    """Gate weights x expert outputs -> (B, O, H): the fused kernel for dense (softmax)
+    gates where :func:`fused_combine` offers one, the torch path everywhere else. Same
+    result either way."""
+    kernel = fused_combine(experts) if cfg.routing == "softmax" else None
+    if kernel is not None:
+        return kernel(logits, mask, experts)
+    return torch.einsum("boe,beh->boh", r.weights, experts)
+
+
+class MoECore(ExpertCore):
+    """E experts and gates per (task, domain) over them (MMoE). ``domain_experts`` makes it
+    STAR: ``cfg.shared_experts`` experts every domain reaches plus ``cfg.specific_experts``
+    private to each domain. Domains added after training (``extensions``) route their
+    rows through their own experts and gates; every other row is computed exactly as
+    before they were added."""
+
+    supports_domain_slices = True
+    supports_expert_parallel = True
+    supports_extension = True
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        d_in: int,
+        task_names: list[str],
+        n_domains: int,
+        domain_experts: bool = False,
+        extensions: list[Extension] | None = None,
+    ) -> None:
+        super().__init__(cfg, task_names)
+        extensions = list(extensions or [])
+        K = n_domains - len(extensions)  # the domains the base gates were trained for
+        self.base_domains = K
+        self.outputs = self.n_tasks if cfg.gates == "task" else 1
+        # what each gate output feeds: the tasks, or one output every task shares
+        self.output_names = self.task_names if self.outputs == self.n_tasks else [SHARED]
+        mask = None
+        if domain_experts:
+            S, P = cfg.shared_experts, cfg.specific_experts
+            E = S + K * P
+            mask = torch.zeros(K, 1, E, dtype=torch.bool)
+            mask[:, :, :S] = True
+            for k in range(K):
+                mask[k, :, S + k * P : S + (k + 1) * P] = True
+        else:
+            E = cfg.n_experts
+        self.experts: nn.Module = _experts(cfg, E, d_in)
+        self.gates = GateBank(
+            d_in=d_in,
+            n_outputs=self.outputs,
+            n_domains=K if (cfg.gate_by_domain or domain_experts) else 1,
+            n_experts=E,
+            mask=mask,
+            noisy=cfg.routing == "noisy_topk",
+        )
+        self.extension_specs = extensions
+        self.extensions = nn.ModuleList(
+            DomainExtension(e, d_in=d_in, n_outputs=self.outputs, base_experts=E, cfg=cfg)
+            for e in extensions
+        )
+
+    def reachable_experts(self, domain: int) -> list[int]:
+        """The experts domain index ``domain``'s gates can give weight to."""
+        if domain >= self.base_domains:  # added later: reach + its own experts
+            ext = self.extensions[domain - self.base_domains]
+            E = self.experts.n_experts
+            return [*ext.reach, *range(E, E + ext.experts.n_experts)]
+        k = domain if self.gates.K > 1 else 0
+        return torch.nonzero(self.gates.mask[k].any(0)).flatten().tolist()
+
+    def mixture(
+        self, x: torch.Tensor, domain: torch.Tensor
+    ) -> tuple[torch.Tensor, RouteOut, torch.Tensor]:
+        """The gates' mixture (B, O, H) of the experts, the routing, the expert outputs."""
+        r, logits, mask = self.gate(self.gates, x, domain)  # weights (B, O, E)
+        sparse = self.cfg.routing != "softmax"
+        experts = self.experts(x, (r.weights > 0).any(1) if sparse else None)  # (B, E, H)
+        return combine(self.cfg, r, logits, mask, experts), r, experts
+
+    def extension_mixture(
+        self,
+        ext: DomainExtension,
+        x: torch.Tensor,
+        sides: torch.Tensor | None,
+        base: torch.Tensor,
+    ) -> torch.Tensor:
+        """An added domain's rows: its gates' mixture (b, O, H) of the parent's expert
+        outputs ``base`` (b, E, H) and its own experts (reading its own crosses too)."""
+        own_in = x
+        if ext.cross is not None and sides is not None:
+            mine = torch.einsum("pde,bpe->bpd", ext.cross, sides[0]) * sides[1]  # (b, P, D)
+            own_in = torch.cat([x, mine.flatten(1).to(x.dtype)], dim=1)  # x: bf16 training
+        cand = torch.cat([base, ext.experts(own_in)], dim=1)  # (b, E+P, H)
+        r, logits, mask = self.gate(ext.gates, x, x.new_zeros(x.shape[0], dtype=torch.long))
+        return combine(self.cfg, r, logits, mask, cand)
+
+    def forward(self, x, domain, sides=None):
+        T, K = self.n_tasks, self.base_domains
+        outputs = self.output_names
+        added = domain >= K if len(self.extensions) else None
+        if added is None or not bool(added.any()):
+            reps, r, _ = self.mixture(x, domain)
+            return reps.expand(-1, T, -1), [GateLayer("gates", outputs, r)]
+        # rows of added domains: the parent's experts + their own, under their own gates;
+        # every other row is computed exactly as by the parent (same ops, same batch)
+        layers, experts = [], None
+        if bool(added.all()):
+            reps = x.new_zeros(x.shape[0], self.outputs, self.experts.d_out)
+        else:
+            reps, r, experts = self.mixture(x, torch.where(added, 0, domain))
+            layers.append(GateLayer("gates", outputs, r, domains=K))
+            if self.cfg.routing != "softmax":  # sparse: not every expert ran on every row
+                experts = None
+        for j, ext in enumerate(self.extensions):
+            rows = torch.nonzero(domain == K + j).flatten()
+            if not len(rows):
+                continue
+            xe = x[rows]
+            side = sides[:, rows] if sides is not None else None
+            base = experts[rows] if experts is not None else self.experts(xe)
+            reps = reps.index_copy(0, rows, self.extension_mixture(ext, xe, side, base))
+        return reps.expand(-1, T, -1), layers
+
+
+class PLECore(ExpertCore):
+    """Progressive layered extraction: per level, shared experts and each task's own, task
+    gates over (shared + own) and, below the top level, a shared gate over all of them."""
+
+    def __init__(
+        self, cfg: ModelConfig, *, d_in: int, task_names: list[str], n_domains: int
+    ) -> None:
+        super().__init__(cfg, task_names)
+        S, P, L, T = cfg.shared_experts, cfg.specific_experts, cfg.ple_levels, self.n_tasks
+        H = cfg.expert_hidden[-1]
+        K = n_domains if cfg.gate_by_domain else 1
+        noisy = cfg.routing == "noisy_topk"
+        self.shared_experts = nn.ModuleList()
+        self.task_experts = nn.ModuleList()
+        self.task_gates = nn.ModuleList()
+        self.shared_gates = nn.ModuleList()
+        for level in range(L):
+            din = d_in if level == 0 else H
+            self.shared_experts.append(_experts(cfg, S, din))
+            self.task_experts.append(GroupedExperts(n_groups=T, per_group=P, d_in=din,
+                                                    hidden=cfg.expert_hidden, dropout=cfg.dropout))  # fmt: skip
+            self.task_gates.append(GateBank(d_in=din, n_outputs=T, n_domains=K, n_experts=S + P,
+                                            per_output_input=level > 0, noisy=noisy))  # fmt: skip
+            if level < L - 1:
+                self.shared_gates.append(
+                    GateBank(d_in=din, n_outputs=1, n_domains=K, n_experts=S + T * P, noisy=noisy)
+                )
+
+    def forward(self, x, domain, sides=None):
+        T, names = self.n_tasks, self.task_names
+        layers: list[GateLayer] = []
+        task_in, shared_in = None, x
+        L = len(self.shared_experts)
+        for level in range(L):
+            shared = self.shared_experts[level](shared_in)  # (B, S, H)
+            tin = x.unsqueeze(1).expand(-1, T, -1) if task_in is None else task_in  # (B, T, d)
+            own = self.task_experts[level](tin)  # (B, T, P, H)
+            cand = torch.cat([shared.unsqueeze(1).expand(-1, T, -1, -1), own], dim=2)
+            r = self.gate(self.task_gates[level], x if task_in is None else task_in, domain)[0]
+            task_out = torch.einsum("bte,bteh->bth", r.weights, cand)  # (B, T, H)
+            layers.append(GateLayer(f"level{level}", list(names), r))
+            if level < L - 1:
+                every = torch.cat([shared, own.flatten(1, 2)], dim=1)  # (B, S+T*P, H)
+                rs = self.gate(self.shared_gates[level], shared_in, domain)[0]
+                shared_in = torch.einsum("boe,beh->boh", rs.weights, every).squeeze(1)  # (B, H)
+                layers.append(GateLayer(f"level{level}_shared", [SHARED], rs))
+            task_in = task_out
+        return task_in, layers
+
+
+def build_core(
+    cfg: ModelConfig,
+    *,
+    d_in: int,
+    task_names: list[str],
+    n_domains: int,
+    extensions: list[Extension] | None = None,
+) -> ExpertCore:
+    """The core of ``cfg.arch`` (``n_domains`` counts the out-of-vocabulary slot and any
+    added domains)."""
+    if extensions and cfg.arch not in ("mmoe", "star"):
+        raise ValueError(f"model.arch {cfg.arch!r}: only mmoe and star models can be extended")
+    kw = {"d_in": d_in, "task_names": task_names, "n_domains": n_domains}
+    if cfg.arch == "shared_bottom":
+        return SharedBottomCore(cfg, **kw)
+    if cfg.arch == "ple":
+        return PLECore(cfg, **kw)
+    if cfg.arch in ("mmoe", "star"):
+        return MoECore(cfg, **kw, domain_experts=cfg.arch == "star", extensions=extensions)
+    raise ValueError(f"model.arch {cfg.arch!r}")  # validated by ModelConfig
+
+
+__all__ = [
+    "SHARED",
+    "DomainExtension",
+    "ExpertCore",
+    "Extension",
+    "MoECore",
+    "PLECore",
+    "SharedBottomCore",
+    "build_core",
+    "combine",
+]
