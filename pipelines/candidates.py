@@ -8,7 +8,6 @@ Written as Parquet in parts of ``--part-rows`` rows, generated part by part.
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
 import time
@@ -18,7 +17,16 @@ import numpy as np
 import polars as pl
 
 from features.store import load_manifest, read_tables, read_vocabs, spec_from_manifest
+from pipelines.cli import command_parser
 from recsys_moe.config import load_config
+
+
+def unseen(known: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """Ids the store has never seen, of the known ids' type: past the largest integer id,
+    or strings no known id has (``new-<k>``)."""
+    if np.issubdtype(known.dtype, np.integer):
+        return known.max() + 1 + k
+    return np.char.add("new-", k.astype(str)).astype(object)
 
 
 def write_candidates(
@@ -48,8 +56,8 @@ def write_candidates(
         u = rng.choice(users, n)
         i = rng.choice(items, n)
         cold = rng.random(n) < cold_fraction
-        u = np.where(cold & (rng.random(n) < 0.5), u.max() + 1 + rng.integers(0, 1000, n), u)
-        i = np.where(cold & (rng.random(n) >= 0.5), i.max() + 1 + rng.integers(0, 1000, n), i)
+        u = np.where(cold & (rng.random(n) < 0.5), unseen(users, rng.integers(0, 1000, n)), u)
+        i = np.where(cold & (rng.random(n) >= 0.5), unseen(items, rng.integers(0, 1000, n)), i)
         df = pl.DataFrame(
             {
                 spec.user_id: u,
@@ -76,8 +84,7 @@ def write_candidates(
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="recsys-moe candidates", description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default="configs/default.toml")
+    ap = command_parser("candidates", __doc__)
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--output", default=None, help="default: data/candidates/<config name>")
     ap.add_argument("--seed", type=int, default=0)

@@ -53,13 +53,15 @@ class World:
     """Every latent quantity of the generator (small: users x d, items x d, domains x ...)."""
 
     user_latent: np.ndarray  # (U, d)
-    user_activity_cdf: np.ndarray  # (U,)
+    user_activity: np.ndarray  # (U,) sums to 1
+    user_arrival: np.ndarray  # (U,) seconds after the log's start the user appears
+    item_arrival: np.ndarray  # (I,) likewise for items
     user_domain_cdf: np.ndarray  # (U, K)
     user_device: np.ndarray  # (U,)
     user_tz: np.ndarray  # (U,)
     item_latent: np.ndarray  # (I, d)
     item_log_pop: np.ndarray  # (I,)
-    item_domain_cdf: np.ndarray  # (K, I)
+    item_domain_p: np.ndarray  # (K, I) rows sum to 1
     domain_transform: np.ndarray  # (K, d, d)
     task_weight: np.ndarray  # (T, K, d)
     task_bias: np.ndarray  # (T, K)
@@ -98,7 +100,7 @@ def build_world(cfg: SyntheticConfig) -> tuple[World, pl.DataFrame, pl.DataFrame
     tenure = np.round(rng.exponential(300.0, size=n_u) * (0.5 + activity / (1.0 + activity)), 1)
     users = pl.DataFrame(
         {
-            "user_id": np.arange(n_u, dtype=np.int64),
+            "user_id": ids(np.arange(n_u), "u", cfg),
             "age_band": np.array(AGE_BANDS)[age],
             "gender": np.array(["f", "m"])[gender],
             "region": np.char.add("r", region.astype(str)),
@@ -122,7 +124,7 @@ def build_world(cfg: SyntheticConfig) -> tuple[World, pl.DataFrame, pl.DataFrame
     tags = [[f"t{t}" for t in top_tags[i, : n_tags[i]]] for i in range(n_i)]
     items = pl.DataFrame(
         {
-            "item_id": np.arange(n_i, dtype=np.int64),
+            "item_id": ids(np.arange(n_i), "i", cfg),
             "category": np.char.add("c", category.astype(str)),
             "brand": np.char.add("b", brand.astype(str)),
             "price": price,
@@ -148,15 +150,24 @@ def build_world(cfg: SyntheticConfig) -> tuple[World, pl.DataFrame, pl.DataFrame
     peak = rng.uniform(0, 24, size=n_k)
     hour_effect = 0.35 * np.cos((hours[None, :] - peak[:, None]) / 24.0 * 2 * np.pi)
     device_effect = rng.normal(0.0, 0.25, size=(len(DEVICES), n_t))
+    span = cfg.days * 86400
+    arrival_rng = np.random.default_rng([cfg.seed, 2])
+
+    def arrivals(n: int) -> np.ndarray:
+        late = arrival_rng.random(n) < cfg.arrival_fraction
+        return np.where(late, arrival_rng.integers(1, span, n), 0)
+
     world = World(
         user_latent=u,
-        user_activity_cdf=np.cumsum(activity / activity.sum()),
+        user_activity=activity / activity.sum(),
+        user_arrival=arrivals(n_u),
+        item_arrival=arrivals(n_i),
         user_domain_cdf=np.cumsum(domain_mix, axis=1),
         user_device=device,
         user_tz=tz,
         item_latent=v,
         item_log_pop=log_pop,
-        item_domain_cdf=np.cumsum(item_domain_p, axis=1),
+        item_domain_p=item_domain_p,
         domain_transform=transform,
         task_weight=w,
         task_bias=bias,
@@ -166,6 +177,12 @@ def build_world(cfg: SyntheticConfig) -> tuple[World, pl.DataFrame, pl.DataFrame
         scale=2.2,
     )
     return world, users, items
+
+
+def ids(index: np.ndarray, prefix: str, cfg: SyntheticConfig) -> np.ndarray:
+    """Entity ids: int64, or strings ``<prefix><index>`` with ``synthetic.string_ids``."""
+    index = index.astype(np.int64)
+    return np.char.add(prefix, index.astype(str)) if cfg.string_ids else index
 
 
 def _sample_cdf(cdf: np.ndarray, r: np.ndarray) -> np.ndarray:
@@ -180,15 +197,25 @@ def generate_chunk(world: World, cfg: SyntheticConfig, chunk: int, start: int, n
     t0 = START_TS + (start * span) // cfg.n_rows
     t1 = START_TS + ((start + n) * span) // cfg.n_rows
     ts = np.sort(rng.integers(t0, max(t1, t0 + 1), size=n))
+    # users and items that have arrived by the chunk's start (all, without arrivals)
+    now = t0 - START_TS
+    users_in = world.user_activity * (world.user_arrival <= now)
+    items_in = world.item_domain_p * (world.item_arrival <= now)[None, :]
+    if (world.user_arrival <= now).all() and (world.item_arrival <= now).all():
+        users_in, items_in = world.user_activity, world.item_domain_p  # sum to 1 already
+    else:
+        users_in = users_in / users_in.sum()
+        items_in = items_in / items_in.sum(axis=1, keepdims=True)
+    user_cdf, item_cdf = np.cumsum(users_in), np.cumsum(items_in, axis=1)
 
-    user = _sample_cdf(world.user_activity_cdf, rng.random(n))
+    user = _sample_cdf(user_cdf, rng.random(n))
     dom = (world.user_domain_cdf[user] < rng.random(n)[:, None]).sum(axis=1)
     dom = np.minimum(dom, n_k - 1)
     item = np.empty(n, dtype=np.int64)
     r = rng.random(n)
     for k in range(n_k):  # a handful of domains: per-domain popularity
         m = dom == k
-        item[m] = _sample_cdf(world.item_domain_cdf[k], r[m])
+        item[m] = _sample_cdf(item_cdf[k], r[m])
     device = np.where(rng.random(n) < 0.8, world.user_device[user], rng.integers(0, len(DEVICES), size=n))
     hour = ((ts // 3600) + world.user_tz[user]) % 24
 
@@ -213,8 +240,8 @@ def generate_chunk(world: World, cfg: SyntheticConfig, chunk: int, start: int, n
     inter_df = pl.DataFrame(
         {
             "event_id": event_id,
-            "user_id": user.astype(np.int64),
-            "item_id": item,
+            "user_id": ids(user, "u", cfg),
+            "item_id": ids(item, "i", cfg),
             "domain": domains[dom],
             "ts": ts.astype(np.int64),
             "hour": hour.astype(np.int8),

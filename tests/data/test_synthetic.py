@@ -23,7 +23,9 @@ def test_deterministic_and_seeded(tmp_path):
     assert a.equals(b)
     assert not a.equals(c)
     for t in ("users", "items"):
-        assert pl.read_parquet(tmp_path / "a" / f"{t}.parquet").equals(pl.read_parquet(tmp_path / "b" / f"{t}.parquet"))
+        assert pl.read_parquet(tmp_path / "a" / f"{t}.parquet").equals(
+            pl.read_parquet(tmp_path / "b" / f"{t}.parquet")
+        )
 
 
 def test_streams_in_bounded_chunks(tmp_path):
@@ -69,3 +71,27 @@ def test_task_correlation_differs_by_domain(small_log):
         for (dom,), sub in truth.group_by("domain")
     }
     assert max(corr.values()) - min(corr.values()) > 0.2, corr
+
+
+def test_string_ids_and_late_arrivals(tmp_path):
+    """string_ids writes "u<n>" / "i<n>" everywhere; with arrival_fraction users and items
+    first appear during the log, never before their arrival, and the rest from the start."""
+    cfg = SyntheticConfig(n_rows=20_000, n_users=400, n_items=150, chunk_rows=2_000,
+                          string_ids=True, arrival_fraction=0.4)  # fmt: skip
+    generate(cfg, tmp_path, progress=False)
+    inter = read(tmp_path)[0]
+    users = pl.read_parquet(tmp_path / "users.parquet")
+    assert inter["user_id"].dtype == pl.String and inter["item_id"].dtype == pl.String
+    assert users["user_id"].str.starts_with("u").all()
+    assert set(inter["user_id"].unique()) <= set(users["user_id"])
+    first = inter.group_by("user_id").agg(pl.col("ts").min()).sort("ts")["ts"].to_numpy()
+    start, end = inter["ts"].min(), inter["ts"].max()
+    # a share of users first shows up in the second half: arrivals, not just inactivity
+    assert (first > start + (end - start) / 2).mean() > 0.1
+    plain = SyntheticConfig(n_rows=20_000, n_users=400, n_items=150, chunk_rows=2_000)
+    generate(plain, tmp_path / "plain", progress=False)
+    late = pl.read_parquet(str(tmp_path / "plain" / "interactions" / "*.parquet"))
+    first_plain = late.group_by("user_id").agg(pl.col("ts").min())["ts"].to_numpy()
+    assert (first_plain > start + (end - start) / 2).mean() < (
+        first > start + (end - start) / 2
+    ).mean()

@@ -1,0 +1,310 @@
+"""The project's default model against the stock libraries users would otherwise pick,
+trained in the same run on the same examples.
+
+    python -m bench.quality.peers --config configs/sparse.toml [--config configs/default.toml ...]
+
+For each config: the feature store is built if missing; then, on the same train / valid
+/ test split of the store and the same categorical and numeric features (every ``cat__``
+and ``num__`` column, history features included; multi-valued features as mean-pooled
+bags), on this machine's cores with the same batch size:
+
+- **recsys-moe**: the config's model trained by the library's loop (``fit``: one
+  process, the config's [training] section, early stopping on validation);
+- **torch-rechub 0.9** (the ``peers`` extra): its MMoE, PLE and SharedBottom, one head per
+  task, trained by its own ``MTLTrainer`` (Adam lr 1e-3, weight decay 1e-5, early
+  stopping on the first task's validation AUC, patience 1, at most the config's epochs).
+
+Reported: test AUC per task x domain for every model (the same metric code,
+``recsys_moe.metrics.evaluate``), cold-start slices (rows whose user / item is not in the
+training vocabulary) and per user segment, train samples/s (the training epochs only),
+wall time; the oracle's AUC for synthetic data. Written to ``bench/RESULTS.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+
+from bench.common import machine, write_section
+from features.spec import SEGMENT
+from recsys_moe.config import Config, load_config
+from recsys_moe.metrics import evaluate
+
+PEERS = ("MMOE", "PLE", "SharedBottom")
+
+
+def _ensure_store(cfg: Config) -> None:
+    from pipelines.build_features import build_features
+    from pipelines.generate import raw_log_is_current, run_generate
+
+    if not raw_log_is_current(cfg):
+        run_generate(cfg, progress=False)
+    if not (Path(cfg.features.store_dir) / "manifest.json").exists():
+        build_features(cfg, progress=False)
+
+
+# ------------------------------------------------------------------ torch-rechub
+
+
+def _rechub_inputs(manifest: dict, df: pl.DataFrame) -> tuple[dict[str, torch.Tensor], Any]:
+    """The store's encoded columns as torch-rechub's input dict, and its feature objects."""
+    from torch_rechub.basic.features import DenseFeature, SequenceFeature, SparseFeature
+
+    x, feats = {}, []
+    for f in manifest["features"]["categorical"]:
+        col = df[f["column"]]
+        if f["multi_valued"]:
+            width = max(1, int(col.list.len().max() or 1))
+            padded = col.list.concat(pl.lit([0] * width, dtype=pl.List(pl.Int32))).list.head(width)
+            x[f["name"]] = torch.tensor(np.stack(padded.to_numpy()), dtype=torch.long)
+            feats.append(SequenceFeature(f["name"], f["vocab_size"], embed_dim=16,
+                                         pooling="mean", padding_idx=0))  # fmt: skip
+        else:
+            x[f["name"]] = torch.from_numpy(col.to_numpy().astype(np.int64))
+            feats.append(SparseFeature(f["name"], f["vocab_size"], embed_dim=16))
+    for f in manifest["features"]["numeric"]:
+        v = (df[f["column"]].to_numpy().astype(np.float32) - f["mean"]) / f["std"]
+        x[f["name"]] = torch.from_numpy(v)
+        feats.append(DenseFeature(f["name"]))
+    return x, feats
+
+
+class _Rows(torch.utils.data.Dataset):
+    def __init__(self, x: dict[str, torch.Tensor], y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return {k: v[i] for k, v in self.x.items()}, self.y[i]
+
+
+def _loader(x, y, batch: int, shuffle: bool):
+    """Batches sliced from whole tensors (torch-rechub's trainer takes any loader of
+    (dict, labels)); no per-row Python, so the comparison measures the training loops."""
+
+    class Batches:
+        def __init__(self) -> None:
+            self.n = len(y)
+
+        def __len__(self) -> int:
+            return -(-self.n // batch)
+
+        def __iter__(self):
+            order = torch.randperm(self.n) if shuffle else torch.arange(self.n)
+            for s in range(0, self.n, batch):
+                idx = order[s : s + batch]
+                yield {k: v[idx] for k, v in x.items()}, y[idx]
+
+    return Batches()
+
+
+def run_peer(name: str, manifest: dict, splits: dict[str, pl.DataFrame], cfg: Config,
+             out: Path) -> dict[str, Any]:  # fmt: skip
+    import torch_rechub.models.multi_task as mt
+    from torch_rechub.trainers import MTLTrainer
+
+    tasks = [t["name"] for t in manifest["tasks"]]
+    data = {}
+    for split, df in splits.items():
+        x, feats = _rechub_inputs(manifest, df)
+        y = torch.from_numpy(
+            np.stack([df[t["column"]].to_numpy() for t in manifest["tasks"]], 1).astype(np.float32)
+        )
+        data[split] = (x, y)
+    kinds = ["classification"] * len(tasks)
+    towers = [{"dims": [32]} for _ in tasks]
+    expert = {"dims": [64]}
+    if name == "MMOE":
+        model = mt.MMOE(feats, kinds, n_expert=4, expert_params=expert, tower_params_list=towers)
+    elif name == "PLE":
+        model = mt.PLE(feats, kinds, n_level=1, n_expert_specific=2, n_expert_shared=2,
+                       expert_params=expert, tower_params_list=towers)  # fmt: skip
+    else:
+        model = mt.SharedBottom(feats, kinds, bottom_params={"dims": [64]},
+                                tower_params_list=towers)  # fmt: skip
+    torch.manual_seed(0)
+    B = cfg.training.batch_size
+    trainer = MTLTrainer(model, kinds, optimizer_params={"lr": 1e-3, "weight_decay": 1e-5},
+                         n_epoch=cfg.training.epochs, earlystop_patience=1,
+                         model_path=str(out))  # fmt: skip
+    train_seconds: list[float] = []
+    one_epoch = trainer.train_one_epoch
+
+    def timed(loader):
+        t = time.perf_counter()
+        res = one_epoch(loader)
+        train_seconds.append(time.perf_counter() - t)
+        return res
+
+    trainer.train_one_epoch = timed
+    t0 = time.perf_counter()
+    trainer.fit(_loader(*data["train"], B, True), _loader(*data["valid"], 8192, False))
+    wall = time.perf_counter() - t0
+    preds = np.array(trainer.predict(model, _loader(*data["test"], 8192, False)))
+    n = len(data["train"][1])
+    return {"preds": preds, "samples_per_s": n * len(train_seconds) / sum(train_seconds),
+            "epochs": len(train_seconds), "wall": wall}  # fmt: skip
+
+
+# ------------------------------------------------------------------ recsys-moe
+
+
+def run_project(cfg: Config, manifest: dict, splits: dict[str, pl.DataFrame]) -> dict[str, Any]:
+    from recsys_moe.model.inputs import ExampleTensors, InputSpec
+    from recsys_moe.model.ranker import RankingModel
+    from recsys_moe.training import fit, predict
+
+    spec = InputSpec.from_manifest(manifest)
+    data = {s: ExampleTensors(spec, df) for s, df in splits.items()}
+    torch.manual_seed(cfg.training.seed)
+    model = RankingModel(spec, cfg.model)
+    t0 = time.perf_counter()
+    res = fit(model, data["train"], data["valid"], cfg.training,
+              metric=cfg.training.promote_metric.removeprefix("valid/"), progress=False)  # fmt: skip
+    wall = time.perf_counter() - t0
+    return {"preds": predict(model, data["test"]), "samples_per_s": res.samples_per_s,
+            "epochs": len(res.history), "wall": wall}  # fmt: skip
+
+
+# ------------------------------------------------------------------ report
+
+
+def _slices(manifest: dict, store: str, test: pl.DataFrame) -> dict[str, np.ndarray]:
+    from features.store import read_vocabs
+    from recsys_moe.model.inputs import ExampleTensors, InputSpec
+    from recsys_moe.training import evaluation_slices
+
+    vocab = read_vocabs(store, manifest).get(SEGMENT)
+    segments = (
+        dict(zip(vocab["value"].to_list(), vocab["index"].to_list(), strict=True))
+        if vocab is not None
+        else None
+    )
+    return evaluation_slices(
+        manifest, ExampleTensors(InputSpec.from_manifest(manifest), test), segments
+    )
+
+
+def compare(
+    config: str, threads: int, overrides: dict | None = None, peers: tuple[str, ...] = PEERS
+) -> str:
+    from features.store import load_manifest, read_examples
+    from pipelines.train import oracle_metrics
+    from recsys_moe.model.inputs import ExampleTensors, InputSpec
+
+    torch.set_num_threads(threads)
+    cfg = load_config(config, overrides)
+    _ensure_store(cfg)
+    store = cfg.features.store_dir
+    manifest = load_manifest(store)
+    splits = {s: read_examples(store, s) for s in ("train", "valid", "test")}
+    test = splits["test"]
+    spec = InputSpec.from_manifest(manifest)
+    labels = np.stack([test[t["column"]].to_numpy() for t in manifest["tasks"]], 1)
+    domains = test[spec.domain_column].to_numpy()
+    tasks = [(t["name"], t["kind"]) for t in manifest["tasks"]]
+    runs = {"recsys-moe": run_project(cfg, manifest, splits)}
+    out = Path("bench/out/peers") / cfg.name
+    out.mkdir(parents=True, exist_ok=True)
+    for name in peers:
+        print(f"[peers] {cfg.name}: torch-rechub {name} ...", flush=True)
+        runs[f"torch-rechub {name}"] = run_peer(name, manifest, splits, cfg, out)
+    masks = _slices(manifest, store, test)
+    res = {}
+    for who, r in runs.items():
+        m = evaluate(labels, r["preds"], domains, tasks, manifest["domains"])
+        for sl, mask in masks.items():
+            if mask.any():
+                sub = evaluate(labels[mask], r["preds"][mask], domains[mask], tasks,
+                               manifest["domains"])  # fmt: skip
+                m |= {f"{sl}:{k}": v for k, v in sub.items() if k.endswith("/all/auc")}
+        res[who] = m
+    oracle = None
+    if cfg.source.kind == "synthetic":
+        oracle = oracle_metrics(cfg, test, ExampleTensors(spec, test), spec)
+    return report(cfg, manifest, runs, res, oracle, masks, threads, len(splits["train"]))
+
+
+def report(cfg, manifest, runs, res, oracle, masks, threads, n_train) -> str:
+    names = list(runs)
+    peers = [n for n in names if n != "recsys-moe"]
+    head = "| task | domain | " + " | ".join(names) + (" | oracle |" if oracle else " |")
+    lines = [head, "|---|---|" + "---:|" * (len(names) + (1 if oracle else 0))]
+    verdict = []
+    for t in manifest["tasks"]:
+        for d in [*manifest["domains"], "all"]:
+            key = f"{t['name']}/{d}/auc"
+            cells = [f"{res[n].get(key, float('nan')):.4f}" for n in names]
+            o = f" {oracle.get(key, float('nan')):.4f} |" if oracle else ""
+            lines.append(f"| {t['name']} | {d} | " + " | ".join(cells) + " |" + o)
+            best_peer = max((res[n].get(key, float("nan")) for n in peers), default=float("nan"))
+            margin = res["recsys-moe"].get(key, float("nan")) - best_peer
+            verdict.append((t["name"], d, margin))
+    seg_lines = ["| slice (rows) | task | " + " | ".join(names) + " |",
+                 "|---|---|" + "---:|" * len(names)]  # fmt: skip
+    for sl, mask in masks.items():
+        for t in manifest["tasks"]:
+            key = f"{sl}:{t['name']}/all/auc"
+            cells = [f"{res[n].get(key, float('nan')):.4f}" for n in names]
+            seg_lines.append(
+                f"| {sl} ({int(mask.sum()):,}) | {t['name']} | " + " | ".join(cells) + " |"
+            )
+    speed = ["| model | train samples/s | epochs | wall s |", "|---|---:|---:|---:|"]
+    for n in names:
+        r = runs[n]
+        speed.append(f"| {n} | {r['samples_per_s']:,.0f} | {r['epochs']} | {r['wall']:.0f} |")
+    mmoe = runs.get("torch-rechub MMOE", runs["recsys-moe"])
+    ratio = runs["recsys-moe"]["samples_per_s"] / mmoe["samples_per_s"]
+    overall = [m for t, d, m in verdict if d == "all"]
+    per_domain = [m for t, d, m in verdict if d != "all"]
+    gap = ""
+    if oracle:
+        gaps = [
+            oracle[k] - res["recsys-moe"][k]
+            for k in oracle
+            if k.endswith("/auc") and k in res["recsys-moe"]
+        ]
+        gap = f" Largest gap to the oracle: {max(gaps):.4f}."
+    summary = (
+        "recsys-moe minus the best torch-rechub model, overall per task: "
+        + ", ".join(f"{m:+.4f}" for m in overall)
+        + f"; per task x domain: min {min(per_domain):+.4f}.{gap} Training samples/s "
+        f"{ratio:.2f}x torch-rechub MMoE."
+    )
+    body = "\n".join([
+        f"Machine: {machine()}. Config `{cfg.name}`: {n_train:,} training rows; torch threads "
+        f"{threads}; batch {cfg.training.batch_size}. recsys-moe: `{cfg.model.arch}`, "
+        f"{cfg.model.n_experts} experts {cfg.model.expert_hidden}, embedding {cfg.model.embedding_dim}, "
+        f"crosses {cfg.model.interactions or 'none'}; torch-rechub 0.9: embedding 16, experts [64], "
+        "towers [32], Adam 1e-3.",
+        "", summary, "", *lines, "", "Cold-start and segment slices (test AUC over all domains):",
+        "", *seg_lines, "", "Training throughput (the training epochs only, same cores and batch):",
+        "", *speed,
+    ])  # fmt: skip
+    return body
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", action="append", default=None)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    for config in args.config or ["configs/sparse.toml"]:
+        body = compare(config, args.threads)
+        print(body, flush=True)
+        write_section(
+            f"Quality: against torch-rechub on {Path(config).stem} (bench/quality/peers.py)", body
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
