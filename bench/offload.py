@@ -1,12 +1,21 @@
-"""Expert offloading: resident expert memory and per-request latency at a domain mix.
+"""Expert offloading: the scoring process's resident memory and per-request latency at a
+domain mix, with every expert in memory and with the domain slices offloaded.
 
     python -m bench.offload [--requests 1000]
 
 A STAR-style model (shared experts plus each domain's own, sized so the domain experts
-dominate) over the default store's inputs scores 100-candidate requests whose domains
-follow a skewed mix (feed 70%, search 20%, video 10%), with every domain's slice
-resident, and with the slices offloaded to disk under an LRU of 1 and 2 domains. The
-weights are random (memory and latency do not depend on them). Results go to
+dominate the weights) over the default store's inputs scores 100-candidate requests whose
+domains follow a skewed mix (feed 70%, search 20%, video 10%). Each setting runs in a
+fresh process, built the same way (same seed), so the processes' resident memory (RSS,
+read from /proc through psutil after the requests) compares like with like:
+
+- the full model resident;
+- every domain slice resident (no offloading, only the experts each domain reaches);
+- offloaded under an LRU of 2 and of 1 domains, the way ``Scorer.offload_experts`` does
+  it: the slices written to disk, the full expert pool dropped (and its pages handed back
+  to the OS), a slice read back when its domain is asked for.
+
+The weights are random (memory and latency do not depend on them). Results go to
 bench/RESULTS.md.
 """
 
@@ -14,6 +23,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -23,13 +35,23 @@ import torch
 from bench.common import machine, write_section
 
 MIX = {"feed": 0.7, "search": 0.2, "video": 0.1}
+SETTINGS = ("full", "slices", "lru2", "lru1")
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default="configs/default.toml")
-    ap.add_argument("--requests", type=int, default=1000)
-    args = ap.parse_args(argv)
+def _expert_bytes(models) -> int:
+    return sum(
+        p.numel() * p.element_size()
+        for m in models
+        for p in [*m.experts.parameters(), *m.gates.parameters()]
+        if not p.is_meta
+    )
+
+
+def run_setting(setting: str, config: str, requests: int) -> dict:
+    """One setting in this process: build, score the request sequence, report."""
+    import gc
+
+    import psutil
 
     from features.store import load_manifest, read_examples
     from recsys_moe.config import load_config
@@ -37,14 +59,15 @@ def main(argv: list[str] | None = None) -> int:
     from recsys_moe.model.offload import DomainSliceCache
     from recsys_moe.model.ranker import RankingModel
     from recsys_moe.model.slicing import domain_slice
+    from recsys_moe.runtime import release_memory
     from recsys_moe.training import predict
 
     torch.set_num_threads(1)
-    cfg = load_config(args.config)
+    cfg = load_config(config)
     store = cfg.features.store_dir
     spec = InputSpec.from_manifest(load_manifest(store))
     mcfg = dataclasses.replace(cfg.model, arch="star", shared_experts=2, specific_experts=8,
-                               expert_hidden=[256, 128])  # fmt: skip
+                               expert_hidden=[1024, 256])  # fmt: skip
     torch.manual_seed(0)
     model = RankingModel(spec, mcfg).eval()
     test = read_examples(store, "test")
@@ -53,49 +76,85 @@ def main(argv: list[str] | None = None) -> int:
         k = spec.domains.index(name) + 1
         rows = np.flatnonzero(test[spec.domain_column].to_numpy() == k)[:100]
         by_domain[k] = ExampleTensors(spec, test[rows])
+    del test
     rng = np.random.default_rng(0)
-    ks = [spec.domains.index(n) + 1 for n in MIX]
-    seq = rng.choice(ks, size=args.requests, p=list(MIX.values()))
+    seq = rng.choice([spec.domains.index(n) + 1 for n in MIX], size=requests,
+                     p=list(MIX.values()))  # fmt: skip
+    tmp = tempfile.TemporaryDirectory()
+    loads = ""
+    if setting == "full":
+        get, resident = (lambda k: model), lambda: _expert_bytes([model])
+    elif setting == "slices":
+        slices = {k: domain_slice(model, k) for k in range(spec.n_domains)}
+        model = None  # the slices share embeddings and towers; the full pool goes
+        get, resident = slices.__getitem__, lambda: _expert_bytes(slices.values())
+    else:
+        cache = DomainSliceCache(model, tmp.name, capacity=int(setting[-1]))
+        model = cache.model_without_experts()
+        get = cache.get
 
-    def run(get) -> tuple[float, float]:
-        lat = []
+        def resident():
+            return _expert_bytes(cache._resident.values())
+
+    gc.collect()
+    release_memory()
+    lat = []
+    with torch.no_grad():
         for k in seq:
             t = time.perf_counter()
             predict(get(int(k)), by_domain[int(k)], 256)
             lat.append(time.perf_counter() - t)
-        ms = np.array(lat) * 1e3
-        return float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
+    if setting.startswith("lru"):
+        loads = f"{cache.misses} loads / {len(seq)} requests"
+    ms = np.array(lat) * 1e3
+    rss = psutil.Process().memory_info().rss
+    return {"setting": setting, "rss": rss, "resident": resident(), "loads": loads,
+            "p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99))}  # fmt: skip
 
-    resident = {k: domain_slice(model, k) for k in range(spec.n_domains)}
-    res_bytes = sum(
-        p.numel() * p.element_size()
-        for m in resident.values()
-        for p in [*m.experts.parameters(), *m.gates.parameters()]
-    )
-    full_bytes = sum(
-        p.numel() * p.element_size()
-        for n, p in model.named_parameters()
-        if n.startswith(("experts.", "gates."))
-    )
-    rows = [("all resident (full model)", full_bytes, *run(lambda k: model))]
-    rows.append(("all domain slices resident", res_bytes, *run(resident.__getitem__)))
-    for cap in (2, 1):
-        with tempfile.TemporaryDirectory() as d:
-            cache = DomainSliceCache(model, d, capacity=cap)
-            p50, p99 = run(cache.get)
-            rows.append((f"offloaded, LRU of {cap} domain(s): {cache.misses} loads / "
-                         f"{len(seq)} requests", cache.resident_bytes(), p50, p99))  # fmt: skip
+
+NAMES = {
+    "full": "all resident (full model)",
+    "slices": "all domain slices resident",
+    "lru2": "offloaded, LRU of 2 domains",
+    "lru1": "offloaded, LRU of 1 domain",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="configs/default.toml")
+    ap.add_argument("--requests", type=int, default=1000)
+    ap.add_argument("--setting", choices=SETTINGS, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.setting:  # a child process: one setting, JSON on stdout
+        print(json.dumps(run_setting(args.setting, args.config, args.requests)))
+        return 0
+    rows = []
+    for setting in SETTINGS:
+        out = subprocess.run(
+            [sys.executable, "-m", "bench.offload", "--setting", setting, "--config",
+             args.config, "--requests", str(args.requests)],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    base = rows[0]["rss"]
     lines = [
         f"Machine: {machine()}. STAR model over the default store's inputs: 2 shared + 8 "
-        f"per domain experts [256, 128] (domain experts ~90% of the expert weights), "
-        f"{len(seq)} requests of 100 candidates, domain mix {MIX}, one torch thread, "
-        "model only (no feature assembly). Resident = expert and gate weights in memory.",
+        "per-domain experts [1024, 256] (domain experts ~90% of the expert weights), "
+        f"{args.requests} requests of 100 candidates, domain mix {MIX}, one torch thread, "
+        "model only (no feature assembly). Each setting in a fresh process; RSS: the "
+        "process's resident memory after the requests (psutil); resident expert+gate: the "
+        "expert and gate weights in memory.",
         "",
-        "| setting | resident expert+gate MiB | p50 ms | p99 ms |",
-        "|---|---:|---:|---:|",
+        "| setting | process RSS MiB | vs full model | resident expert+gate MiB | p50 ms | p99 ms |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
-    for name, b, p50, p99 in rows:
-        lines.append(f"| {name} | {b / 2**20:.1f} | {p50:.2f} | {p99:.2f} |")
+    for r in rows:
+        name = NAMES[r["setting"]] + (f": {r['loads']}" if r["loads"] else "")
+        lines.append(
+            f"| {name} | {r['rss'] / 2**20:.0f} | {(r['rss'] - base) / 2**20:+.0f} | "
+            f"{r['resident'] / 2**20:.1f} | {r['p50']:.2f} | {r['p99']:.2f} |"
+        )
         print(lines[-1], flush=True)
     write_section("Expert offloading (bench/offload.py)", "\n".join(lines))
     return 0

@@ -88,7 +88,9 @@ def table(spec: InputSpec, res: dict[str, float], oracle: dict[str, float] | Non
 
 def slice_table(spec: InputSpec, res: dict[str, float]) -> str:
     """Test AUC of the cold-start and user-segment slices (rows, AUC per task)."""
-    names = sorted({k.split("/")[0] for k in res if k.endswith("/n") and k.count("/") == 1})
+    names = sorted(
+        k.split("/")[0] for k, v in res.items() if k.endswith("/n") and k.count("/") == 1 and v
+    )
     if not names:
         return ""
     tasks = [t.name for t in spec.tasks if t.kind == "binary"]

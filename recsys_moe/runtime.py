@@ -38,3 +38,15 @@ def tune_allocator() -> bool:
     return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
         libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
     )
+
+
+def release_memory() -> bool:
+    """Hand the free memory at the top of glibc's heap back to the OS now (``malloc_trim``):
+    after a large structure is dropped for good (offloaded experts), so the process's
+    resident memory shrinks. False where it does not apply."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False

@@ -157,7 +157,13 @@ class Scorer:
         cache = DomainSliceCache(self.model, directory, capacity)
         self.slices = cache  # type: ignore[assignment]
         if not len(self.model.extensions):
+            import gc
+
+            from recsys_moe.runtime import release_memory
+
             self.model = cache.model_without_experts()
+            gc.collect()
+            release_memory()  # the dropped pool's pages back to the OS
         return cache
 
     def _predict(

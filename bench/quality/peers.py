@@ -23,6 +23,7 @@ wall time; the oracle's AUC for synthetic data. Written to ``bench/RESULTS.md``.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -148,7 +149,9 @@ def run_peer(name: str, manifest: dict, splits: dict[str, pl.DataFrame], cfg: Co
     t0 = time.perf_counter()
     trainer.fit(_loader(*data["train"], B, True), _loader(*data["valid"], 8192, False))
     wall = time.perf_counter() - t0
-    preds = np.array(trainer.predict(model, _loader(*data["test"], 8192, False)))
+    model.eval()
+    with torch.no_grad():
+        preds = torch.cat([model(x) for x, _ in _loader(*data["test"], 8192, False)]).numpy()
     n = len(data["train"][1])
     return {"preds": preds, "samples_per_s": n * len(train_seconds) / sum(train_seconds),
             "epochs": len(train_seconds), "wall": wall}  # fmt: skip
@@ -296,13 +299,31 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", action="append", default=None)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="config override for recsys-moe (a trial: results are not written)",
+    )
+    ap.add_argument("--no-peers", action="store_true", help="recsys-moe only (a trial)")
     args = ap.parse_args(argv)
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    trial = bool(overrides) or args.no_peers
     for config in args.config or ["configs/sparse.toml"]:
-        body = compare(config, args.threads)
+        body = compare(config, args.threads, overrides, () if args.no_peers else PEERS)
         print(body, flush=True)
-        write_section(
-            f"Quality: against torch-rechub on {Path(config).stem} (bench/quality/peers.py)", body
-        )
+        if not trial:
+            write_section(
+                f"Quality: against torch-rechub on {Path(config).stem} (bench/quality/peers.py)",
+                body,
+            )
     return 0
 
 

@@ -161,3 +161,25 @@ def test_grow_rejects_what_it_cannot_extend(small_store):
     mmoe = RankingModel(spec, dataclasses.replace(cfg.model, expert_hidden=[8]))
     with pytest.raises(ValueError, match="plus one"):
         grow(mmoe, spec, 1)
+
+
+def test_cached_and_uncached_extension_training_agree(family):
+    """train_extension with the parent's activations cached (ActivationCache) ends where
+    training through the parent's experts every step ends: same batches, same updates."""
+    from recsys_moe.config import ExtendConfig
+    from recsys_moe.model.grow import ActivationCache
+    from recsys_moe.training import train_extension
+
+    parent, child, _spec, cspec, _test, live = family
+    data = ExampleTensors(cspec, live)
+    results = []
+    for cache_gb in (4.0, 0.0):
+        c = copy.deepcopy(child)
+        params = freeze(c, parent, new_rows=False)  # only the extension: cacheable
+        assert (ActivationCache.build(c, data, cache_gb) is not None) == (cache_gb > 0)
+        cfg = ExtendConfig(epochs=2, batch_size=128, lr=0.01, cache_gb=cache_gb)
+        train_extension(c, params, data, data, cfg, progress=False)
+        results.append(c.state_dict())
+    for k, v in results[0].items():
+        torch.testing.assert_close(v, results[1][k], rtol=1e-4, atol=1e-5, msg=k)
+    assert any(not torch.equal(results[0][k], child.state_dict()[k]) for k in results[0])
