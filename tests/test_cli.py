@@ -26,21 +26,22 @@ def cli(*args: str, cwd: Path = REPO, env: dict | None = None) -> subprocess.Com
     )
 
 
-def small_toml(tmp_path: Path) -> Path:
-    text = (REPO / "configs" / "default.toml").read_text()
-    for key, value in {
-        "n_rows": "6000",
-        "n_users": "300",
-        "n_items": "100",
-        "epochs": "1",
-        "batch_size": "512",
-    }.items():
+def shrunk_toml(tmp_path: Path, config: str, name: str, **values: str) -> Path:
+    """``configs/<config>.toml`` with the given keys set (wherever they are) and its data
+    and store folders under ``tmp_path``, written as ``<name>.toml``."""
+    text = (REPO / "configs" / f"{config}.toml").read_text()
+    for key, value in values.items():
         text = re.sub(rf"^{key} = .*$", f"{key} = {value}", text, flags=re.M)
-    text = text.replace('"data/raw/default"', f'"{tmp_path / "raw"}"')
-    text = text.replace('"data/features/default"', f'"{tmp_path / "store"}"')
-    p = tmp_path / "small.toml"
+    text = text.replace(f'"data/raw/{config}"', f'"{tmp_path / "raw"}"')
+    text = text.replace(f'"data/features/{config}"', f'"{tmp_path / "store"}"')
+    p = tmp_path / f"{name}.toml"
     p.write_text(text)
     return p
+
+
+def small_toml(tmp_path: Path) -> Path:
+    return shrunk_toml(tmp_path, "default", "small", n_rows="6000", n_users="300",
+                       n_items="100", epochs="1", batch_size="512")  # fmt: skip
 
 
 def test_help_lists_commands():
@@ -98,16 +99,9 @@ def test_generate_features_train(tmp_path):
 
 
 def _string_id_toml(tmp_path: Path) -> Path:
-    """configs/sparse.toml (string ids, arriving users and items), shrunk, paths in tmp."""
-    text = (REPO / "configs" / "sparse.toml").read_text()
-    for key, value in {"n_rows": "8000", "n_users": "400", "n_items": "120", "epochs": "1",
-                       "chunk_rows": "2000", "batch_size": "512"}.items():  # fmt: skip
-        text = re.sub(rf"^{key} = .*$", f"{key} = {value}", text, flags=re.M)
-    text = text.replace('"data/raw/sparse"', f'"{tmp_path / "raw"}"')
-    text = text.replace('"data/features/sparse"', f'"{tmp_path / "store"}"')
-    p = tmp_path / "strings.toml"
-    p.write_text(text)
-    return p
+    """configs/sparse.toml (string ids, arriving users and items), shrunk."""
+    return shrunk_toml(tmp_path, "sparse", "strings", n_rows="8000", n_users="400",
+                       n_items="120", epochs="1", chunk_rows="2000", batch_size="512")  # fmt: skip
 
 
 @pytest.mark.slow
