@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"Machine: {machine()}. Model: `{args.model}` (the `make train` bundle). Service: "
         f"`serving/config.yaml` ({len(segs)} ranker segments x 1 replica + 1 ingress, one "
-        f"torch thread per replica; Serve's request path tuned by `pipelines/ray_env.SERVE_ENV`), "
+        f"torch thread per replica; Serve's request path tuned by `recsys_moe/cluster.SERVE_ENV`), "
         f"loopback HTTP with keep-alive, closed-loop clients in "
         f"the same machine (they share the 2 cores). {CANDIDATES} candidates per request "
         f"(users 5% unknown, 1 unknown item in half the requests); {args.requests} requests "
