@@ -240,8 +240,9 @@ def worker_loop(config: dict[str, Any]) -> None:
             batches, progress=False, on_step=report,
         )  # fmt: skip
         # every rank's loss sum, steps and samples -> the epoch's global figures
-        n_steps = mine["train/samples"] and -(-mine["train/samples"] // batch_size)
-        sums = torch.tensor([mine["train/loss"] * n_steps, float(n_steps), mine["train/samples"]])
+        steps = mine["train/steps"]
+        sums = torch.tensor([mine["train/loss"] * steps if steps else 0.0, steps,
+                             mine["train/samples"]])  # fmt: skip
         dist.all_reduce(sums)
         reduce_monitor(monitor)
         return {

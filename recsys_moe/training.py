@@ -367,7 +367,8 @@ def train_batches(
     size: Callable[[Any], int] = len,
 ) -> dict[str, float]:
     """One epoch: ``step`` on every batch (a tqdm bar with ``progress``); ``on_step(seen,
-    losses)`` after each. Returns ``train/loss`` (mean), ``train/samples``, ``train/seconds``."""
+    losses)`` after each. Returns ``train/loss`` (mean), ``train/steps``, ``train/samples``,
+    ``train/seconds`` and ``train/samples_per_s``."""
     from tqdm import tqdm
 
     losses: list[float] = []
@@ -383,6 +384,7 @@ def train_batches(
     seconds = time.perf_counter() - t0
     return {
         "train/loss": float(np.mean(losses)) if losses else math.nan,
+        "train/steps": float(len(losses)),
         "train/samples": float(seen),
         "train/seconds": seconds,
         "train/samples_per_s": seen / max(seconds, 1e-9),
