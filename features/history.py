@@ -17,6 +17,9 @@ calls it with the request time, so training and serving share one formula.
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import polars as pl
 
 from features.spec import AGG, GRAINS, MAX_RECENCY_DAYS, SEGMENT, FeatureSpec
@@ -99,6 +102,38 @@ def segment_expr(count: pl.Expr, spec: FeatureSpec) -> pl.Expr:
     )
 
 
+def grain_features(spec: FeatureSpec, grain: str) -> list[pl.Expr]:
+    """The time-independent history features of one grain: log count and one smoothed
+    label rate per task, from that grain's aggregate columns (nulls = never seen)."""
+    m = spec.smoothing_strength
+    n, *sums, _last = spec.agg_cols(grain)
+    count = pl.col(n).fill_null(0)
+    out = [count.cast(pl.Float64).log1p().cast(pl.Float32).alias(f"hist_{grain}_cnt")]
+    for t, s in zip(spec.tasks, sums, strict=True):
+        prior = spec.priors[t]
+        rate = (pl.col(s).fill_null(0).cast(pl.Float64) + prior * m) / (count + m)
+        if m == 0:
+            rate = pl.when(count > 0).then(rate).otherwise(pl.lit(prior))
+        out.append(rate.cast(pl.Float32).alias(f"hist_{grain}_rate_{t}"))
+    return out
+
+
+def recency(now: pl.Expr, last: pl.Expr) -> pl.Expr:
+    """log1p of the days since ``last`` (clipped to [0, MAX_RECENCY_DAYS]; never seen =
+    the maximum), as float32. :func:`recency_values` is the same formula on numbers."""
+    days = ((now - last).cast(pl.Float64) / 86400.0).clip(0.0, MAX_RECENCY_DAYS)
+    return days.fill_null(MAX_RECENCY_DAYS).log1p().cast(pl.Float32)
+
+
+def recency_values(now: int, last: np.ndarray, seen: np.ndarray) -> np.ndarray:
+    """:func:`recency` for one request time over int64 last-seen times (``seen`` False =
+    never seen), bit-identical to it: float64 arithmetic and the C library's log1p
+    (``math.log1p``, the function Polars calls), then float32."""
+    days = np.clip((now - last).astype(np.float64) / 86400.0, 0.0, MAX_RECENCY_DAYS)
+    days = np.where(seen, days, MAX_RECENCY_DAYS)
+    return np.array([math.log1p(d) for d in days.tolist()], dtype=np.float64).astype(np.float32)
+
+
 def derive_history(df: pl.DataFrame, spec: FeatureSpec, now: pl.Expr | None = None) -> pl.DataFrame:
     """Turn aggregate columns into features and drop the aggregates.
 
@@ -109,24 +144,9 @@ def derive_history(df: pl.DataFrame, spec: FeatureSpec, now: pl.Expr | None = No
         ``df`` with ``spec.history_numeric`` (float32) and ``user_segment`` added.
     """
     now = pl.col(spec.timestamp) if now is None else now
-    m = spec.smoothing_strength
-    exprs: list[pl.Expr] = []
-    for grain in GRAINS:
-        n, *sums, _last = spec.agg_cols(grain)
-        count = pl.col(n).fill_null(0)
-        exprs.append(count.cast(pl.Float64).log1p().cast(pl.Float32).alias(f"hist_{grain}_cnt"))
-        for t, s in zip(spec.tasks, sums, strict=True):
-            prior = spec.priors[t]
-            rate = (pl.col(s).fill_null(0).cast(pl.Float64) + prior * m) / (count + m)
-            if m == 0:
-                rate = pl.when(count > 0).then(rate).otherwise(pl.lit(prior))
-            exprs.append(rate.cast(pl.Float32).alias(f"hist_{grain}_rate_{t}"))
+    exprs: list[pl.Expr] = [e for grain in GRAINS for e in grain_features(spec, grain)]
     for who in ("user", "item"):
-        last = pl.col(f"{AGG}{who}_last")
-        days = ((now - last).cast(pl.Float64) / 86400.0).clip(0.0, MAX_RECENCY_DAYS)
-        exprs.append(
-            days.fill_null(MAX_RECENCY_DAYS).log1p().cast(pl.Float32).alias(f"hist_{who}_recency")
-        )
+        exprs.append(recency(now, pl.col(f"{AGG}{who}_last")).alias(f"hist_{who}_recency"))
     exprs.append(segment_expr(pl.col(f"{AGG}user_n").fill_null(0), spec).alias(SEGMENT))
     agg_cols = [c for g in GRAINS for c in spec.agg_cols(g)]
     return df.with_columns(exprs).drop(agg_cols)

@@ -5,6 +5,11 @@ per-task scores with the same ``features/`` code as training (``features.online.
 then ``features.examples.encode``). Unknown users, items, domains and context values get
 the out-of-vocabulary index and cold-start defaults, never an error; a missing required
 column or a wrong type is a :class:`RequestError` naming it.
+
+Serving uses the other way in: :meth:`Scorer.encode_request` encodes one request (a user,
+a domain, its candidates) from the tables turned once into pre-encoded arrays
+(:class:`features.online.OnlineFeatures`, the same columns bit for bit, no data frame)
+and :meth:`Scorer.rank_many` scores several such requests, one forward per domain.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import polars as pl
 import torch
 
 from features.examples import encode
-from features.online import assemble
+from features.online import OnlineFeatures, RequestFeatures, assemble, concat_columns
 from features.spec import CAT, NUM, SEGMENT
 from features.store import numeric_stats, spec_from_manifest
 from recsys_moe.bundle import load_model, read_tables, read_vocabs
@@ -61,6 +66,7 @@ class Scorer:
         }
         # domain index -> the model slice computing only that domain's experts
         self.slices: dict[int, RankingModel] = {}
+        self._online: OnlineFeatures | None = None
 
     @classmethod
     def from_dir(cls, path: str | Path) -> Scorer:
@@ -166,6 +172,59 @@ class Scorer:
             release_memory()  # the dropped pool's pages back to the OS
         return cache
 
+    @property
+    def online(self) -> OnlineFeatures:
+        """The lookup tables as pre-encoded arrays (built on first use)."""
+        if self._online is None:
+            self._online = OnlineFeatures(self.tables, self.vocabs, self.stats, self.spec)
+        return self._online
+
+    def encode_request(
+        self,
+        user_id: Any,
+        domain: str,
+        candidates: list[Any],
+        timestamp: int | None = None,
+        context: dict[str, Any] | None = None,
+    ) -> RequestFeatures:
+        """One request's rows encoded from the pre-encoded tables (no data frame); a
+        wrong-typed id or context value raises :class:`RequestError`. Context keys the
+        model does not read are ignored, as :meth:`check` ignores extra columns."""
+        ts = int(time.time()) if timestamp is None else int(timestamp)
+        try:
+            return self.online.encode(user_id, domain, candidates, ts, context)
+        except ValueError as e:
+            raise RequestError(str(e)) from None
+
+    @torch.no_grad()
+    def rank_many(
+        self,
+        requests: list[tuple[str, RequestFeatures]],
+        monitors: dict[int, RouterMonitor] | None = None,
+    ) -> list[np.ndarray]:
+        """Per-task scores (n_i, T) of encoded requests ``(domain, features)``: the
+        requests of one domain are scored together by that domain's slice."""
+        out: list[np.ndarray] = [np.zeros((0, len(self.tasks)), np.float32)] * len(requests)
+        by_domain: dict[int, list[int]] = {}
+        for i, (domain, _f) in enumerate(requests):
+            by_domain.setdefault(self.domain_index(domain), []).append(i)
+        for k, idx in by_domain.items():
+            feats = [requests[i][1] for i in idx]
+            data = ExampleTensors.from_arrays(
+                self.model.spec, concat_columns([f.columns for f in feats]), sum(f.n for f in feats)
+            )
+            batch = data.batch(slice(None))
+            model = self.slices.get(k, self.model)
+            res = model(batch)
+            if monitors is not None and k in monitors:
+                monitors[k].update(res, batch.domain)
+            preds = res.preds.float().numpy()
+            start = 0
+            for i, f in zip(idx, feats, strict=True):
+                out[i] = preds[start : start + f.n]
+                start += f.n
+        return out
+
     def _predict(
         self,
         encoded: pl.DataFrame,
@@ -202,18 +261,12 @@ class Scorer:
         blend: ScoringConfig | None = None,
         batch_size: int = 8192,
         monitors: dict[int, RouterMonitor] | None = None,
-        *,
-        checked: bool = False,
     ) -> pl.DataFrame:
         """One ``score_<task>`` column per task; with ``blend`` also ``score`` (the blended
-        ranking score), ``segment`` (cold / casual / power), ``cold_user``, ``cold_item``.
-        ``checked``: the rows already went through :meth:`check` (no second check)."""
+        ranking score), ``segment`` (cold / casual / power), ``cold_user``, ``cold_item``."""
         if rows.height == 0:
             return self._empty_frame(blend)
-        checked_rows = rows if checked else self.check(rows)
-        return self._score_checked(checked_rows, blend, batch_size, monitors)
-
-    def _score_checked(self, checked, blend, batch_size, monitors) -> pl.DataFrame:
+        checked = self.check(rows)
         df = assemble(checked.select(self.input_columns()), self.tables, self.spec)
         p = self._predict(
             encode(df, self.spec, self.vocabs, self.stats, keep_split=False), batch_size, monitors

@@ -1,20 +1,24 @@
 """The ranking service on Ray Serve: a FastAPI ingress that routes each request to its
-segment's ranker deployment.
+segment's ranker, in its own replica (``placement: inline``) or in the segment's ranker
+deployment (``placement: deployment``).
 
-    client --HTTP--> Ingress (FastAPI: validation, segment router) --handle--> SegmentRanker[segment]
-                                                                      (@serve.batch, model slice)
+    client --HTTP--> proxy --> Ingress (FastAPI: validation, segment router)
+                                 |-- inline segments: Ranker in this replica
+                                 '--handle--> SegmentRanker_<segment> (deployment segments)
 
 - **Ingress** validates the request (4xx with a message for every client mistake, bounded
-  request size), resolves the segment from the request's domain and the user's segment
-  (cold / casual / power, from the feature store's user x domain table) and calls that
-  segment's ranker.
-- **SegmentRanker** (one deployment per segment, its own replicas and task blend) loads
-  ``models:/<name>@<alias>`` from MLflow, batches requests with ``@serve.batch``, looks
-  user and item features up from the bundle's tables with the same ``features/`` code as
-  training, and computes only the experts its domains use (:mod:`recsys_moe.model.slicing`).
+  request size; the limits in its OpenAPI schema), resolves the segment from the
+  request's domain and the user's segment (cold / casual / power, from the feature
+  store's users table) and calls that segment's ranker.
+- **Ranker** (one per segment, its own task blend): loads ``models:/<name>@<alias>`` from
+  MLflow, batches concurrent requests with ``@serve.batch``, encodes each request from
+  the bundle's tables turned once into pre-encoded arrays
+  (:class:`features.online.OnlineFeatures`, equal to the training features bit for bit)
+  and computes only the experts its domains use (:mod:`recsys_moe.model.slicing`).
 - Both poll the alias (:class:`serving.lifecycle.ModelWatcher`) and swap to a new version
   atomically; a version that fails to load leaves the old one serving and is reported on
-  ``/readyz``.
+  ``/readyz``. Started before any model is registered, they answer 503 (``/rank``) and
+  not-ready (``/readyz``) naming the missing model, and load it when it appears.
 
 Built by :func:`app_builder` from the ``args`` of ``serving/config.yaml``.
 """
@@ -22,7 +26,9 @@ Built by :func:`app_builder` from the ``args`` of ``serving/config.yaml``.
 # no `from __future__ import annotations`: FastAPI must see real types on a class
 # that serve.ingress pickles by value (string annotations would not resolve)
 
+import copy
 import importlib
+import json
 import logging
 import shutil
 import tempfile
@@ -32,10 +38,11 @@ import weakref
 from collections import Counter
 from typing import Any
 
+import numpy as np
 import polars as pl
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -93,15 +100,26 @@ class RankResponse(BaseModel):
 
 
 def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": message})
+    headers = {"Retry-After": "1"} if status == 503 else None
+    return JSONResponse(status_code=status, content={"error": message}, headers=headers)
 
 
 # ------------------------------------------------------------------------------- ranker
 
 
-@serve.deployment(max_ongoing_requests=64)
-class SegmentRanker:
-    """One segment's ranker: the model behind the segment's alias, batched."""
+class NotReady(RuntimeError):
+    """No model loaded yet: answered 503 with the reason."""
+
+
+class Ranker:
+    """One segment's ranker: the model behind the segment's alias, its request batching
+    (``@serve.batch``: concurrent requests share one forward per domain) and metrics.
+
+    Runs inside its own :class:`SegmentRanker` deployment (``placement: deployment``) or in
+    the ingress replica itself (``placement: inline``); the code and the answers are the
+    same either way. Requests are encoded from the bundle's pre-encoded lookup arrays
+    (:class:`features.online.OnlineFeatures`): no data frame per request.
+    """
 
     def __init__(self, settings: dict[str, Any], segment: str) -> None:
         from ray.serve import metrics
@@ -109,13 +127,6 @@ class SegmentRanker:
         self.settings = ServeSettings.from_dict(settings)
         self.segment: Segment = self.settings.segment(segment)
         seg = self.segment
-        self.watcher = ModelWatcher(
-            self.settings.model_uri(seg.model_alias),
-            self.settings.tracking_uri,
-            loader=self._load,
-            poll_s=self.settings.poll_s,
-            name=f"ranker {segment}",
-        )
         self._rank_batch.set_max_batch_size(seg.max_batch_size)
         self._rank_batch.set_batch_wait_timeout_s(seg.batch_wait_timeout_s)
         tags = ("segment",)
@@ -142,7 +153,15 @@ class SegmentRanker:
         self.m_dead = metrics.Gauge(
             "recsys_moe_dead_experts", "Dead experts over the last window", tag_keys=tags
         )
+        self._tags = {"segment": seg.name}
         self._last_export = time.monotonic()
+        self.watcher = ModelWatcher(
+            self.settings.model_uri(seg.model_alias),
+            self.settings.tracking_uri,
+            loader=self._load,
+            poll_s=self.settings.poll_s,
+            name=f"ranker {segment}",
+        )
 
     def _load(self, bundle: str, version: str) -> dict[str, Any]:
         from recsys_moe.config import ScoringConfig
@@ -159,6 +178,7 @@ class SegmentRanker:
             active = {k: cache.active(k) for k in sorted(mine) if k in cache}
         else:
             active = scorer.slice_domains(self.segment.domains)
+        scorer.online  # the lookup arrays, built before the version serves  # noqa: B018
         monitors = {k: RouterMonitor(scorer.model.spec.domains) for k in active}
         blend = ScoringConfig(
             blend=self.segment.blend, task_weights=dict(self.segment.task_weights)
@@ -166,46 +186,66 @@ class SegmentRanker:
         return {"scorer": scorer, "active": active, "monitors": monitors, "blend": blend}
 
     def status(self) -> dict[str, Any]:
-        return {"segment": self.segment.name, **self.watcher.status()}
+        return {
+            "segment": self.segment.name,
+            "placement": self.segment.placement,
+            **self.watcher.status(),
+            "experts": self.experts(),
+        }
 
     def experts(self) -> dict[str, list[int]]:
         """Domain -> the global expert ids this ranker computes for it."""
         cur = self.watcher.current
+        if cur is None:
+            return {}
         names = cur.payload["scorer"].model.spec.domains
         return {names[k - 1]: ids for k, ids in cur.payload["active"].items()}
 
     async def rank(self, req: dict[str, Any]) -> dict[str, Any]:
         return await self._rank_batch(req)
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
     async def _rank_batch(self, reqs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        from recsys_moe.scorer import RequestError, blended
+
         t0 = time.perf_counter()
         cur = self.watcher.current  # one model version for the whole batch
-        scorer = cur.payload["scorer"]
+        if cur is None:
+            why = self.watcher.load_error or "no model loaded yet"
+            return [{"unavailable": f"segment {self.segment.name}: {why}"} for _ in reqs]
+        scorer, blend = cur.payload["scorer"], cur.payload["blend"]
         out: list[dict[str, Any] | None] = [None] * len(reqs)
-        frames, ok = [], []
+        encoded, ok = [], []
         for i, r in enumerate(reqs):
             try:  # a request whose ids cannot be read never fails its batch-mates
-                frames.append(scorer.check(_rows(r, scorer)))
-                ok.append(i)
-            except (ValueError, TypeError, OverflowError, pl.exceptions.PolarsError) as e:
+                f = scorer.encode_request(
+                    r["user_id"], r["domain"], r["candidates"], r.get("timestamp"),
+                    r.get("context"),
+                )  # fmt: skip
+            except RequestError as e:
                 out[i] = {"error": str(e)}
-        if frames:
-            rows = pl.concat(frames, how="diagonal_relaxed")
-            scored = scorer.score_frame(
-                rows, cur.payload["blend"], monitors=cur.payload["monitors"], checked=True
-            )
-            start = 0
-            for i in ok:
-                n = len(reqs[i]["candidates"])
-                out[i] = _response(reqs[i], scored.slice(start, n), scorer, cur.version)
-                start += n
-            self.m_candidates.inc(rows.height, {"segment": self.segment.name})
-            cold = int((scored["cold_user"] | scored["cold_item"]).sum())
+                continue
+            encoded.append((r["domain"], f))
+            ok.append(i)
+        if encoded:
+            t1 = time.perf_counter()
+            scores = scorer.rank_many(encoded, monitors=cur.payload["monitors"])
+            # Server-Timing parts: this batch's encoding and model time, and its size
+            timing = (f"encode;dur={(t1 - t0) * 1e3:.2f}, "
+                      f"model;dur={(time.perf_counter() - t1) * 1e3:.2f};desc=\"batch of "
+                      f"{len(encoded)}\"")  # fmt: skip
+            rows = cold = 0
+            for i, (_d, f), p in zip(ok, encoded, scores, strict=True):
+                out[i] = _response(reqs[i], f, p, blended(p, scorer.tasks, blend), scorer.tasks,
+                                   cur.version)  # fmt: skip
+                out[i]["timing"] = timing
+                rows += f.n
+                cold += f.n if f.cold_user else int(f.cold_items.sum())
+            self.m_candidates.inc(rows, self._tags)
             if cold:  # Ray's counters only take positive increments
-                self.m_cold.inc(cold, {"segment": self.segment.name})
-        self.m_requests.inc(len(reqs), {"segment": self.segment.name})
-        self.m_latency.observe((time.perf_counter() - t0) * 1e3, {"segment": self.segment.name})
+                self.m_cold.inc(cold, self._tags)
+        self.m_requests.inc(len(reqs), self._tags)
+        self.m_latency.observe((time.perf_counter() - t0) * 1e3, self._tags)
         self._export_router(cur)
         return out
 
@@ -228,45 +268,47 @@ class SegmentRanker:
                     )  # fmt: skip
             dead += metrics.get("router/dead_experts", 0.0)
             mon.reset()
-        self.m_dead.set(dead, {"segment": self.segment.name})
+        self.m_dead.set(dead, self._tags)
 
 
-def _rows(req: dict[str, Any], scorer) -> pl.DataFrame:
-    s = scorer.spec
-    n = len(req["candidates"])
-    cols: dict[str, Any] = {
-        s.user_id: [req["user_id"]] * n,
-        s.item_id: req["candidates"],
-        s.domain: [req["domain"]] * n,
-    }
-    if req.get("timestamp") is not None:
-        cols[s.timestamp] = [req["timestamp"]] * n
-    for k, v in (req.get("context") or {}).items():
-        if k in scorer.optional and k != s.timestamp:
-            cols[k] = [v] * n
-    return pl.DataFrame(cols, strict=False)
+@serve.deployment(max_ongoing_requests=64)
+class SegmentRanker:
+    """A segment's :class:`Ranker` in a deployment of its own (``placement:
+    deployment``): its own replicas and resources, one more hop per request."""
+
+    def __init__(self, settings: dict[str, Any], segment: str) -> None:
+        self.ranker = Ranker(settings, segment)
+
+    async def rank(self, req: dict[str, Any]) -> dict[str, Any]:
+        return await self.ranker.rank(req)
+
+    def status(self) -> dict[str, Any]:
+        return self.ranker.status()
+
+    def experts(self) -> dict[str, list[int]]:
+        return self.ranker.experts()
 
 
-def _response(req: dict[str, Any], scored: pl.DataFrame, scorer, version: str) -> dict[str, Any]:
-    tasks = scorer.tasks
-    probs = scored.select([f"score_{t}" for t in tasks]).to_numpy()
-    blended = scored["score"].to_numpy()
-    cold_item = scored["cold_item"].to_list()
-    order = (-blended).argsort(kind="stable")
+def _response(
+    req: dict[str, Any], f, probs: np.ndarray, score: np.ndarray, tasks: list[str], version: str
+) -> dict[str, Any]:
+    order = (-score).argsort(kind="stable")
     if req.get("top_k"):
         order = order[: req["top_k"]]
+    cands, cold = req["candidates"], f.cold_items
+    p = probs.tolist()
     items = [
         {
-            "item_id": req["candidates"][j],
-            "score": float(blended[j]),
-            "scores": {t: float(probs[j, i]) for i, t in enumerate(tasks)},
-            "cold_item": cold_item[j],
+            "item_id": cands[j],
+            "score": float(score[j]),
+            "scores": dict(zip(tasks, p[j], strict=True)),
+            "cold_item": bool(cold[j]),
         }
         for j in order.tolist()
     ]
     return {
-        "user_segment": scored["segment"][0] if scored.height else "cold",
-        "cold_user": bool(scored["cold_user"][0]) if scored.height else True,
+        "user_segment": f.user_segment,
+        "cold_user": bool(f.cold_user),
         "model_version": version,
         "items": items,
     }
@@ -278,6 +320,10 @@ api = FastAPI(
     title="recsys-moe ranking",
     description="Segment-routed multi-task ranking (Mixture-of-Experts) on Ray Serve.",
     version="1",
+    # served by the ingress with the configured limits filled in (openapi_with_limits)
+    openapi_url=None,
+    docs_url=None,
+    redoc_url=None,
 )
 
 
@@ -293,6 +339,7 @@ async def _invalid(request: Request, exc: RequestValidationError) -> JSONRespons
 def _routing_tables(bundle: str, version: str) -> dict[str, Any]:
     """What the router needs from the bundle: known domains, user -> segment."""
     from features.history import segment_expr
+    from features.online import caster
     from features.spec import AGG
     from features.store import spec_from_manifest
     from recsys_moe.bundle import read_meta, read_tables
@@ -305,6 +352,7 @@ def _routing_tables(bundle: str, version: str) -> dict[str, Any]:
     )
     return {
         "segments": dict(zip(seg[spec.user_id].to_list(), seg["segment"].to_list(), strict=True)),
+        "user_key": caster(users.schema[spec.user_id], "user_id"),
         "domains": set(meta["manifest"]["domains"]),
     }
 
@@ -326,16 +374,48 @@ async def _bounded_body(request: Request, call_next):
     return await call_next(request)
 
 
+def openapi_with_limits(schema: dict[str, Any], s: ServeSettings) -> dict[str, Any]:
+    """The OpenAPI schema with every limit this service enforces, from its config: a
+    schema-driven client or fuzzer then generates requests the service accepts."""
+    schema = copy.deepcopy(schema)
+    comps = schema["components"]["schemas"]
+    props = comps["RankRequest"]["properties"]
+    id_of = {"anyOf": [{"type": "integer", "minimum": -(2**63), "maximum": 2**63 - 1},
+                       {"type": "string", "minLength": 1, "maxLength": s.max_id_length}]}  # fmt: skip
+    props["user_id"].update(id_of)
+    props["candidates"].update({"maxItems": s.max_candidates, "uniqueItems": True, "items": id_of})
+    props["candidates"]["description"] = (
+        f"Item ids to rank: 1 to {s.max_candidates}, distinct, ids of at most "
+        f"{s.max_id_length} characters."
+    )
+    props["top_k"]["anyOf"] = [{"type": "integer", "minimum": 1, "maximum": s.max_candidates},
+                               {"type": "null"}]  # fmt: skip
+    post = schema["paths"]["/rank"]["post"]
+    post["description"] = (
+        f"Request body at most {s.max_body_bytes} bytes, sent with a Content-Length "
+        f"(411 without, 413 above). Domains this service knows: those of its segments "
+        f"{sorted({d for g in s.segments for d in g.domains})}"
+        + (f", any other to segment {s.default_segment!r}" if s.default_segment else "")
+        + ". 503 while the segment has no model loaded (see /readyz)."
+    )
+    post["requestBody"]["x-max-body-bytes"] = s.max_body_bytes
+    return schema
+
+
 @serve.deployment(max_ongoing_requests=128)
 @serve.ingress(api)
 class Ingress:
-    """HTTP ingress and segment router."""
+    """HTTP ingress and segment router; holds the ``placement: inline`` segments' rankers
+    itself and calls the others' deployments through their handles."""
 
     def __init__(self, settings: dict[str, Any], rankers: dict[str, DeploymentHandle]) -> None:
         self.settings = s = ServeSettings.from_dict(settings)
         self.rankers = rankers
+        self.inline = {g.name: Ranker(settings, g.name) for g in s.segments
+                       if g.placement == "inline"}  # fmt: skip
         # serve.ingress pickles this class by value: reach the module's own limits
         importlib.import_module("serving.app")._LIMITS["max_body_bytes"] = s.max_body_bytes
+        self._schema: dict[str, Any] | None = None
         self.watcher = ModelWatcher(
             self.settings.model_uri(self.settings.model_alias),
             self.settings.tracking_uri,
@@ -344,13 +424,25 @@ class Ingress:
             name="router",
         )
 
+    @api.get("/openapi.json", include_in_schema=False)
+    async def openapi(self, request: Request) -> JSONResponse:
+        if self._schema is None:
+            self._schema = openapi_with_limits(request.app.openapi(), self.settings)
+        return JSONResponse(self._schema)
+
+    @api.get("/docs", include_in_schema=False)
+    async def docs(self) -> Any:
+        from fastapi.openapi.docs import get_swagger_ui_html
+
+        return get_swagger_ui_html(openapi_url="openapi.json", title="recsys-moe ranking")
+
     @api.get("/healthz", summary="Liveness: the ingress answers.")
     async def healthz(self) -> dict[str, str]:
         return {"status": "ok"}
 
     @api.get("/readyz", summary="Readiness: every segment's model and the features loaded.")
     async def readyz(self) -> JSONResponse:
-        segments = {}
+        segments = {name: r.status() for name, r in self.inline.items()}
         for name, h in self.rankers.items():
             try:
                 segments[name] = await h.status.remote()
@@ -369,6 +461,7 @@ class Ingress:
             411: {"description": "No Content-Length."},
             413: {"description": "Request body too large."},
             422: {"description": "Invalid request (the message names the field)."},
+            503: {"description": "The segment has no model loaded yet (the message says why)."},
         },
     )
     async def rank(self, req: RankRequest) -> Any:
@@ -378,35 +471,53 @@ class Ingress:
                 422,
                 f"candidates: {len(req.candidates)} items exceed the limit of {s.max_candidates}",
             )
+        if req.top_k is not None and req.top_k > s.max_candidates:
+            return _error(422, f"top_k: {req.top_k} exceeds the limit of {s.max_candidates}")
         if len(set(req.candidates)) != len(req.candidates):
             dup = [c for c, n in Counter(req.candidates).items() if n > 1]
             return _error(422, f"candidates: duplicate item ids {dup[:5]}")
         for name, v in [("user_id", req.user_id), *(("candidates", c) for c in req.candidates)]:
-            if isinstance(v, str) and len(v) > s.max_id_length:
-                return _error(422, f"{name}: id longer than {s.max_id_length} characters")
-        tables = self.watcher.current.payload
-        user_segment = tables["segments"].get(req.user_id, "cold")
+            if isinstance(v, str) and not 1 <= len(v) <= s.max_id_length:
+                return _error(422, f"{name}: ids are 1 to {s.max_id_length} characters")
+            if isinstance(v, int) and not -(2**63) <= v < 2**63:
+                return _error(422, f"{name}: integer id out of the 64-bit range")
+        cur = self.watcher.current
+        if cur is None:
+            return _error(503, f"not ready: {self.watcher.load_error}")
+        tables = cur.payload
+        try:
+            user_segment = tables["segments"].get(tables["user_key"](req.user_id), "cold")
+        except ValueError as e:
+            return _error(422, str(e))
         seg = s.route(req.domain, user_segment)
         if seg is None:
             return _error(
                 422,
                 f"domain: unknown domain {req.domain!r}; known: {sorted(tables['domains'])}",
             )
-        body = req.model_dump()
+        t0 = time.perf_counter()
+        query = req.model_dump()
         rid = req.request_id or uuid.uuid4().hex
         try:
-            res = await self.rankers[seg.name].rank.remote(body)
+            if seg.name in self.inline:
+                res = await self.inline[seg.name].rank(query)
+            else:
+                res = await self.rankers[seg.name].rank.remote(query)
         except Exception as e:
             log.exception("ranker %s failed", seg.name)
             raise HTTPException(503, f"ranker {seg.name} unavailable: {type(e).__name__}") from e
         if "error" in res:
             return _error(422, res["error"])
-        return {
-            "request_id": rid,
-            "segment": seg.name,
-            "model": s.model_name,
-            **res,
-        }
+        if "unavailable" in res:
+            return _error(503, res["unavailable"])
+        # built by this service in RankResponse's shape (tests check it): serialised
+        # once here, not validated and re-encoded field by field by FastAPI
+        timing = res.pop("timing", "")
+        body = {"request_id": rid, "segment": seg.name, "model": s.model_name, **res}
+        content = json.dumps(body).encode()
+        # the time in this handler (ranker call included), then the ranker's parts
+        took = ", ".join([f"rank;dur={(time.perf_counter() - t0) * 1e3:.2f}", *[timing][:1]])
+        return Response(content, media_type="application/json", headers={"Server-Timing": took})
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:
@@ -420,6 +531,7 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
             ray_actor_options={"num_cpus": seg.num_cpus},
         ).bind(raw, seg.name)
         for seg in settings.segments
+        if seg.placement == "deployment"
     }
     return Ingress.options(
         num_replicas=settings.ingress_replicas,

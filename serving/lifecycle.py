@@ -6,7 +6,9 @@ the alias points at a new version the loader runs *beside* the serving one; only
 succeeds is ``current`` replaced, in one assignment, so a request (or a batch) that read
 ``current`` keeps its version to the end. A version that fails to load is logged,
 reported by :meth:`ModelWatcher.status` (``/readyz``) and not retried until the alias
-moves again; the old version keeps serving.
+moves again; the old version keeps serving. A replica started before the alias exists
+(or whose first version does not load) has no model (``current`` is None), says why on
+``/readyz`` and loads the first version that appears.
 """
 
 from __future__ import annotations
@@ -54,13 +56,19 @@ class ModelWatcher:
         self.failed_version: str | None = None
         self.swaps = 0
         self._lock = threading.Lock()
-        # the first load must succeed: a replica without a model is not started
-        version = self._resolve_version()
-        self.current: Loaded = self._build(self._download(version), version)
+        self.current: Loaded | None = None
         self._stop = threading.Event()
-        if uri.startswith("models:/"):
-            self._thread = threading.Thread(target=self._poll, daemon=True, name=f"watch-{name}")
-            self._thread.start()
+        if not uri.startswith("models:/"):  # a bundle folder: loaded once, must load
+            self.current = self._build(self._download("local"), "local")
+            return
+        # a registry alias: a replica starts without a model (none registered yet, or the
+        # alias's version does not load), answers "not ready" naming it, and loads the
+        # first version that does when the alias moves
+        self.check_now()
+        if self.current is None:
+            log.warning("%s: not ready: %s", name, self.load_error)
+        self._thread = threading.Thread(target=self._poll, daemon=True, name=f"watch-{name}")
+        self._thread.start()
 
     def _resolve_version(self) -> str:
         if not self.uri.startswith("models:/"):
@@ -70,7 +78,9 @@ class ModelWatcher:
         name, alias, _ = parse_uri(self.uri)
         mv = alias_version(name, alias or "", self.tracking_uri)
         if mv is None:
-            raise ModelNotFound(f"no model {self.uri} yet (`make train` registers one)")
+            raise ModelNotFound(
+                f"no model {self.uri} in the registry yet (`make train` registers one)"
+            )
         return str(mv.version)
 
     def _download(self, version: str) -> Path:
@@ -93,10 +103,14 @@ class ModelWatcher:
         with self._lock:
             try:
                 version = self._resolve_version()
+            except ModelNotFound as e:
+                self.load_error = str(e)
+                return
             except Exception as e:  # registry unreachable: keep serving, say so
                 self.load_error = f"cannot read {self.uri}: {type(e).__name__}: {e}"
                 return
-            if version in (self.current.version, self.failed_version):
+            serving = self.current.version if self.current else None
+            if version in (serving, self.failed_version):
                 return
             try:
                 loaded = self._build(self._download(version), version)
@@ -104,7 +118,7 @@ class ModelWatcher:
                 self.failed_version = version
                 self.load_error = f"version {version}: {type(e).__name__}: {e}"
                 log.error("%s: %s failed to load, still serving version %s: %s", self.name,
-                          self.uri, self.current.version, self.load_error)  # fmt: skip
+                          self.uri, serving, self.load_error)  # fmt: skip
                 return
             self.current = loaded  # the swap: one reference assignment
             self.load_error, self.failed_version = None, None
@@ -118,11 +132,12 @@ class ModelWatcher:
         self._stop.set()
 
     def status(self) -> dict[str, Any]:
+        cur = self.current
         return {
-            "ready": self.current is not None,
+            "ready": cur is not None,
             "model": self.uri,
-            "model_version": self.current.version,
-            "loaded_at": self.current.loaded_at,
+            "model_version": cur.version if cur else None,
+            "loaded_at": cur.loaded_at if cur else None,
             "swaps": self.swaps,
             "load_error": self.load_error,
         }

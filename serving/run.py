@@ -34,8 +34,12 @@ def read_serve_config(path: str | Path) -> dict[str, Any]:
     return raw
 
 
-def start(raw: dict[str, Any], *, blocking_ready_s: float = 300.0) -> str:
-    """Deploy the application of a parsed serve config; returns the base URL."""
+def start(
+    raw: dict[str, Any], *, blocking_ready_s: float = 300.0, require_ready: bool = True
+) -> str:
+    """Deploy the application of a parsed serve config; returns the base URL once
+    ``/readyz`` says ready (``require_ready=False``: also once it says why not - e.g. no
+    model registered yet - the service then answers 503 until the model appears)."""
     from ray import serve
 
     from recsys_moe.cluster import init_ray
@@ -52,22 +56,28 @@ def start(raw: dict[str, Any], *, blocking_ready_s: float = 300.0) -> str:
         route_prefix=app.get("route_prefix", "/"),
     )
     url = f"http://{host}:{port}"
-    _wait_ready(url, blocking_ready_s)
+    _wait_ready(url, blocking_ready_s, require_ready)
     return url
 
 
-def _wait_ready(url: str, timeout_s: float) -> None:
+def not_ready_reasons(body: dict[str, Any]) -> list[str]:
+    """The load errors of a ``/readyz`` body, one per distinct reason."""
+    parts = [body.get("router") or {}, *(body.get("segments") or {}).values()]
+    return sorted({p["load_error"] for p in parts if not p.get("ready") and p.get("load_error")})
+
+
+def _wait_ready(url: str, timeout_s: float, require_ready: bool = True) -> dict[str, Any]:
     import requests
 
     deadline = time.monotonic() + timeout_s
-    last = None
+    last: Any = None
     while time.monotonic() < deadline:
         try:
             r = requests.get(f"{url}/readyz", timeout=5)
-            if r.status_code == 200:
-                return
-            last = r.text
-        except requests.RequestException as e:
+            last = r.json()
+            if r.status_code == 200 or (not require_ready and not_ready_reasons(last)):
+                return last
+        except (requests.RequestException, ValueError) as e:
             last = str(e)
         time.sleep(0.5)
     raise TimeoutError(f"{url}/readyz not ready after {timeout_s}s: {last}")
@@ -96,13 +106,22 @@ def main(argv: list[str] | None = None) -> int:
         if args.alias:
             a["model_alias"] = args.alias
         ServeSettings.from_dict(a)
+        if a.get("model_dir") and not (Path(a["model_dir"]) / "model.json").is_file():
+            raise SettingsError(f"--model {a['model_dir']}: not a model bundle (no model.json)")
     except SettingsError as e:
         print(f"recsys-moe serve: error: {e}", file=sys.stderr)
         return 2
-    url = start(raw)
+    import requests
+
+    url = start(raw, require_ready=False)
     segs = ", ".join(s["name"] for s in raw["applications"][0]["args"]["segments"])
+    ready = requests.get(f"{url}/readyz", timeout=10)
+    state = "ready" if ready.status_code == 200 else "up, NOT READY"
+    for why in () if ready.status_code == 200 else not_ready_reasons(ready.json()):
+        print(f"recsys-moe serve: waiting for a model: {why}; /rank answers 503 until it "
+              f"loads (polled every {a.get('poll_s', 10)} s)", file=sys.stderr)  # fmt: skip
     print(
-        f"ranking service ready at {url} (segments: {segs})\n"
+        f"ranking service {state} at {url} (segments: {segs})\n"
         f"  POST {url}/rank   GET {url}/healthz  {url}/readyz  {url}/docs (OpenAPI)\n"
         f"  metrics: Ray's Prometheus endpoint (ray metrics-export-port); Ctrl-C stops",
         flush=True,

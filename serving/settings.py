@@ -1,10 +1,11 @@
 """The serve config's ``args``: model, limits and segments, validated at start-up.
 
-A *segment* is one ranker deployment: the domains (and optionally the user segments) it
-answers for, its replica count, the model alias it serves and its task blend. A request
-goes to the first segment whose ``domains`` hold its domain and whose ``user_segments``
-(default: all) hold the user's segment; a domain no segment names gets a 422 unless
-``default_segment`` names a segment to send it to.
+A *segment* is one ranker: the domains (and optionally the user segments) it answers
+for, where it runs (``placement``: inside the ingress, or a deployment of its own with its
+replicas), the model alias it serves and its task blend. A request goes to the first
+segment whose ``domains`` hold its domain and whose ``user_segments`` (default: all) hold
+the user's segment; a domain no segment names gets a 422 unless ``default_segment`` names
+a segment to send it to.
 """
 
 from __future__ import annotations
@@ -26,11 +27,17 @@ class Segment:
     domains: list[str]
     user_segments: list[str] = field(default_factory=lambda: list(SEGMENTS))
     replicas: int = 1
+    # "inline": the ranker runs in the ingress replica (no second hop; scales with the
+    # ingress's replicas); "deployment": a SegmentRanker deployment of its own (its own
+    # replicas, CPUs or GPU; one more hop). bench/serve_latency.py measures both.
+    placement: Literal["inline", "deployment"] = "inline"
     model_alias: str | None = None  # None: the application's alias
     blend: Literal["sum", "product"] = "sum"
     task_weights: dict[str, float] = field(default_factory=dict)
     max_batch_size: int = 32
-    batch_wait_timeout_s: float = 0.002
+    # 0: a batch is whatever queued while the last one computed (no added wait at low
+    # load, batches grow under load); > 0 waits up to this long to fill a batch
+    batch_wait_timeout_s: float = 0.0
     # Ray's logical CPUs per replica (scheduling only; torch runs one thread per replica)
     num_cpus: float = 0.25
     # > 0: the segment's domain slices live memory-mapped on disk and at most this many
@@ -52,6 +59,13 @@ class Segment:
             raise SettingsError(f"segments.{self.name}: replicas, max_batch_size must be >= 1")
         if self.offload_capacity < 0:
             raise SettingsError(f"segments.{self.name}.offload_capacity: must be >= 0")
+        if self.placement not in ("inline", "deployment"):
+            raise SettingsError(f"segments.{self.name}.placement: 'inline' or 'deployment'")
+        if self.placement == "inline" and self.replicas != 1:
+            raise SettingsError(
+                f"segments.{self.name}.replicas: an inline segment runs in the ingress "
+                f"(scale ingress_replicas); use placement: deployment for replicas of its own"
+            )
         if self.blend not in ("sum", "product"):
             raise SettingsError(f"segments.{self.name}.blend: 'sum' or 'product'")
 

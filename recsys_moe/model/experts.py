@@ -70,9 +70,14 @@ def _bmm(x, weights, biases, last, dropout):
     return h.transpose(0, 1)  # (B, E, H)
 
 
+def _concat_layout(w0: torch.Tensor) -> torch.Tensor:
+    """Layer 1's ``[E, d, h1]`` weight as the ``[d, E*h1]`` matrix of one GEMM (a copy)."""
+    return w0.permute(1, 0, 2).reshape(w0.shape[1], -1)
+
+
 def _first_concat(x, w0, b0):
     E = w0.shape[0]
-    h = x @ w0.permute(1, 0, 2).reshape(w0.shape[1], -1) + b0.reshape(-1)  # (B, E*h1)
+    h = x @ _concat_layout(w0) + b0.reshape(-1)  # (B, E*h1)
     return h.view(x.shape[0], E, w0.shape[2])
 
 
@@ -126,29 +131,15 @@ class _FusedExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, last, n, *params):
         weights, biases = params[:n], params[n:]
-        dt, (B, E) = x.dtype, (x.shape[0], weights[0].shape[0])
-        h1 = weights[0].shape[2]
         with torch.autocast(x.device.type, enabled=False):
-            ws = [None, *(w.to(dt) for w in weights[1:])]
-            # (E*h1, d), the (out, in) layout oneDNN reads: cast and laid out in one copy
-            w0 = x.new_empty(E, h1, x.shape[1]).copy_(weights[0].transpose(1, 2))
-            w0 = w0.view(E * h1, -1)
-            h = _linear_relu(x, w0, biases[0].reshape(-1).to(dt), n > 1 or last)
-            if n == 1:
-                ctx.save_for_backward(x, w0, h)
-                ctx.last, ctx.n, ctx.dtypes = last, n, [p.dtype for p in params]
-                return h.view(B, E, h1)
-            h_cat = h  # (B, E*h1), kept: layer 1's ReLU mask in the layout of its gradient
-            h = h.view(B, E, h1).transpose(0, 1).contiguous()  # (E, B, h1)
-            acts = [h]
-            for i in range(1, n):
-                h = torch.baddbmm(biases[i].to(dt).unsqueeze(1), h, ws[i])  # (E, B, o)
-                if i < n - 1 or last:
-                    h.relu_()
-                acts.append(h)
-        ctx.save_for_backward(x, w0, *ws[1:], *acts, h_cat)
+            w0 = _fused_layout(weights[0], x.dtype)
+            out, ws, acts, h_cat = _fused_layers(x, w0, weights, biases, last)
+        if n == 1:
+            ctx.save_for_backward(x, w0, h_cat)
+        else:
+            ctx.save_for_backward(x, w0, *ws[1:], *acts, h_cat)
         ctx.last, ctx.n, ctx.dtypes = last, n, [p.dtype for p in params]
-        return h.transpose(0, 1)  # (B, E, H), a view of the expert-major result
+        return out
 
     @staticmethod
     def backward(ctx, grad):
@@ -184,6 +175,39 @@ class _FusedExperts(torch.autograd.Function):
             gx = g @ w0 if ctx.needs_input_grad[0] else None
         grads = [t.to(dt) for t, dt in zip([*gw, *gb], ctx.dtypes, strict=True)]
         return (gx, None, None, *grads)
+
+
+def _fused_layout(w0: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Layer 1's ``[E, d, h1]`` weight as ``(E*h1, d)``, the (out, in) layout oneDNN reads:
+    cast and laid out in one copy."""
+    E, d, h1 = w0.shape
+    return w0.new_empty(E, h1, d, dtype=dtype).copy_(w0.transpose(1, 2)).view(E * h1, d)
+
+
+def _fused_layers(x, w0, weights, biases, last, b0=None):
+    """The fused forward from layer 1's laid-out weight ``w0``: the output (B, E, H), the
+    cast later weights, the expert-major activations and layer 1's (B, E*h1) output.
+    ``b0``: layer 1's bias (E*h1,) if not ``biases[0]``."""
+    dt, n = x.dtype, len(weights)
+    B, E, h1 = x.shape[0], weights[0].shape[0], weights[0].shape[2]
+    ws = [None, *(w.to(dt) for w in weights[1:])]
+    b0 = biases[0].reshape(-1).to(dt) if b0 is None else b0
+    h = _linear_relu(x, w0, b0, n > 1 or last)
+    if n == 1:
+        return h.view(B, E, h1), ws, [], h
+    h_cat = h  # (B, E*h1), kept: layer 1's ReLU mask in the layout of its gradient
+    h = h.view(B, E, h1).transpose(0, 1).contiguous()  # (E, B, h1)
+    acts = [h]
+    for i in range(1, n):
+        h = torch.baddbmm(biases[i].to(dt).unsqueeze(1), h, ws[i])  # (E, B, o)
+        if i < n - 1 or last:
+            h.relu_()
+        acts.append(h)
+    return h.transpose(0, 1), ws, acts, h_cat  # (B, E, H): a view of the expert-major result
+
+
+# batches at least this large are checked for input columns equal on every row
+_SPLIT_MIN_ROWS = 8
 
 
 def _fused(x, weights, biases, last, dropout):
@@ -264,6 +288,11 @@ class StackedExperts(nn.Module):
         # the implementation of training-mode forwards (training.expert_impl); None: impl
         self.train_impl: str | None = None
         self._auto_choice: dict[int, str] = {}
+        # layer 1's weight laid out for inference, and the weight version it was made from
+        self._layout: torch.Tensor | None = None
+        self._layout_key: tuple | None = None
+        # constant-column mask -> layer 1's weight split into (varying, constant) columns
+        self._split: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def forward(self, x: torch.Tensor, need: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, d_in) -> (B, E, H). ``need`` (the experts each row was routed to) is for
@@ -271,9 +300,45 @@ class StackedExperts(nn.Module):
         every expert is one GEMM anyway, so all are computed."""
         impl = self.train_impl if self.training and self.train_impl else self.impl
         impl = impl if impl != "auto" else self._auto(x)
+        if impl in ("concat", "fused", "compiled") and not torch.is_grad_enabled():
+            return self._inference(x)
         return expert_forward(
             x, list(self.weights), list(self.biases), impl, self.last_activation, self.dropout
         )
+
+    def _inference(self, x: torch.Tensor) -> torch.Tensor:
+        """Without autograd (evaluation, scoring, serving), for the GEMM implementations:
+        the fused arithmetic (layer 1 one GEMM with bias and ReLU in its epilogue), with
+        layer 1's weight laid out once per weight version instead of on every call (for a
+        request of a hundred rows the layout copy costs about as much as the GEMM)."""
+        w = self.weights[0]
+        key = (w._version, w.data_ptr(), x.dtype)
+        if self._layout_key != key:
+            self._layout, self._layout_key = _fused_layout(w.detach(), x.dtype), key
+            self._split.clear()
+        weights, biases = list(self.weights), list(self.biases)
+        w0, b0 = self._layout, None
+        if x.shape[0] >= _SPLIT_MIN_ROWS:
+            # a ranking request: one user and context, many items - the input columns
+            # equal on every row (the user's and the context's) go through layer 1 once
+            # for the whole batch, folded into its bias
+            same = (x == x[:1]).all(0)
+            n_same = int(same.sum())
+            if n_same * 4 >= x.shape[1] and n_same < x.shape[1]:
+                mask = (
+                    same.numpy().tobytes()
+                    if x.device.type == "cpu"
+                    else same.cpu().numpy().tobytes()
+                )
+                parts = self._split.get(mask)
+                if parts is None:
+                    if len(self._split) >= 8:
+                        self._split.clear()
+                    parts = self._split[mask] = (w0[:, ~same].contiguous(), w0[:, same])
+                b0 = torch.addmv(biases[0].reshape(-1).to(x.dtype), parts[1], x[0, same])
+                w0, x = parts[0], x[:, ~same]
+        with torch.autocast(x.device.type, enabled=False):
+            return _fused_layers(x, w0, weights, biases, self.last_activation, b0)[0]
 
     @torch.no_grad()
     def _auto(self, x: torch.Tensor) -> str:

@@ -133,34 +133,55 @@ class ExampleTensors:
     ) -> None:
         if isinstance(table, pl.DataFrame):
             table = table.to_arrow()
-        self.spec = spec
-        self.n = table.num_rows
+        n = table.num_rows
+        columns: dict[str, Any] = {}
+        for f in spec.sparse:
+            col = table.column(f.column)
+            columns[f.column] = _list_parts(col) if f.multi_valued else col.to_numpy()
+        for f in spec.dense:
+            columns[f.column] = table.column(f.column).to_numpy()
+        if spec.domain_column not in columns:
+            columns[spec.domain_column] = table.column(spec.domain_column).to_numpy()
+        labels = None
+        if with_labels:
+            lab = [table.column(t.column).to_numpy().astype(np.float32) for t in spec.tasks]
+            labels = np.stack(lab, axis=1)  # (n, T)
+        self._set(spec, n, columns, labels)
+
+    @classmethod
+    def from_arrays(cls, spec: InputSpec, columns: dict[str, Any], n: int) -> ExampleTensors:
+        """From encoded columns held as numpy arrays (``(values, lengths)`` for a
+        multi-valued feature), as the online path produces them; no labels."""
+        self = cls.__new__(cls)
+        self._set(spec, n, columns, None)
+        return self
+
+    def _set(
+        self, spec: InputSpec, n: int, columns: dict[str, Any], labels: np.ndarray | None
+    ) -> None:
+        self.spec, self.n = spec, n
         self.values: list[torch.Tensor] = []
         self.lengths: list[torch.Tensor] = []
         self.offsets: list[torch.Tensor] = []
         for f in spec.sparse:
-            col = table.column(f.column)
             if f.multi_valued:
-                v, ln = _list_parts(col)
+                v, ln = columns[f.column]
             else:
-                v, ln = np.array(col.to_numpy(), dtype=np.int64), np.ones(self.n, dtype=np.int64)
-            lengths = torch.from_numpy(ln)
-            self.values.append(torch.from_numpy(v))
+                v, ln = columns[f.column], np.ones(n, dtype=np.int64)
+            lengths = torch.from_numpy(np.asarray(ln, dtype=np.int64))
+            self.values.append(torch.from_numpy(np.asarray(v, dtype=np.int64)))
             self.lengths.append(lengths)
             self.offsets.append(torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]))
         if spec.dense:
-            cols = [table.column(f.column).to_numpy().astype(np.float32) for f in spec.dense]
+            cols = [np.asarray(columns[f.column], dtype=np.float32) for f in spec.dense]
             dense = torch.from_numpy(np.stack(cols, axis=1))
             mean = torch.tensor([f.mean for f in spec.dense], dtype=torch.float32)
             std = torch.tensor([f.std for f in spec.dense], dtype=torch.float32)
             self.dense = (dense - mean) / std  # (n, N)
         else:
-            self.dense = torch.zeros(self.n, 0)
-        self.domain = torch.from_numpy(table.column(spec.domain_column).to_numpy().astype(np.int64))
-        self.labels = None
-        if with_labels:
-            lab = [table.column(t.column).to_numpy().astype(np.float32) for t in spec.tasks]
-            self.labels = torch.from_numpy(np.stack(lab, axis=1))  # (n, T)
+            self.dense = torch.zeros(n, 0)
+        self.domain = torch.from_numpy(np.asarray(columns[spec.domain_column], dtype=np.int64))
+        self.labels = torch.from_numpy(labels) if labels is not None else None
 
     def __len__(self) -> int:
         return self.n

@@ -21,13 +21,17 @@ from tests.conftest import register_bundle
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
+# both placements in one service: every test below goes through inline rankers (in the
+# ingress) and a ranker deployment of its own
 SEGMENTS = [
     {"name": "cold", "domains": ["feed", "search", "video"], "user_segments": ["cold"],
-     "task_weights": {"click": 1.0, "like": 0.5, "conversion": 1.0},
+     "task_weights": {"click": 1.0, "like": 0.5, "conversion": 1.0}, "placement": "inline",
      "offload_capacity": 1},  # one domain slice resident, the others memory-mapped
-    {"name": "feed", "domains": ["feed"], "task_weights": {"click": 1.0, "conversion": 2.0}},
+    {"name": "feed", "domains": ["feed"], "task_weights": {"click": 1.0, "conversion": 2.0},
+     "placement": "deployment"},
     # "live" is unknown to version 1; test_extended_domain_served_after_alias_moves adds it
-    {"name": "other", "domains": ["search", "video", "live"], "blend": "product"},
+    {"name": "other", "domains": ["search", "video", "live"], "blend": "product",
+     "placement": "inline"},
 ]  # fmt: skip
 
 
@@ -90,6 +94,16 @@ def test_health_ready_and_openapi(service):
     req = schema["components"]["schemas"]["RankRequest"]["properties"]
     for field in ("user_id", "domain", "candidates", "context", "top_k"):
         assert req[field].get("description"), field
+    # the limits this service enforces (its config: max_candidates 200), in the schema
+    assert req["candidates"]["maxItems"] == 200 and req["candidates"]["uniqueItems"]
+    ids = req["candidates"]["items"]["anyOf"]
+    assert {"type": "string", "minLength": 1, "maxLength": 64} in ids
+    assert req["user_id"]["anyOf"] == req["candidates"]["items"]["anyOf"]
+    assert req["top_k"]["anyOf"][0] == {"type": "integer", "minimum": 1, "maximum": 200}
+    post = schema["paths"]["/rank"]["post"]
+    assert post["requestBody"]["x-max-body-bytes"] == 1_000_000
+    assert "1000000 bytes" in post["description"] and "503" in post["responses"]
+    assert requests.get(f"{url}/docs", timeout=10).status_code == 200
 
 
 def test_ranking_equals_in_process_scores_and_routes_segments(service):
@@ -101,7 +115,11 @@ def test_ranking_equals_in_process_scores_and_routes_segments(service):
     r = _rank(url, req)
     assert r.status_code == 200, r.text
     body = r.json()
+    from serving.app import RankResponse
+
+    RankResponse.model_validate(body)  # the documented response shape, field for field
     assert body["segment"] == "feed" and body["user_segment"] == "power"
+    assert r.headers["server-timing"].startswith("rank;dur=")
     assert body["model_version"] == "1" and body["model"] == "recsys_moe_default"
     rows = pl.DataFrame({"user_id": [power] * 50, "item_id": cands, "domain": ["feed"] * 50,
                          "ts": [1_700_000_000] * 50, "hour": ["9"] * 50, "device": ["ios"] * 50})  # fmt: skip
@@ -138,19 +156,22 @@ def test_ranking_equals_in_process_scores_and_routes_segments(service):
 def test_rankers_compute_only_their_domains_experts(service):
     from ray import serve
 
-    _url, *_ = service
+    url, *_ = service
     h = serve.get_deployment_handle("SegmentRanker_feed", app_name="ranking")
     experts = h.experts.remote().result()
     # STAR, 2 shared + 1 per domain: feed's ranker computes 3 of the 2 + 4 experts
     assert list(experts) == ["feed"] and len(experts["feed"]) == 3
     assert experts["feed"][:2] == [0, 1]
-    h2 = serve.get_deployment_handle("SegmentRanker_other", app_name="ranking")
-    assert set(h2.experts.remote().result()) == {"search", "video"}  # "live": unknown to v1
+    ready = requests.get(f"{url}/readyz", timeout=10).json()["segments"]
+    assert ready["feed"]["experts"] == experts and ready["feed"]["placement"] == "deployment"
+    # the inline rankers slice the same way
+    assert ready["other"]["placement"] == "inline"
+    assert set(ready["other"]["experts"]) == {"search", "video"}  # "live": unknown to v1
     # the cold segment offloads: the same slices, served from memory-mapped files
-    h3 = serve.get_deployment_handle("SegmentRanker_cold", app_name="ranking")
-    cold = h3.experts.remote().result()
+    cold = ready["cold"]["experts"]
     assert set(cold) == {"feed", "search", "video"} and cold["feed"] == experts["feed"]
     assert all(len(v) == 3 and v[:2] == [0, 1] for v in cold.values())
+    assert "SegmentRanker_other" not in serve.status().applications["ranking"].deployments
 
 
 def test_online_scores_equal_batch_job(service, tmp_path):
@@ -200,6 +221,9 @@ BAD = [
     (json.dumps({"user_id": 1, "domain": "feed", "candidates": [1], "top_k": 0}).encode(), "top_k"),
     (json.dumps({"user_id": 1, "domain": "feed", "candidates": [1], "extra": 1}).encode(), "extra"),
     (json.dumps({"user_id": 1, "domain": "feed", "candidates": [1, "x"]}).encode(), "item_id"),
+    # the same mistake answered by an inline ranker (feed's is a deployment)
+    (json.dumps({"user_id": 1, "domain": "search", "candidates": [1, "x"]}).encode(), "item_id"),
+    (json.dumps({"user_id": 1, "domain": "feed", "candidates": [1], "top_k": 201}).encode(), "top_k"),
     (json.dumps({"user_id": 1, "domain": "feed", "candidates": [1], "timestamp": 10**30}).encode(), "timestamp"),
 ]  # fmt: skip
 
@@ -239,20 +263,21 @@ def test_hot_swap_under_load_then_bad_version_keeps_old(service, scoring_model, 
     url, _cfg, bundle, uri = service
     _, power, items = _users(bundle)
     body = {"user_id": power, "domain": "feed", "candidates": items[:20]}
+    search = {**body, "domain": "search"}  # the inline "other" segment
     seen, failures, stop = set(), [], threading.Event()
 
-    def client():
+    def client(req):
         while not stop.is_set():
             try:
-                r = _rank(url, body)
+                r = _rank(url, req)
                 if r.status_code != 200:
                     failures.append(r.text)
                 else:
-                    seen.add(r.json()["model_version"])
+                    seen.add((r.json()["segment"], r.json()["model_version"]))
             except requests.RequestException as e:
                 failures.append(repr(e))
 
-    threads = [threading.Thread(target=client) for _ in range(4)]
+    threads = [threading.Thread(target=client, args=(b,)) for b in (body, body, search, search)]
     for t in threads:
         t.start()
     try:
@@ -261,14 +286,15 @@ def test_hot_swap_under_load_then_bad_version_keeps_old(service, scoring_model, 
         )
         assert reg["promoted"]
         deadline = time.monotonic() + 120
-        while "2" not in seen and time.monotonic() < deadline:
+        want = {("feed", "2"), ("other", "2")}
+        while not want <= seen and time.monotonic() < deadline:
             time.sleep(0.2)
     finally:
         stop.set()
         for t in threads:
             t.join()
     assert failures == []
-    assert seen == {"1", "2"}
+    assert seen == {("feed", "1"), ("feed", "2"), ("other", "1"), ("other", "2")}
 
     # version 3: registered without a loadable bundle; the alias moves, the rankers keep 2
     client_ = mlflow.MlflowClient(uri)
@@ -280,14 +306,15 @@ def test_hot_swap_under_load_then_bad_version_keeps_old(service, scoring_model, 
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         ready = requests.get(f"{url}/readyz", timeout=10).json()
-        if ready["segments"]["feed"]["load_error"]:
+        if all(ready["segments"][g]["load_error"] for g in ("feed", "other")):
             break
         time.sleep(0.5)
-    assert f"version {mv.version}" in ready["segments"]["feed"]["load_error"]
-    assert ready["segments"]["feed"]["model_version"] == "2"
-    r = _rank(url, body)
-    assert r.status_code == 200 and r.json()["model_version"] == "2"
-    np.testing.assert_equal(len(r.json()["items"]), 20)
+    for g, req in (("feed", body), ("other", search)):
+        assert f"version {mv.version}" in ready["segments"][g]["load_error"]
+        assert ready["segments"][g]["model_version"] == "2"
+        r = _rank(url, req)
+        assert r.status_code == 200 and r.json()["model_version"] == "2"
+        np.testing.assert_equal(len(r.json()["items"]), 20)
 
 
 def test_prometheus_metrics_per_segment(service):
@@ -378,3 +405,63 @@ def test_extended_domain_served_after_alias_moves(service, tmp_path, monkeypatch
     after_feed = _rank(url, feed).json()
     assert after_feed["model_version"] == version
     assert after_feed["items"] == before_feed["items"]  # bit-identical scores, same order
+
+
+def test_client_answers_raises_4xx_and_bounds_503_retries(service):
+    from serving.client import RankingClient, RankingError
+
+    url, _, bundle, _ = service
+    _, power, items = _users(bundle)
+    client = RankingClient(url, retries=2, backoff_s=0.01)
+    ranked = client.rank(power, "feed", items[:5], context={"hour": "9"}, top_k=3)
+    assert ranked["segment"] == "feed" and len(ranked["items"]) == 3
+    with pytest.raises(RankingError) as bad:
+        client.rank(power, "mars", items[:5])
+    assert bad.value.status == 422 and "unknown domain" in bad.value.message
+    assert client.ready()["ready"]
+
+
+def test_started_before_any_model_then_loads_it(service):
+    """A service whose alias does not exist yet starts, answers 503 on /rank and
+    not-ready on /readyz naming the missing model, then serves once it is registered."""
+    from ray import serve
+
+    from serving.app import app_builder
+    from serving.client import RankingClient, RankingError
+
+    url, _cfg, bundle, uri = service
+    args = {"tracking_uri": uri, "poll_s": 0.5, "model_name": "recsys_moe_later",
+            "segments": [{"name": "feed", "domains": ["feed"], "placement": "deployment"},
+                         {"name": "rest", "domains": ["search", "video"]}]}  # fmt: skip
+    serve.run(app_builder(args), name="later", route_prefix="/later")
+    later = f"{url}/later"
+    try:
+        r = requests.get(f"{later}/readyz", timeout=10)
+        assert r.status_code == 503
+        for part in (r.json()["router"], *r.json()["segments"].values()):
+            assert "models:/recsys_moe_later@champion" in part["load_error"], part
+        _, power, items = _users(bundle)
+        body = {"user_id": power, "domain": "feed", "candidates": items[:3]}
+        for dom in ("feed", "search"):
+            r = _rank(later, {**body, "domain": dom})
+            assert r.status_code == 503 and "recsys_moe_later" in r.json()["error"], r.text
+        t = time.monotonic()
+        with pytest.raises(RankingError) as e:  # the client retries a 503, a bounded number
+            RankingClient(later, retries=1, backoff_s=0.01).rank(power, "feed", items[:3])
+        assert e.value.status == 503 and time.monotonic() - t < 10
+        import mlflow  # register version 1's model under the awaited name
+
+        client = mlflow.MlflowClient(uri)
+        v1 = client.get_model_version("recsys_moe_default", "1")
+        client.create_registered_model("recsys_moe_later")
+        mv = client.create_model_version("recsys_moe_later", v1.source, run_id=v1.run_id)
+        client.set_registered_model_alias("recsys_moe_later", "champion", mv.version)
+        deadline = time.monotonic() + 120
+        while requests.get(f"{later}/readyz", timeout=10).status_code != 200:
+            assert time.monotonic() < deadline, "never became ready"
+            time.sleep(0.5)
+        for dom in ("feed", "search"):
+            r = _rank(later, {**body, "domain": dom})
+            assert r.status_code == 200 and r.json()["model_version"] == "1", r.text
+    finally:
+        serve.delete("later")
