@@ -145,14 +145,28 @@ class Ranker:
             boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500],
             tag_keys=tags,
         )
+        gate_tags = ("segment", "gate", "domain")
         self.m_load = metrics.Gauge(
             "recsys_moe_expert_load",
             "Share of the gate weight per expert over the last window",
-            tag_keys=("segment", "gate", "domain", "expert"),
+            tag_keys=(*gate_tags, "expert"),
+        )
+        self.m_entropy = metrics.Gauge(
+            "recsys_moe_gate_entropy",
+            "Mean entropy of the gate's expert distribution over the last window",
+            tag_keys=gate_tags,
         )
         self.m_dead = metrics.Gauge(
-            "recsys_moe_dead_experts", "Dead experts over the last window", tag_keys=tags
+            "recsys_moe_dead_experts",
+            "Experts of the gate below the dead threshold over the last window",
+            tag_keys=gate_tags,
         )
+        self.m_collapsed = metrics.Gauge(
+            "recsys_moe_gate_collapsed",
+            "1 when one expert took more than collapse_threshold of the gate's load",
+            tag_keys=gate_tags,
+        )
+        self.routing: dict[str, Any] = {}  # the last window's routing health (/readyz)
         self._tags = {"segment": seg.name}
         self._last_export = time.monotonic()
         self.watcher = ModelWatcher(
@@ -179,7 +193,11 @@ class Ranker:
         else:
             active = scorer.slice_domains(self.segment.domains)
         scorer.online  # the lookup arrays, built before the version serves  # noqa: B018
-        monitors = {k: RouterMonitor(scorer.model.spec.domains) for k in active}
+        st = self.settings
+        monitors = {
+            k: RouterMonitor(scorer.model.spec.domains, st.dead_threshold, st.collapse_threshold)
+            for k in active
+        }
         blend = ScoringConfig(
             blend=self.segment.blend, task_weights=dict(self.segment.task_weights)
         )
@@ -191,6 +209,7 @@ class Ranker:
             "placement": self.segment.placement,
             **self.watcher.status(),
             "experts": self.experts(),
+            "routing": self.routing,
         }
 
     def experts(self) -> dict[str, list[int]]:
@@ -250,25 +269,62 @@ class Ranker:
         return out
 
     def _export_router(self, cur) -> None:
-        if time.monotonic() - self._last_export < 10.0:
+        """Every ``router_window_s``: the window's routing health per gate and domain as
+        gauges (expert load share, gate entropy, dead experts, collapse), the same on
+        ``/readyz`` (``routing``), and a warning for a collapsed gate; then a new window."""
+        if time.monotonic() - self._last_export < self.settings.router_window_s:
             return
         self._last_export = time.monotonic()
-        names = ["oov", *cur.payload["scorer"].model.spec.domains]
-        dead = 0.0
-        for k, mon in cur.payload["monitors"].items():
-            active = cur.payload["active"][k]
-            metrics = mon.metrics()
-            for key, v in metrics.items():
-                parts = key.split("/")  # router/<layer>/<gate>/<domain>/load_e<i>
-                if len(parts) == 5 and parts[4].startswith("load_e"):
-                    e = active[int(parts[4][6:])] if active else int(parts[4][6:])
-                    self.m_load.set(
-                        v, {"segment": self.segment.name, "gate": parts[2], "domain": names[k],
-                            "expert": str(e)},
-                    )  # fmt: skip
-            dead += metrics.get("router/dead_experts", 0.0)
+        health = routing_health(cur.payload["monitors"], cur.payload["active"])
+        seg = self.segment.name
+        for g in health["gates"]:
+            tags = {"segment": seg, "gate": g["gate"], "domain": g["domain"]}
+            for e, share in g["load"].items():
+                self.m_load.set(share, {**tags, "expert": e})
+            self.m_entropy.set(g["entropy"], tags)
+            self.m_dead.set(len(g["dead"]), tags)
+            self.m_collapsed.set(float(g["collapsed"]), tags)
+            if g["collapsed"]:
+                log.warning("segment %s: gate %s of domain %s collapsed: expert %s takes "
+                            "%.0f%% of the load (threshold %.0f%%)", seg, g["gate"], g["domain"],
+                            g["top_expert"], 100 * g["top_load"],
+                            100 * self.settings.collapse_threshold)  # fmt: skip
+        self.routing = {"window_end": time.time(), "version": cur.version, **health}
+        for mon in cur.payload["monitors"].values():
             mon.reset()
-        self.m_dead.set(dead, self._tags)
+
+
+def routing_health(monitors: dict[int, Any], active: dict[int, list[int]]) -> dict[str, Any]:
+    """Per gate output and domain, from each domain's :class:`RouterMonitor` window: the
+    load share per (global) expert id, the mean gate entropy, the dead experts and whether
+    the gate collapsed; plus the collapsed gates' names."""
+    gates: list[dict[str, Any]] = []
+    for k, mon in monitors.items():
+        m = mon.metrics()
+        ids = active.get(k) or []
+        for key in [k_ for k_ in m if k_.endswith("/entropy")]:
+            _, layer, gate, domain, _ = key.split("/")
+            base = key[: -len("/entropy")]
+            load = {
+                str(ids[int(x.rsplit("load_e", 1)[1])] if ids else int(x.rsplit("load_e", 1)[1])): v
+                for x, v in m.items()
+                if x.startswith(base + "/load_e")
+            }  # fmt: skip
+            top = max(load, key=load.__getitem__) if load else None
+            threshold = mon.dead_threshold / max(len(load), 1)
+            gates.append({
+                "gate": f"{layer}/{gate}" if layer != "gates" else gate,
+                "domain": domain,
+                "load": load,
+                "entropy": m[key],
+                "entropy_max": m.get(base + "/entropy_max", 0.0),
+                "dead": sorted(e for e, v in load.items() if v < threshold),
+                "top_expert": top,
+                "top_load": load[top] if top is not None else 0.0,
+                "collapsed": bool(m.get(base + "/collapsed", 0.0)),
+            })  # fmt: skip
+    collapsed = [f"{g['domain']}/{g['gate']}" for g in gates if g["collapsed"]]
+    return {"gates": gates, "collapsed": collapsed}
 
 
 @serve.deployment(max_ongoing_requests=64)

@@ -79,6 +79,12 @@ class ServeSettings:
     # a model bundle folder instead of the registry (tests, air-gapped use); no polling
     model_dir: str | None = None
     poll_s: float = 10.0
+    # routing health: each ranker's window (metrics, /readyz "routing", collapse warning);
+    # an expert under dead_threshold / (its gate's experts) of the load counts as dead, a
+    # gate whose top expert takes more than collapse_threshold of it as collapsed
+    router_window_s: float = 10.0
+    dead_threshold: float = 0.1
+    collapse_threshold: float = 0.9
     max_candidates: int = 1000
     max_id_length: int = 64
     max_body_bytes: int = 1_000_000
@@ -97,8 +103,10 @@ class ServeSettings:
             raise SettingsError(f"default_segment: {self.default_segment!r} is not in {names}")
         if not 1 <= self.max_candidates <= 10_000:
             raise SettingsError("max_candidates: must be in 1..10000")
-        if self.poll_s <= 0:
-            raise SettingsError("poll_s: must be > 0")
+        if self.poll_s <= 0 or self.router_window_s <= 0:
+            raise SettingsError("poll_s, router_window_s: must be > 0")
+        if not 0 <= self.dead_threshold < 1 or not 0 < self.collapse_threshold <= 1:
+            raise SettingsError("dead_threshold: in [0, 1); collapse_threshold: in (0, 1]")
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ServeSettings:

@@ -178,7 +178,7 @@ def test_bf16_training_steps_within_bf16_rounding_of_fp32(data, arch):
         torch.testing.assert_close(m(b).preds, want.preds.detach(), rtol=0, atol=0)
 
 
-def test_fit_on_fused_embeddings_equals_the_plain_tables(data, monkeypatch):
+def test_fit_on_fused_embeddings_equals_the_plain_tables(data, small_store, monkeypatch):
     """fit() trains the tables on torchrec's FusedEmbeddingBagCollection (FBGEMM TBE, the
     Adagrad update fused into the backward). Same data, same seed: after an epoch of steps
     the tables and the scores are where the per-table EmbeddingBag + torch Adagrad path
@@ -187,9 +187,14 @@ def test_fit_on_fused_embeddings_equals_the_plain_tables(data, monkeypatch):
 
     import recsys_moe.training as T
 
-    spec, _, train, valid = data
-    # one epoch: with two, epochs whose validation AUCs nearly tie can make the two runs
-    # keep different epochs' weights (early stopping), which says nothing about the tables
+    spec, _, _, valid = data
+    # one epoch of 10 steps: the two paths round differently (FBGEMM sums a row's
+    # duplicate gradients in its own order), and over a whole epoch of the small log that
+    # now and then grew into a different trajectory (a ReLU or a near-tie flipping);
+    # with two epochs, early stopping could keep different epochs' weights
+    train = ExampleTensors(
+        spec, read_examples(small_store[0].features.store_dir, "train").head(2560)
+    )
     tcfg = TrainingConfig(
         epochs=1, batch_size=256, embedding_optimizer="adagrad", expert_impl="bmm"
     )
@@ -205,11 +210,8 @@ def test_fit_on_fused_embeddings_equals_the_plain_tables(data, monkeypatch):
         assert m.experts.train_impl == "bmm" and m.experts.impl == "concat"
         assert any(not torch.equal(v, start[k]) for k, v in m.embedding.state_dict().items())
         models.append(m)
-    # the two paths round differently (FBGEMM sums a row's duplicate gradients in its own
-    # order) and an epoch of Adagrad steps grows that, now and then, to ~1% on a few rare
-    # rows (0.1% of one table in a failing run); a wrong update would be off everywhere
     for k, v in models[0].state_dict().items():
-        torch.testing.assert_close(v, models[1].state_dict()[k], rtol=2e-2, atol=2e-3)
+        torch.testing.assert_close(v, models[1].state_dict()[k], rtol=1e-3, atol=1e-4)
     torch.testing.assert_close(
         torch.from_numpy(predict(models[0], valid)),
         torch.from_numpy(predict(models[1], valid)),

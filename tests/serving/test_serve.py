@@ -55,6 +55,9 @@ def service(scoring_model, ray_session):
             "name": "ranking",
             "route_prefix": "/",
             "args": {"tracking_uri": uri, "poll_s": 0.5, "max_candidates": 200,
+                     # short routing windows; 0.34: with 3 reachable experts a gate's top
+                     # expert always takes > 1/3, so every gate reports a collapse
+                     "router_window_s": 0.5, "collapse_threshold": 0.34,
                      "segments": SEGMENTS},
         }],
     }  # fmt: skip
@@ -318,7 +321,9 @@ def test_hot_swap_under_load_then_bad_version_keeps_old(service, scoring_model, 
 
 
 def test_prometheus_metrics_per_segment(service):
-    """The rankers' own metrics reach Ray's Prometheus endpoint, tagged by segment."""
+    """The rankers' own metrics reach Ray's Prometheus endpoint, tagged by segment; the
+    routing health (per gate and domain: expert load, entropy, dead experts, collapse)
+    too, and on /readyz."""
     import ray
 
     url, _, bundle, _ = service
@@ -330,16 +335,35 @@ def test_prometheus_metrics_per_segment(service):
         "recsys_moe_rank_requests",
         "recsys_moe_candidates_scored",
         "recsys_moe_rank_latency_ms",
+        "recsys_moe_expert_load",
+        "recsys_moe_gate_entropy",
+        "recsys_moe_dead_experts",
+        "recsys_moe_gate_collapsed",
     )
     deadline, text = time.monotonic() + 90, ""
     while time.monotonic() < deadline:
+        time.sleep(1)  # one more request per window: each window ends on a request
+        for dom in ("feed", "search"):
+            _rank(url, {"user_id": power, "domain": dom, "candidates": items[:10]})
         text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-        if all(w in text for w in want) and 'segment="feed"' in text:
+        if all(w in text for w in want) and 'segment="other"' in text:
             break
-        time.sleep(2)
     for w in want:
         assert w in text, w
-    assert 'segment="feed"' in text
+    routing = [line for line in text.splitlines()
+               if "recsys_moe_gate_entropy{" in line and not line.startswith("#")]  # fmt: skip
+    for seg in ("feed", "other"):  # a deployment and an inline ranker
+        assert any(f'segment="{seg}"' in line and 'gate="click"' in line for line in routing), seg
+    # the same window on /readyz: per gate and domain, the load over the segment's
+    # experts, the entropy, dead experts and the collapse this config provokes
+    ready = requests.get(f"{url}/readyz", timeout=10).json()["segments"]
+    gates = ready["feed"]["routing"]["gates"]
+    feed = next(g for g in gates if g["gate"] == "click" and g["domain"] == "feed")
+    assert set(feed["load"]) == {str(e) for e in ready["feed"]["experts"]["feed"]}
+    assert sum(feed["load"].values()) == pytest.approx(1.0, abs=1e-4)
+    assert 0 < feed["entropy"] <= feed["entropy_max"] + 1e-6
+    assert feed["collapsed"] and "feed/click" in ready["feed"]["routing"]["collapsed"]
+    assert ready["other"]["routing"]["gates"], ready["other"]
 
 
 def _wait_version(url: str, segment: str, version: str, timeout: float = 120) -> dict:
