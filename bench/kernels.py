@@ -410,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--quick", action="store_true", help="no torch.compile, no model step")
     ap.add_argument("--folded-only", action="store_true", help="only the folded first layer")
+    ap.add_argument("--sparse-only", action="store_true", help="only sparse expert compute")
     args = ap.parse_args(argv)
     from features.store import load_manifest
     from recsys_moe.config import load_config
@@ -418,6 +419,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config)
     if args.folded_only:
         write_folded(cfg, args.threads)
+        return 0
+    if args.sparse_only:
+        write_sparse(args.threads)
         return 0
     have_store = os.path.exists(os.path.join(cfg.features.store_dir, "manifest.json"))
     # what training and scoring processes run with (recsys_moe.runtime); every path below,
@@ -511,7 +515,65 @@ def main(argv: list[str] | None = None) -> int:
     write_section("Kernels: experts, embeddings, roofline (bench/kernels.py)", "\n".join(lines))
     if not args.quick:
         write_folded(cfg, args.threads)
+    write_sparse(args.threads)
     return 0
+
+
+def bench_sparse(threads: int, B: int = 4096) -> list[str]:
+    """Dense-masked vs sparse expert computation under top-k routing (training step:
+    forward + backward of the experts), at the default expert shape."""
+    from recsys_moe.model.experts import sparse_expert_forward
+
+    _E, d_in, hidden = SIZES["default"]
+    rows = []
+    for E in (8, 16, 32):
+        torch.manual_seed(0)
+        st = StackedExperts(n_experts=E, d_in=d_in, hidden=hidden, impl="concat")
+        x = torch.randn(B, d_in, requires_grad=True)
+        g = torch.randn(B, E, hidden[-1])
+        for k in (1, 2):
+            routed = torch.zeros(B, E, dtype=torch.bool)
+            routed.scatter_(1, torch.randn(B, E).topk(k, dim=1).indices, True)
+
+            def dense(st=st, routed=routed, x=x, g=g):
+                st.zero_grad(set_to_none=True)
+                ((st(x) * routed.unsqueeze(-1)) * g).sum().backward()
+
+            def sparse(st=st, routed=routed, x=x, g=g):
+                st.zero_grad(set_to_none=True)
+                w, b = list(st.weights), list(st.biases)
+                (sparse_expert_forward(x, w, b, routed) * g).sum().backward()
+
+            rate_d, rate_s = _rate(dense, B, min_s=0.5), _rate(sparse, B, min_s=0.5)
+            rows.append((E, k, rate_d, rate_s, E / k))
+            print(f"[{threads} thread(s)] E={E} k={k}: dense-masked {rate_d:,.0f}/s, sparse "
+                  f"{rate_s:,.0f}/s ({rate_s / rate_d:.2f}x; FLOP ideal {E / k:.0f}x)",
+                  flush=True)  # fmt: skip
+    lines = [
+        "",
+        f"### {threads} thread(s), batch {B}, experts {d_in} -> {hidden}, top-k routing, "
+        "training step (forward + backward of the experts), samples/s",
+        "",
+        "| E | k | dense-masked | sparse | sparse / dense | FLOP-proportional ideal |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for E, k, d, sp, ideal in rows:
+        lines.append(f"| {E} | {k} | {d:,.0f} | {sp:,.0f} | {sp / d:.2f}x | {ideal:.0f}x |")
+    return lines
+
+
+def write_sparse(threads: list[int]) -> None:
+    lines = [
+        f"Machine: {machine()}. torch {torch.__version__}, float32, CPU. Dense-masked: every "
+        "expert on every row (`concat`: one GEMM for all), the unrouted outputs multiplied "
+        "by 0; sparse: `model.sparse_experts` (`recsys_moe/model/experts.sparse_expert_"
+        "forward`: the routed (row, expert) pairs sorted by expert, one GEMM per expert and "
+        "layer on its contiguous rows, results scattered back). Ideal: E / k, the FLOP ratio."
+    ]
+    for t in threads:
+        torch.set_num_threads(t)
+        lines += bench_sparse(t)
+    write_section("Kernels: sparse expert computation (bench/kernels.py)", "\n".join(lines))
 
 
 def write_folded(cfg, threads: list[int]) -> None:

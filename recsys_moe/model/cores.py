@@ -33,9 +33,11 @@ SHARED = "shared"
 
 
 def _experts(cfg: ModelConfig, n: int, d_in: int) -> StackedExperts:
-    return StackedExperts(
+    experts = StackedExperts(
         n_experts=n, d_in=d_in, hidden=cfg.expert_hidden, dropout=cfg.dropout, impl=cfg.expert_impl
     )
+    experts.sparse = cfg.sparse_experts
+    return experts
 
 
 class ExpertCore(nn.Module):

@@ -210,6 +210,43 @@ def _fused_layers(x, w0, weights, biases, last, b0=None):
 _SPLIT_MIN_ROWS = 8
 
 
+def sparse_expert_forward(
+    x: torch.Tensor,
+    weights: list[torch.Tensor],
+    biases: list[torch.Tensor],
+    routed: torch.Tensor,
+    last: bool = True,
+    dropout: nn.Module | None = None,
+) -> torch.Tensor:
+    """x: (B, d_in) -> (B, E, H) computing each expert only on the rows routed to it
+    (``routed``: (B, E) bool), MegaBlocks-style: the (row, expert) pairs are sorted by
+    expert, each expert's rows are one contiguous block and one GEMM per layer, and the
+    results land in a zero (B, E, H) (an unrouted pair's output is 0; the gate gives it
+    weight 0, so the mixture and every gradient equal the dense computation's). An expert
+    no row picked costs nothing. Differentiable (gathers and an ``index_copy``)."""
+    drop = dropout if dropout is not None else nn.Identity()
+    B, E = routed.shape
+    n = len(weights)
+    H = weights[-1].shape[2]
+    experts, rows = torch.nonzero(routed.T, as_tuple=True)  # sorted by expert, then row
+    counts = torch.bincount(experts, minlength=E).tolist()
+    h_all = x.index_select(0, rows)  # (N, d): every pair's input, grouped by expert
+    outs = []
+    for e, (block, c) in enumerate(zip(h_all.split(counts), counts, strict=True)):
+        if c == 0:
+            continue
+        h = block
+        for i in range(n):
+            h = _act(torch.addmm(biases[i][e], h, weights[i][e]), last, i, n, drop)
+        outs.append(h)
+    flat = x.new_zeros(B * E, H)
+    if outs:
+        flat = flat.index_copy(0, rows * E + experts, torch.cat(outs))
+    elif x.requires_grad:  # nothing routed: zeros that still hand x a (zero) gradient
+        flat = flat + x.sum() * 0
+    return flat.view(B, E, H)
+
+
 def _fused(x, weights, biases, last, dropout):
     if not isinstance(dropout, nn.Identity) and dropout.training and dropout.p > 0:
         return _concat(x, weights, biases, last, dropout)  # dropout between layers: eager
@@ -288,6 +325,8 @@ class StackedExperts(nn.Module):
         # the implementation of training-mode forwards (training.expert_impl); None: impl
         self.train_impl: str | None = None
         self._auto_choice: dict[int, str] = {}
+        # with sparse routing, compute each expert on its routed rows only (model.sparse_experts)
+        self.sparse = False
         # layer 1's weight laid out for inference, and the weight version it was made from
         self._layout: torch.Tensor | None = None
         self._layout_key: tuple | None = None
@@ -295,9 +334,15 @@ class StackedExperts(nn.Module):
         self._split: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def forward(self, x: torch.Tensor, need: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, d_in) -> (B, E, H). ``need`` (the experts each row was routed to) is for
-        :class:`~recsys_moe.distributed.expert_parallel.ExpertParallel`'s interface: here
-        every expert is one GEMM anyway, so all are computed."""
+        """x: (B, d_in) -> (B, E, H). ``need``: (B, E) bool, the experts each row was routed
+        to (top-k / expert-choice routing); with ``sparse`` set each expert then computes
+        only its rows (:func:`sparse_expert_forward`), otherwise every expert every row
+        (one GEMM for all; the gates' zero weights mask the unrouted outputs)."""
+        if need is not None and self.sparse:
+            return sparse_expert_forward(
+                x, list(self.weights), list(self.biases), need, self.last_activation,
+                self.dropout,
+            )  # fmt: skip
         impl = self.train_impl if self.training and self.train_impl else self.impl
         impl = impl if impl != "auto" else self._auto(x)
         if impl in ("concat", "fused", "compiled") and not torch.is_grad_enabled():

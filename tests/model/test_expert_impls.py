@@ -145,3 +145,96 @@ def test_training_impl_runs_in_training_mode_only(monkeypatch):
     assert len(calls) == 1
     st.eval()(x)
     assert len(calls) == 1
+
+
+def _routed(B, E, k, seed, empty=(), dropped=0):
+    """A top-k routing mask (B, E): ``empty`` experts picked by no row, the first
+    ``dropped`` rows routed nowhere (tokens dropped by capacity)."""
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(B, E, generator=g)
+    scores[:, list(empty)] = -1e9
+    mask = torch.zeros(B, E, dtype=torch.bool)
+    mask.scatter_(1, scores.topk(min(k, E), dim=1).indices, True)
+    mask[:, list(empty)] = False
+    mask[:dropped] = False
+    return mask
+
+
+@pytest.mark.parametrize(("B", "E", "k", "empty", "dropped"), [
+    (64, 8, 1, (), 0), (64, 8, 2, (3, 5), 7), (33, 16, 2, (0,), 0), (5, 32, 1, (), 2),
+    (9, 1, 1, (), 3), (0, 4, 2, (), 0), (4, 4, 2, (0, 1, 2, 3), 0),
+])  # fmt: skip
+@pytest.mark.parametrize("last", [True, False])
+def test_sparse_experts_equal_the_dense_masked_computation(B, E, k, empty, dropped, last):
+    """Each expert computed on its routed rows only equals every expert on every row with
+    the unrouted outputs masked: outputs and the gradients of the input and of every
+    weight and bias, with empty experts and dropped rows."""
+    from recsys_moe.model.experts import sparse_expert_forward
+
+    torch.manual_seed(0)
+    st = StackedExperts(n_experts=E, d_in=13, hidden=[11, 5], last_activation=last, impl="loop")
+    routed = _routed(B, E, k, seed=B + E, empty=empty, dropped=dropped)
+    x = torch.randn(B, 13)
+    g = torch.randn(B, E, 5)  # the gates' weights times the downstream gradient
+
+    def run(sparse: bool):
+        st.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_()
+        if sparse:
+            out = sparse_expert_forward(xi, list(st.weights), list(st.biases), routed, last)
+        else:
+            out = st(xi) * routed.unsqueeze(-1)
+        (out * g).sum().backward()
+        grads = [xi.grad, *(p.grad if p.grad is not None else torch.zeros_like(p)
+                            for p in st.parameters())]  # fmt: skip
+        return out.detach(), grads
+
+    out_s, grads_s = run(True)
+    out_d, grads_d = run(False)
+    torch.testing.assert_close(out_s, out_d, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads_s, grads_d, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for e in empty:  # an expert no row picked: no output, no gradient
+        assert not out_s[:, e].any() and not grads_s[1][e].any()
+
+
+@pytest.mark.parametrize("routing", ["topk", "expert_choice"])
+def test_model_with_sparse_experts_scores_and_trains_as_dense(routing):
+    """model.sparse_experts changes what is computed, not the result: predictions and
+    every parameter's gradient equal the dense-masked model's."""
+    from recsys_moe.config import ModelConfig
+    from recsys_moe.model.inputs import DenseFeature, InputSpec, SparseFeature, Task
+    from recsys_moe.model.ranker import RankingModel, task_losses
+
+    spec = InputSpec(
+        sparse=[SparseFeature("user_id", "cat__user_id", 50, False, "id"),
+                SparseFeature("domain", "cat__domain", 3, False, "domain")],
+        dense=[DenseFeature("x", "num__x", 0.0, 1.0)],
+        tasks=[Task("click", "binary", "", 1.0, "label__click")],
+        domain_column="cat__domain", domains=["a", "b"],
+    )  # fmt: skip
+    from recsys_moe.model.inputs import ExampleTensors
+
+    n = 96
+    g = torch.Generator().manual_seed(0)
+    cols = {"cat__user_id": torch.randint(0, 50, (n,), generator=g).numpy(),
+            "cat__domain": torch.randint(1, 3, (n,), generator=g).numpy(),
+            "num__x": torch.randn(n, generator=g).numpy()}  # fmt: skip
+    batch = ExampleTensors.from_arrays(spec, cols, n).batch(slice(None))
+    labels = (torch.rand(n, 1, generator=g) > 0.5).float()
+    results = []
+    for sparse in (True, False):
+        torch.manual_seed(0)
+        cfg = ModelConfig(embedding_dim=8, n_experts=8, expert_hidden=[16, 8], tower_hidden=[8],
+                          routing=routing, top_k=2, sparse_experts=sparse)  # fmt: skip
+        model = RankingModel(spec, cfg).train()
+        out = model(batch)
+        task_losses(model, out, labels).sum().backward()
+        results.append((out.preds.detach(), {k: p.grad for k, p in model.named_parameters()}))
+    (p_s, g_s), (p_d, g_d) = results
+    torch.testing.assert_close(p_s, p_d, rtol=1e-5, atol=1e-6)
+    for k in g_d:
+        if g_d[k] is None:
+            assert g_s[k] is None or not g_s[k].any(), k
+        else:
+            torch.testing.assert_close(g_s[k], g_d[k], rtol=1e-4, atol=1e-6, msg=k)
