@@ -219,6 +219,10 @@ def reduce_monitor(monitor: RouterMonitor) -> None:
         dropped = torch.tensor([sum(a.dropped), float(len(a.dropped))])
         dist.all_reduce(dropped)
         a.dropped = [float(dropped[0] / dropped[1].clamp_min(1))]
+        losses = torch.tensor([sum(a.aux), sum(a.z), float(len(a.aux))])
+        dist.all_reduce(losses)
+        n = float(losses[2])
+        a.aux, a.z = ([float(losses[0] / n)], [float(losses[1] / n)]) if n else ([], [])
 
 
 # ------------------------------------------------------------------ state

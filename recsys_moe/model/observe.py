@@ -28,6 +28,10 @@ class _Acc:
     entropy: torch.Tensor  # (O, K) sum of per-token gate entropy
     allowed: torch.Tensor | None = None  # (O, K, E) bool, experts a gate may use
     dropped: list[float] = field(default_factory=list)
+    # per update: the layer's load-balancing and z losses, when the model computes them
+    # (model.aux_loss_coef / z_loss_coef > 0)
+    aux: list[float] = field(default_factory=list)
+    z: list[float] = field(default_factory=list)
 
 
 class RouterMonitor:
@@ -89,6 +93,10 @@ class RouterMonitor:
                 else a.allowed | per_dom.transpose(0, 1)
             )
             a.dropped.append(float(layer.route.dropped_fraction))
+            aux, z = float(layer.route.aux_loss), float(layer.route.z_loss)
+            if aux or z:  # computed (their coefficients are not both 0)
+                a.aux.append(aux)
+                a.z.append(z)
 
     def load_table(self, layer: str) -> torch.Tensor:
         """(O, K, E) load share per gate output, domain and expert (rows sum to 1)."""
@@ -98,6 +106,7 @@ class RouterMonitor:
     def metrics(self) -> dict[str, float]:
         out: dict[str, float] = {}
         dead_total, collapsed_total = 0, 0
+        aux_total, z_total, has_losses = 0.0, 0.0, False
         for name, a in self.acc.items():
             share = self.load_table(name)  # (O, K, E)
             mean_p = a.prob / a.tokens.view(1, -1, 1).clamp_min(1)
@@ -129,6 +138,14 @@ class RouterMonitor:
                     collapsed_total += int(collapsed)
             if a.dropped:
                 out[f"router/{name}/dropped_fraction"] = float(sum(a.dropped) / len(a.dropped))
+            if a.aux:  # the regularisers' mean values over the window (before coefficients)
+                out[f"router/{name}/aux_loss"] = float(sum(a.aux) / len(a.aux))
+                out[f"router/{name}/z_loss"] = float(sum(a.z) / len(a.z))
+                aux_total += out[f"router/{name}/aux_loss"]
+                z_total += out[f"router/{name}/z_loss"]
+                has_losses = True
+        if has_losses:
+            out["router/aux_loss"], out["router/z_loss"] = aux_total, z_total
         out["router/dead_experts"] = float(dead_total)
         out["router/collapsed_gates"] = float(collapsed_total)
         return out

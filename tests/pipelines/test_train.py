@@ -85,6 +85,24 @@ def test_two_workers_train_register_and_log(two_runs):
     assert all(p["kernel"] == "fused" or p["sharding"] == "data_parallel" for p in plan.values())
 
 
+def test_routing_losses_enter_the_loss_and_mlflow(small_store, tracked):
+    """Top-2 routing with non-zero load-balancing and z-loss coefficients, trained by the
+    Ray Train workers with experts sharded: both terms are computed (``loss_of`` adds
+    them, times their coefficients, to the training loss) and their values, averaged over
+    the epoch and the workers, reach MLflow as train metrics."""
+    cfg = _cfg(small_store, tracked, epochs=1)
+    raw = cfg.to_dict()
+    raw["model"].update(routing="topk", top_k=2, aux_loss_coef=0.05, z_loss_coef=0.01)
+    cfg = config_from_dict(raw)
+    s = run_training(cfg, workers=2, output=tracked / "aux", register=False, progress=False)
+    metrics = mlflow.MlflowClient().get_run(s["run_id"]).data.metrics
+    aux, z = metrics["train/router/aux_loss"], metrics["train/router/z_loss"]
+    # Switch's balance loss is >= 1 (1 when perfectly balanced); z-loss > 0
+    assert aux >= 0.99 and z > 0
+    assert metrics["train/router/gates/aux_loss"] == pytest.approx(aux)
+    assert mlflow.MlflowClient().get_run(s["run_id"]).data.params["model.aux_loss_coef"] == "0.05"
+
+
 def test_two_workers_converge_like_one(two_runs):
     _, two, one = two_runs
     a, b = two["valid"]["auc_mean"], one["valid"]["auc_mean"]
