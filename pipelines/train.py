@@ -214,7 +214,7 @@ def worker_loop(config: dict[str, Any]) -> None:
     # training.batch_size is the global batch: W workers on B/W rows each take the same
     # steps as one process on B rows (and the sharded model computes the same gradients)
     batch_size = max(1, tcfg.batch_size // world)
-    monitor = RouterMonitor(spec.domains)
+    monitor = RouterMonitor.for_training(spec.domains, tcfg)
 
     def train_epoch(epoch: int) -> dict[str, float]:
         monitor.reset()
@@ -391,7 +391,7 @@ def evaluate_test(
     spec = model.spec
     test_df = read_examples(cfg.features.store_dir, "test")
     test = ExampleTensors(spec, test_df)
-    monitor = RouterMonitor(spec.domains)
+    monitor = RouterMonitor.for_training(spec.domains, cfg.training)
     users = test_df[manifest["keys"]["user_id"]].to_numpy()
     res, preds = evaluate_model(model, test, users, monitor=monitor)
     vocab = read_vocabs(cfg.features.store_dir, manifest).get(SEGMENT)

@@ -327,9 +327,17 @@ class TrainingConfig:
     # Ray Train restarts the worker group from the last checkpoint up to this many times
     max_failures: int = 2
     promote_metric: str = "valid/auc_mean"
+    # the router monitor of training and test (metrics in MLflow): an expert under
+    # dead_expert_threshold / (its gate's experts) of the load counts as dead, a gate
+    # whose top expert takes more than collapse_threshold of it as collapsed
+    dead_expert_threshold: float = 0.1
+    collapse_threshold: float = 0.9
 
     def __post_init__(self) -> None:
         _require_positive("training", self, "epochs", "batch_size", "workers")
+        if not 0 <= self.dead_expert_threshold < 1 or not 0 < self.collapse_threshold <= 1:
+            _fail("training", "dead_expert_threshold/collapse_threshold",
+                  "must be in [0, 1) and (0, 1]")  # fmt: skip
         if self.lr <= 0 or self.embedding_lr <= 0:
             _fail("training", "lr/embedding_lr", "must be > 0")
         if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):

@@ -461,7 +461,7 @@ def fit(
     """
     gen = seed_everything(cfg.seed)
     prepare_for_training(model, cfg, next(model.parameters()).device)
-    monitor = RouterMonitor(model.spec.domains)
+    monitor = RouterMonitor.for_training(model.spec.domains, cfg)
     best: dict[str, Any] = {"state": None, "router": {}}
     started = time.perf_counter()
     # tables on FBGEMM's fused kernels while training (swapped back before the best

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -51,6 +52,12 @@ class RouterMonitor:
         self.domains = ["oov", *domain_names]
         self.dead_threshold, self.collapse_threshold = dead_threshold, collapse_threshold
         self.acc: dict[str, _Acc] = {}
+
+    @classmethod
+    def for_training(cls, domain_names: list[str], cfg: Any) -> RouterMonitor:
+        """With the thresholds of ``training`` (``dead_expert_threshold``,
+        ``collapse_threshold``)."""
+        return cls(domain_names, cfg.dead_expert_threshold, cfg.collapse_threshold)
 
     def reset(self) -> None:
         self.acc.clear()

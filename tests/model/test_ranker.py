@@ -268,3 +268,27 @@ def test_id_dropout_hides_ids_in_training_only(data):
             assert torch.equal(v0, v1)
     model = RankingModel(spec, ModelConfig(n_experts=2, expert_hidden=[8], id_dropout=0.5)).eval()
     torch.testing.assert_close(model(b).preds, model(b).preds)  # eval: deterministic
+
+
+def test_router_monitor_thresholds_come_from_the_training_config(data, small_store):
+    """training.collapse_threshold / dead_expert_threshold are what fit's router monitor
+    judges with: at a collapse threshold below 1 / E every gate counts as collapsed and at
+    a dead threshold of 0 no expert is dead."""
+    from recsys_moe.config import ConfigError
+
+    spec, _, _, valid = data
+    store = small_store[0].features.store_dir
+    train = ExampleTensors(spec, read_examples(store, "train").head(1024))
+    routers = []
+    for collapse, dead in ((0.9, 0.1), (0.01, 0.0)):
+        torch.manual_seed(0)
+        m = RankingModel(spec, ModelConfig(n_experts=4, expert_hidden=[8]))
+        tcfg = TrainingConfig(epochs=1, batch_size=512, collapse_threshold=collapse,
+                              dead_expert_threshold=dead)  # fmt: skip
+        routers.append(fit(m, train, valid, tcfg, progress=False).router)
+    gates = sum(1 for k in routers[1] if k.endswith("/collapsed"))
+    assert routers[1]["router/collapsed_gates"] == gates > 0
+    assert routers[1]["router/dead_experts"] == 0
+    assert routers[0]["router/collapsed_gates"] < gates
+    with pytest.raises(ConfigError, match="collapse_threshold"):
+        TrainingConfig(collapse_threshold=0.0)
