@@ -143,19 +143,16 @@ def in_process(bundle: Path, reqs: list[dict], levels: list[int]) -> dict[int, d
     import torch
 
     from recsys_moe.config import ScoringConfig
-    from recsys_moe.scorer import Scorer, blended
-    from serving.app import _response
+    from recsys_moe.scorer import Scorer
+    from serving.app import rank_requests
 
     torch.set_num_threads(1)  # like one ranker replica
     sc = Scorer.from_dir(bundle)
     sc.slice_domains(sc.model.spec.domains)  # as the rankers serve
     blend = ScoringConfig()
 
-    def call(r: dict) -> str | None:
-        f = sc.encode_request(r["user_id"], r["domain"], r["candidates"], None, r["context"])
-        p = sc.rank_many([(r["domain"], f)])[0]
-        _response(r, f, p, blended(p, sc.tasks, blend), sc.tasks, "local")
-        return None
+    def call(r: dict) -> str | None:  # the rankers' own code, for a batch of one
+        return rank_requests(sc, blend, [r], "local")[0][0].get("error")
 
     closed_loop(call, reqs[:100], 1)  # warm-up
     return {c: closed_loop(call, reqs, c) for c in levels}

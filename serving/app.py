@@ -225,44 +225,18 @@ class Ranker:
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
     async def _rank_batch(self, reqs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        from recsys_moe.scorer import RequestError, blended
-
         t0 = time.perf_counter()
         cur = self.watcher.current  # one model version for the whole batch
         if cur is None:
             why = self.watcher.load_error or "no model loaded yet"
             return [{"unavailable": f"segment {self.segment.name}: {why}"} for _ in reqs]
-        scorer, blend = cur.payload["scorer"], cur.payload["blend"]
-        out: list[dict[str, Any] | None] = [None] * len(reqs)
-        encoded, ok = [], []
-        for i, r in enumerate(reqs):
-            try:  # a request whose ids cannot be read never fails its batch-mates
-                f = scorer.encode_request(
-                    r["user_id"], r["domain"], r["candidates"], r.get("timestamp"),
-                    r.get("context"),
-                )  # fmt: skip
-            except RequestError as e:
-                out[i] = {"error": str(e)}
-                continue
-            encoded.append((r["domain"], f))
-            ok.append(i)
-        if encoded:
-            t1 = time.perf_counter()
-            scores = scorer.rank_many(encoded, monitors=cur.payload["monitors"])
-            # Server-Timing parts: this batch's encoding and model time, and its size
-            timing = (f"encode;dur={(t1 - t0) * 1e3:.2f}, "
-                      f"model;dur={(time.perf_counter() - t1) * 1e3:.2f};desc=\"batch of "
-                      f"{len(encoded)}\"")  # fmt: skip
-            rows = cold = 0
-            for i, (_d, f), p in zip(ok, encoded, scores, strict=True):
-                out[i] = _response(reqs[i], f, p, blended(p, scorer.tasks, blend), scorer.tasks,
-                                   cur.version)  # fmt: skip
-                out[i]["timing"] = timing
-                rows += f.n
-                cold += f.n if f.cold_user else int(f.cold_items.sum())
+        out, rows, cold = rank_requests(
+            cur.payload["scorer"], cur.payload["blend"], reqs, cur.version, cur.payload["monitors"]
+        )
+        if rows:
             self.m_candidates.inc(rows, self._tags)
-            if cold:  # Ray's counters only take positive increments
-                self.m_cold.inc(cold, self._tags)
+        if cold:  # Ray's counters only take positive increments
+            self.m_cold.inc(cold, self._tags)
         self.m_requests.inc(len(reqs), self._tags)
         self.m_latency.observe((time.perf_counter() - t0) * 1e3, self._tags)
         self._export_router(cur)
@@ -311,7 +285,7 @@ def routing_health(monitors: dict[int, Any], active: dict[int, list[int]]) -> di
                 if x.startswith(base + "/load_e")
             }  # fmt: skip
             top = max(load, key=load.__getitem__) if load else None
-            threshold = mon.dead_threshold / max(len(load), 1)
+            threshold = mon.dead_below(len(load))
             gates.append({
                 "gate": f"{layer}/{gate}" if layer != "gates" else gate,
                 "domain": domain,
@@ -343,6 +317,45 @@ class SegmentRanker:
 
     def experts(self) -> dict[str, list[int]]:
         return self.ranker.experts()
+
+
+def rank_requests(
+    scorer, blend, reqs: list[dict[str, Any]], version: str, monitors: dict | None = None
+) -> tuple[list[dict[str, Any]], int, int]:
+    """A ranker's work for a batch of requests: each encoded from the pre-encoded arrays
+    (a request whose ids cannot be read gets ``{"error": ...}`` and never fails its
+    batch-mates), scored one forward per domain, blended and sorted. Returns the answers
+    (each with a Server-Timing ``timing``), the candidates scored and the cold rows."""
+    from recsys_moe.scorer import RequestError, blended
+
+    t0 = time.perf_counter()
+    out: list[dict[str, Any]] = [{}] * len(reqs)
+    encoded, ok = [], []
+    for i, r in enumerate(reqs):
+        try:
+            f = scorer.encode_request(
+                r["user_id"], r["domain"], r["candidates"], r.get("timestamp"), r.get("context")
+            )
+        except RequestError as e:
+            out[i] = {"error": str(e)}
+            continue
+        encoded.append((r["domain"], f))
+        ok.append(i)
+    rows = cold = 0
+    if encoded:
+        t1 = time.perf_counter()
+        scores = scorer.rank_many(encoded, monitors=monitors)
+        # Server-Timing parts: this batch's encoding and model time, and its size
+        timing = (f"encode;dur={(t1 - t0) * 1e3:.2f}, "
+                  f"model;dur={(time.perf_counter() - t1) * 1e3:.2f};desc=\"batch of "
+                  f"{len(encoded)}\"")  # fmt: skip
+        for i, (_d, f), p in zip(ok, encoded, scores, strict=True):
+            out[i] = _response(reqs[i], f, p, blended(p, scorer.tasks, blend), scorer.tasks,
+                               version)  # fmt: skip
+            out[i]["timing"] = timing
+            rows += f.n
+            cold += f.n if f.cold_user else int(f.cold_items.sum())
+    return out, rows, cold
 
 
 def _response(

@@ -70,14 +70,9 @@ def _bmm(x, weights, biases, last, dropout):
     return h.transpose(0, 1)  # (B, E, H)
 
 
-def _concat_layout(w0: torch.Tensor) -> torch.Tensor:
-    """Layer 1's ``[E, d, h1]`` weight as the ``[d, E*h1]`` matrix of one GEMM (a copy)."""
-    return w0.permute(1, 0, 2).reshape(w0.shape[1], -1)
-
-
 def _first_concat(x, w0, b0):
     E = w0.shape[0]
-    h = x @ _concat_layout(w0) + b0.reshape(-1)  # (B, E*h1)
+    h = x @ w0.permute(1, 0, 2).reshape(w0.shape[1], -1) + b0.reshape(-1)  # (B, E*h1)
     return h.view(x.shape[0], E, w0.shape[2])
 
 
@@ -370,11 +365,7 @@ class StackedExperts(nn.Module):
             same = (x == x[:1]).all(0)
             n_same = int(same.sum())
             if n_same * 4 >= x.shape[1] and n_same < x.shape[1]:
-                mask = (
-                    same.numpy().tobytes()
-                    if x.device.type == "cpu"
-                    else same.cpu().numpy().tobytes()
-                )
+                mask = same.cpu().numpy().tobytes()
                 parts = self._split.get(mask)
                 if parts is None:
                     if len(self._split) >= 8:

@@ -59,6 +59,10 @@ class RouterMonitor:
         ``collapse_threshold``)."""
         return cls(domain_names, cfg.dead_expert_threshold, cfg.collapse_threshold)
 
+    def dead_below(self, n_allowed: int) -> float:
+        """The load share under which one of a gate's ``n_allowed`` experts counts as dead."""
+        return self.dead_threshold / max(n_allowed, 1)
+
     def reset(self) -> None:
         self.acc.clear()
 
@@ -129,7 +133,7 @@ class RouterMonitor:
                     n_allowed = int(allowed.sum())
                     s = share[o, k]
                     key = f"router/{name}/{gate}/{dom}"
-                    dead = int(((s < self.dead_threshold / max(n_allowed, 1)) & allowed).sum())
+                    dead = int(((s < self.dead_below(n_allowed)) & allowed).sum())
                     top = float(s.max())
                     collapsed = n_allowed > 1 and top > self.collapse_threshold
                     for e in range(a.n_experts):
