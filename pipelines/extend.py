@@ -1,6 +1,18 @@
-"""``recsys-moe extend``: add a new domain to a trained model without retraining the rest.
+"""``recsys-moe extend``: add a new domain to a trained model, or experts to one of its
+domains, without retraining the rest.
 
     recsys-moe extend --model models:/recsys_moe_default@champion --domain live --data data/raw/live
+    recsys-moe extend --model models:/recsys_moe_default@champion --domain video --add-experts 2
+
+``--add-experts N`` gives an existing domain N experts of its own: they start as copies
+of the experts the domain's gates use most (the busiest first; copies share the
+original's logit, so the domain's scores start exactly where the parent's are), and only
+they and the domain's gates (a copy of its parent gates that can also reach them) train,
+on the domain's rows of the parent's own feature store (``--store``, default the one the
+parent's manifest names; its fingerprint must match). Every other domain is computed by
+the parent's code path and weights (bit-identical, checked on probe rows), and the alias
+moves only if the domain's validation AUC beats the parent's on the same rows. Otherwise
+as below, without steps 1's vocabulary growth.
 
 1. **Data.** ``--data`` is a raw log in the parent's schema holding the new domain's
    interactions (plus users / items tables for its entities). Its rows are turned into
@@ -95,8 +107,8 @@ def extension_data(
     man = parent.manifest
     if domain in man["domains"]:
         raise ExtendError(
-            f"domain {domain!r} is already in the model ({man['domains']}); extend adds a new "
-            "domain (adding experts to an existing one is not supported yet)"
+            f"domain {domain!r} is already in the model ({man['domains']}); to give it more "
+            "capacity use --add-experts N"
         )
     # the sections that say how the parent's features were made (a manifest written by an
     # older release may carry sections or keys this one no longer has)
@@ -228,6 +240,47 @@ def extension_data(
     )  # fmt: skip
 
 
+def grown_domain_data(
+    parent: Scorer, domain: str, store: str | Path | None, ecfg: ExtendConfig
+) -> ExtensionData:
+    """The rows of an existing ``domain`` for ``extend --add-experts``: the parent's own
+    feature store (``store``, default the one its manifest names), which must be the
+    very store it was trained on (same fingerprint): same examples, same split, same
+    vocabularies. Probe rows: the other domains' test rows."""
+    from features.store import load_manifest, read_examples
+
+    man = parent.manifest
+    if domain not in man["domains"]:
+        raise ExtendError(
+            f"domain {domain!r} is not in the model ({man['domains']}); to add a new domain "
+            "leave out --add-experts and give --data"
+        )
+    store = Path(store or man["config"]["features"]["store_dir"])
+    if not (store / "manifest.json").is_file():
+        raise ExtendError(
+            f"{store}: not a feature store (the parent was trained on "
+            f"{man['config']['features']['store_dir']!r}; pass --store)"
+        )
+    if load_manifest(store).get("fingerprint") != man.get("fingerprint"):
+        raise ExtendError(
+            f"{store}: not the feature store the parent was trained on (another fingerprint)"
+        )
+    col = pl.col(parent.spec.domain).cast(pl.String)
+    examples, probe = {}, []
+    for split in ("train", "valid", "test"):
+        rows = read_examples(store, split)
+        examples[split] = rows.filter(col == domain)
+        if split == "test":
+            others = rows.filter(col != domain).group_by(col, maintain_order=True)
+            probe.append(parent.example_rows(others.head(ecfg.probe_rows)))
+    if examples["train"].height == 0 or examples["valid"].height == 0:
+        raise ExtendError(f"{store}: no training or validation rows of domain {domain!r}")
+    return ExtensionData(
+        man, parent.vocabs, parent.tables, examples, {}, pl.concat(probe), None, [str(store)],
+        {},
+    )  # fmt: skip
+
+
 # ------------------------------------------------------------------ checks
 
 
@@ -244,11 +297,14 @@ def _new_values(child: Scorer, parent, rows: pl.DataFrame) -> np.ndarray:
     return hit
 
 
+def _auc_of(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in metrics.items() if k == "auc_mean" or k.endswith("/all/auc")}
+
+
 def _auc(spec: InputSpec, raw: pl.DataFrame, preds: np.ndarray) -> dict[str, float]:
     labels = np.stack([raw[t.name].cast(pl.Float32).to_numpy() for t in spec.tasks], axis=1)
     dom = np.full(raw.height, spec.n_domains - 1)
-    m = task_metrics(spec, labels, preds, dom)
-    return {k: v for k, v in m.items() if k == "auc_mean" or k.endswith("/all/auc")}
+    return _auc_of(task_metrics(spec, labels, preds, dom))
 
 
 # ------------------------------------------------------------------ the command
@@ -259,22 +315,39 @@ def run_extend(
     *,
     model: str,
     domain: str,
-    data_dir: str | Path,
+    data_dir: str | Path | None = None,
     output: str | Path | None = None,
     register: bool = True,
     progress: bool = True,
+    add_experts: int = 0,
+    store: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Extend ``model`` with ``domain`` from ``data_dir``; returns the summary."""
+    """Extend ``model`` with the new ``domain`` from the raw log ``data_dir``, or with
+    ``add_experts`` > 0 give the existing ``domain`` that many experts of its own, trained
+    on the parent's feature store (``store``); returns the summary."""
     t0 = time.perf_counter()
     ecfg = cfg.extend
+    grows = add_experts > 0
+    if add_experts < 0:
+        raise ExtendError(f"--add-experts {add_experts}: must be >= 1")
+    if not grows and data_dir is None:
+        raise ExtendError("a new domain needs its raw log (--data); or --add-experts N")
     resolved, parent = open_model(model)
     pm = parent.model
     try:  # before any data work
-        pm.require_extendable()
+        core = pm.require_extendable()
+        again = grows and core.extension_of(parent.domain_index(domain)) is not None
+        if again:
+            raise ValueError(f"domain {domain!r} was added or grown by an earlier extension; "
+                             "growing it again is not supported")  # fmt: skip
     except ValueError as e:
         raise ExtendError(str(e)) from None
-    print(f"extend: parent {resolved.uri} (version {resolved.version}); new domain {domain!r}")
-    data = extension_data(parent, data_dir, domain, ecfg)
+    what = f"domain {domain!r} gains {add_experts} experts" if grows else f"new domain {domain!r}"
+    print(f"extend: parent {resolved.uri} (version {resolved.version}); {what}")
+    if grows:
+        data = grown_domain_data(parent, domain, store, ecfg)
+    else:
+        data = extension_data(parent, data_dir, domain, ecfg)
     t_data = time.perf_counter() - t0
     spec = InputSpec.from_manifest(data.manifest)
     train_rows = data.examples["train"]
@@ -284,7 +357,8 @@ def run_extend(
     valid = ExampleTensors(spec, data.examples["valid"])
     test = ExampleTensors(spec, data.examples["test"])
     torch.manual_seed(ecfg.seed)
-    child = grow(pm, spec, ecfg.experts, train.batch(slice(0, 4096)), cross=ecfg.cross)
+    child = grow(pm, spec, add_experts or ecfg.experts, train.batch(slice(0, 4096)),
+                 cross=ecfg.cross, existing=domain if grows else None)  # fmt: skip
     params = freeze(child, pm, ecfg.unfreeze, ecfg.new_embedding_rows)
     print(
         f"extend: {data.examples['train'].height:,} train / {data.examples['valid'].height:,} "
@@ -294,18 +368,23 @@ def run_extend(
         + ", ".join(f"{f} +{n}" for f, n in data.grown.items() if n),
         flush=True,
     )
-    # the parent's own scores for the new domain (an unknown domain to it)
-    parent_valid = _auc(spec, data.raw["valid"], parent.score(data.raw["valid"]))
+    # the parent's own scores for the domain: on the same examples for a grown one; for a
+    # new domain (unknown to the parent) on its raw rows through the parent's scorer
+    if grows:
+        parent_valid = _auc_of(evaluate_model(pm, valid)[0])
+    else:
+        parent_valid = _auc(spec, data.raw["valid"], parent.score(data.raw["valid"]))
     start_valid = evaluate_model(child, valid)[0]
     fitres = train_extension(child, params, train, valid, ecfg, progress=progress)
     t_train = fitres["seconds"]
     changed = frozen_changes(child, pm, ecfg.unfreeze)
     val = evaluate_model(child, valid)[0]
     tst = evaluate_model(child, test)[0]
-    out = Path(output or Path("models") / f"extend-{domain}")
+    out = Path(output or Path("models") / (f"extend-{domain}" + ("-experts" if grows else "")))
     parent_info = {"uri": resolved.uri, "name": resolved.name, "version": resolved.version}
+    # the parent's training-time routing stays the reference for its gates in serving
     write_bundle(child, out, data.manifest, vocabs=data.vocabs, tables=data.tables,
-                 extra={"parent": parent_info})  # fmt: skip
+                 extra={"parent": parent_info, "router_load": parent.router_reference})  # fmt: skip
     # existing domains: the same probe rows through the parent's and the child's bundles
     ext_scorer = Scorer.from_dir(out)
     diff = np.abs(ext_scorer.score(data.probe) - parent.score(data.probe)).max(axis=1)
@@ -314,11 +393,13 @@ def run_extend(
     max_diff_new = float(diff[new_vals].max()) if new_vals.any() else 0.0
     gates = {
         "existing_unchanged": max_diff <= ecfg.existing_tolerance and not changed,
-        "new_domain_auc": val.get("auc_mean", 0.0) >= ecfg.min_auc,
+        "reaches_min_auc": val.get("auc_mean", 0.0) >= ecfg.min_auc,
         "beats_parent": val.get("auc_mean", 0.0) > parent_valid.get("auc_mean", 0.0),
     }
     summary = {
         "domain": domain,
+        "kind": "add_experts" if grows else "new_domain",
+        "added_experts": child.extensions[-1].experts.n_experts,
         "parent": parent_info,
         "bundle": str(out.resolve()),
         "rows": {s: e.height for s, e in data.examples.items()},
@@ -360,14 +441,18 @@ def _track(cfg: Config, summary: dict, out: Path, data: ExtensionData, resolved)
 
     local = resolved.version == "local"
     name, alias = (cfg.model_name if local else resolved.name), cfg.serving.model_alias
-    with Tracker.open(cfg, f"extend-{summary['domain']}") as tr:
+    grows = summary["kind"] == "add_experts"
+    run_name = f"extend-{summary['domain']}" + ("-experts" if grows else "")
+    with Tracker.open(cfg, run_name) as tr:
         mlflow.log_params(flatten({"extend": dataclasses.asdict(cfg.extend)}))
-        mlflow.log_params({"extend.domain": summary["domain"], "parent.uri": resolved.uri})
+        mlflow.log_params({"extend.domain": summary["domain"], "parent.uri": resolved.uri,
+                           "extend.added_experts": summary["added_experts"]})  # fmt: skip
         tags = {
             "parent.model": resolved.name,
             "parent.version": str(resolved.version),
             "parent.run_id": resolved.run_id,
             "extend.domain": summary["domain"],
+            "extend.kind": summary["kind"],
             "extend.gates": json.dumps(summary["gates"]),
         }
         mlflow.set_tags(tags | ({"mlflow.parentRunId": resolved.run_id} if resolved.run_id else {}))
@@ -394,10 +479,11 @@ def _track(cfg: Config, summary: dict, out: Path, data: ExtensionData, resolved)
             tr.uri,
         )  # fmt: skip
         failed = [g for g, v in summary["gates"].items() if not v]
+        parent_auc = summary["parent_valid"].get("auc_mean", math.nan)
         decision = registry.Decision(
             not failed,
-            f"promoted to @{alias}: existing domains unchanged, {summary['domain']!r} valid "
-            f"auc_mean {auc:.4f}"
+            f"promoted to @{alias}: other domains unchanged, {summary['domain']!r} valid "
+            f"auc_mean {auc:.4f} (parent {parent_auc:.4f})"
             if not failed
             else f"not promoted: failed {failed}",
         )
@@ -406,9 +492,19 @@ def _track(cfg: Config, summary: dict, out: Path, data: ExtensionData, resolved)
 
 def main(argv: list[str] | None = None) -> int:
     ap = command_parser("extend", __doc__, model=True)
-    ap.add_argument("--domain", required=True, help="the new domain's name (as in the raw log)")
-    ap.add_argument("--data", required=True, help="raw log folder with the new domain's rows")
-    ap.add_argument("--output", default=None, help="bundle folder (default models/extend-<domain>)")
+    ap.add_argument("--domain", required=True,
+                    help="the new domain's name (as in the raw log), or with --add-experts an "
+                         "existing domain")  # fmt: skip
+    ap.add_argument("--data", default=None, help="raw log folder with the new domain's rows")
+    ap.add_argument("--add-experts", type=int, default=0, metavar="N",
+                    help="give the existing --domain N experts of its own (everything else "
+                         "frozen), trained on the parent's feature store")  # fmt: skip
+    ap.add_argument("--store", default=None,
+                    help="with --add-experts: the parent's feature store (default: the one "
+                         "its manifest names)")  # fmt: skip
+    ap.add_argument(
+        "--output", default=None, help="bundle folder (default models/extend-<domain>[-experts])"
+    )
     ap.add_argument("--no-register", action="store_true", help="no MLflow run / registry")
     args = ap.parse_args(argv)
     cfg = load_config(args.config)
@@ -417,18 +513,22 @@ def main(argv: list[str] | None = None) -> int:
         s = run_extend(
             cfg, model=model, domain=args.domain, data_dir=args.data, output=args.output,
             register=not args.no_register, progress=not args.no_progress,
+            add_experts=args.add_experts, store=args.store,
         )  # fmt: skip
     except (ExtendError, RequestError, RawLogError, ModelNotFound, BundleError) as e:
         print(f"recsys-moe extend: error: {e}", file=sys.stderr)
         return 2
     v, pv = s["valid"].get("auc_mean", math.nan), s["parent_valid"].get("auc_mean", math.nan)
+    what = (f"{s['added_experts']} experts for domain {s['domain']!r}"
+            if s["kind"] == "add_experts" else f"domain {s['domain']!r}")  # fmt: skip
+    parent_as = "the parent" if s["kind"] == "add_experts" else "parent, as an unknown domain"
     lines = [
-        f"extended {s['parent']['uri']} with domain {s['domain']!r} in {s['seconds']['total']}s "
+        f"extended {s['parent']['uri']} with {what} in {s['seconds']['total']}s "
         f"(data {s['seconds']['data']}s, training {s['seconds']['train']}s; "
         f"{s['trainable_params']:,} of {s['total_params']:,} parameters trained)",
-        f"  {s['domain']}: valid auc_mean {v:.4f} (parent, as an unknown domain: {pv:.4f}; "
+        f"  {s['domain']}: valid auc_mean {v:.4f} ({parent_as}: {pv:.4f}; "
         f"at start {s['valid_at_start']:.4f}), test auc_mean {s['test'].get('auc_mean', math.nan):.4f}",
-        f"  existing domains: max |score change| {s['existing_max_abs_diff']:.3g} over "
+        f"  other domains: max |score change| {s['existing_max_abs_diff']:.3g} over "
         f"{s['probe_rows'] - s['probe_rows_new_values']:,} probe rows (and "
         f"{s['existing_max_abs_diff_new_values']:.3g} over {s['probe_rows_new_values']:,} rows "
         f"with values new to the parent); parent tensors changed: "

@@ -41,12 +41,15 @@ from recsys_moe.metrics import evaluate_slices
 from recsys_moe.model.inputs import ExampleTensors, InputSpec
 from recsys_moe.model.observe import RouterMonitor
 from recsys_moe.model.ranker import RankingModel
+from recsys_moe.model.revive import ExpertReviver
+from recsys_moe.tracking import log_revivals
 from recsys_moe.training import (
     EarlyStopping,
     evaluate_model,
     evaluation_slices,
     loss_of,
     prepare_for_training,
+    revival_metrics,
     run_epochs,
     task_metrics,
     train_batches,
@@ -215,9 +218,12 @@ def worker_loop(config: dict[str, Any]) -> None:
     # steps as one process on B rows (and the sharded model computes the same gradients)
     batch_size = max(1, tcfg.batch_size // world)
     monitor = RouterMonitor.for_training(spec.domains, tcfg)
+    # decisions from the load summed over workers: every rank revives the same experts
+    reviver = ExpertReviver.for_training(d.module, tcfg, all_reduce=dist.all_reduce)
 
     def train_epoch(epoch: int) -> dict[str, float]:
         monitor.reset()
+        before = len(reviver.events)
         next_report = [0.1]
 
         def report(seen: int, losses: list[float]) -> None:
@@ -236,9 +242,12 @@ def worker_loop(config: dict[str, Any]) -> None:
             )
         )
         mine = train_batches(
-            lambda b: train_step(d.module, b, d.optimizer, monitor, forward=d.model),
+            lambda b: train_step(d.module, b, d.optimizer, monitor, forward=d.model,
+                                 reviver=reviver),
             batches, progress=False, on_step=report,
         )  # fmt: skip
+        if client is not None:
+            log_revivals(client, config["run_id"], reviver.events[before:], epoch)
         # every rank's loss sum, steps and samples -> the epoch's global figures
         steps = mine["train/steps"]
         sums = torch.tensor([mine["train/loss"] * steps if steps else 0.0, steps,
@@ -251,6 +260,7 @@ def worker_loop(config: dict[str, Any]) -> None:
             "train/seconds": mine["train/seconds"],
             "train/samples_per_s": float(sums[2]) / mine["train/seconds"],
             **{f"train/{k}": v for k, v in monitor.metrics().items()},
+            **revival_metrics(reviver, before),
         }
 
     def sync(st: EarlyStopping) -> EarlyStopping:
@@ -463,7 +473,7 @@ def run_training(
         out = write_bundle(
             model, output, manifest, store=store,
             extra={"config": cfg.to_dict(), "valid": valid, "test": test_metrics,
-                   "run_name": run_name},
+                   "run_name": run_name, "router_load": monitor.load_shares()},
         )  # fmt: skip
         samples = [h["train/samples_per_s"] for h in history]
         summary = {

@@ -332,9 +332,17 @@ class TrainingConfig:
     # whose top expert takes more than collapse_threshold of it as collapsed
     dead_expert_threshold: float = 0.1
     collapse_threshold: float = 0.9
+    # dying experts treated (MMoE / STAR; recsys_moe/model/revive.py): every this many
+    # steps, an expert dead by dead_expert_threshold in every gate that may use it is
+    # re-initialised from its domain's busiest expert (+ revive_noise x its weights' std)
+    # and given that expert's gate columns; 0 = never
+    revive_after_steps: int = 0
+    revive_noise: float = 0.01
 
     def __post_init__(self) -> None:
         _require_positive("training", self, "epochs", "batch_size", "workers")
+        if self.revive_after_steps < 0 or self.revive_noise < 0:
+            _fail("training", "revive_after_steps/revive_noise", "must be >= 0")
         if not 0 <= self.dead_expert_threshold < 1 or not 0 < self.collapse_threshold <= 1:
             _fail("training", "dead_expert_threshold/collapse_threshold",
                   "must be in [0, 1) and (0, 1]")  # fmt: skip

@@ -66,13 +66,18 @@ class Scorer:
         }
         # domain index -> the model slice computing only that domain's experts
         self.slices: dict[int, RankingModel] = {}
+        # the router's load shares on the test split at training time (bundle's
+        # "router_load"), the reference serving compares its routing with
+        self.router_reference: dict[str, float] = {}
         self._online: OnlineFeatures | None = None
 
     @classmethod
     def from_dir(cls, path: str | Path) -> Scorer:
         model, meta = load_model(path)
         manifest = meta["manifest"]
-        return cls(model, manifest, read_vocabs(path, manifest), read_tables(path))
+        scorer = cls(model, manifest, read_vocabs(path, manifest), read_tables(path))
+        scorer.router_reference = dict(meta.get("router_load") or {})
+        return scorer
 
     def input_columns(self) -> list[str]:
         return [*self.required, *self.optional]

@@ -85,6 +85,18 @@ def log_metrics(client, run_id: str, metrics: dict[str, float], step: int | None
         client.log_batch(run_id, metrics=items[i : i + 900])
 
 
+def log_revivals(client, run_id: str, events: list[dict], epoch: int) -> None:
+    """Each dead expert revived in an epoch (recsys_moe/model/revive.py) as metrics at its
+    training step (``revival/expert``, ``revival/donor``, ``revival/load_share``: the
+    share it had) and the epoch's list as ``revivals/epoch_<n>.json``."""
+    if not events:
+        return
+    for ev in events:
+        log_metrics(client, run_id, {f"revival/{k}": ev[k] for k in ("expert", "donor", "load_share")},
+                    step=int(ev["step"]))  # fmt: skip
+    client.log_dict(run_id, events, f"revivals/epoch_{epoch}.json")
+
+
 def _pip_requirements() -> list[str]:
     names = ["torch", "torchrec", "fbgemm-gpu-cpu", "polars", "pyarrow", "safetensors", "numpy"]
     names += ["pandas", "scikit-learn", "mlflow"]

@@ -28,6 +28,7 @@ from recsys_moe.config import ExtendConfig, TrainingConfig
 from recsys_moe.model.inputs import Batch, ExampleTensors, InputSpec
 from recsys_moe.model.observe import RouterMonitor
 from recsys_moe.model.ranker import RankingModel, task_losses
+from recsys_moe.model.revive import ExpertReviver
 
 
 @dataclass
@@ -40,6 +41,8 @@ class FitResult:
     router: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
     samples_per_s: float = 0.0
+    # dead experts revived (training.revive_after_steps): step, expert, donor, load share
+    revivals: list[dict[str, Any]] = field(default_factory=list)
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -198,9 +201,11 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     monitor: RouterMonitor | None = None,
     forward: torch.nn.Module | None = None,
+    reviver: ExpertReviver | None = None,
 ) -> float:
     """One optimiser step on ``batch``; returns the loss. ``forward``: the module that
-    computes the batch (a sharded wrapper of ``model``; default ``model`` itself)."""
+    computes the batch (a sharded wrapper of ``model``; default ``model`` itself);
+    ``reviver``: treats dead experts after the step."""
     forward = forward if forward is not None else model
     forward.train()
     optimizer.zero_grad(set_to_none=True)
@@ -210,6 +215,8 @@ def train_step(
     optimizer.step()
     if monitor is not None:
         monitor.update(out, batch.domain.cpu())
+    if reviver is not None:
+        reviver.observe(out, batch.domain, optimizer)
     return float(total.detach())
 
 
@@ -356,6 +363,12 @@ def _valid(record: dict[str, float]) -> dict[str, float]:
     return {k.removeprefix("valid/"): v for k, v in record.items() if k.startswith("valid/")}
 
 
+def revival_metrics(reviver: ExpertReviver, before: int) -> dict[str, float]:
+    """The epoch's ``train/revived_experts`` (revivals since the reviver had ``before``
+    events); nothing when revival is off."""
+    return {"train/revived_experts": float(len(reviver.events) - before)} if reviver.enabled else {}
+
+
 def train_batches(
     step: Callable[[Any], float],
     batches: Iterable[Any],
@@ -462,6 +475,7 @@ def fit(
     gen = seed_everything(cfg.seed)
     prepare_for_training(model, cfg, next(model.parameters()).device)
     monitor = RouterMonitor.for_training(model.spec.domains, cfg)
+    reviver = ExpertReviver.for_training(model, cfg)
     best: dict[str, Any] = {"state": None, "router": {}}
     started = time.perf_counter()
     # tables on FBGEMM's fused kernels while training (swapped back before the best
@@ -471,13 +485,15 @@ def fit(
 
         def train_epoch(epoch: int) -> dict[str, float]:
             monitor.reset()
-            return train_batches(
-                lambda b: train_step(model, b, opt, monitor),
+            before = len(reviver.events)
+            out = train_batches(
+                lambda b: train_step(model, b, opt, monitor, reviver=reviver),
                 train.batches(cfg.batch_size, shuffle=True, generator=gen),
                 total=-(-len(train) // cfg.batch_size),
                 desc=f"epoch {epoch}",
                 progress=progress,
             )
+            return out | revival_metrics(reviver, before)
 
         def keep(epoch: int, stopping: EarlyStopping, record: dict[str, float] | None) -> None:
             if stopping.best_epoch == epoch:
@@ -507,6 +523,7 @@ def fit(
         best["router"],
         time.perf_counter() - started,
         seen / max(train_time, 1e-9),
+        reviver.events,
     )
 
 

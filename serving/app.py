@@ -249,7 +249,9 @@ class Ranker:
         if time.monotonic() - self._last_export < self.settings.router_window_s:
             return
         self._last_export = time.monotonic()
-        health = routing_health(cur.payload["monitors"], cur.payload["active"])
+        scorer = cur.payload["scorer"]
+        health = routing_health(cur.payload["monitors"], cur.payload["active"],
+                                scorer.router_reference)  # fmt: skip
         seg = self.segment.name
         for g in health["gates"]:
             tags = {"segment": seg, "gate": g["gate"], "domain": g["domain"]}
@@ -263,15 +265,26 @@ class Ranker:
                             "%.0f%% of the load (threshold %.0f%%)", seg, g["gate"], g["domain"],
                             g["top_expert"], 100 * g["top_load"],
                             100 * self.settings.collapse_threshold)  # fmt: skip
+            if g["dead_since_training"]:
+                log.warning("segment %s: gate %s of domain %s: expert(s) %s dead in serving "
+                            "but alive at training time", seg, g["gate"], g["domain"],
+                            ", ".join(g["dead_since_training"]))  # fmt: skip
         self.routing = {"window_end": time.time(), "version": cur.version, **health}
         for mon in cur.payload["monitors"].values():
             mon.reset()
 
 
-def routing_health(monitors: dict[int, Any], active: dict[int, list[int]]) -> dict[str, Any]:
+def routing_health(
+    monitors: dict[int, Any],
+    active: dict[int, list[int]],
+    reference: dict[str, float] | None = None,
+) -> dict[str, Any]:
     """Per gate output and domain, from each domain's :class:`RouterMonitor` window: the
-    load share per (global) expert id, the mean gate entropy, the dead experts and whether
-    the gate collapsed; plus the collapsed gates' names."""
+    load share per (global) expert id, the mean gate entropy, the dead experts, those of
+    them that were alive at training time (``reference``: the bundle's test-split load
+    shares, ``router/<layer>/<gate>/<domain>/load_e<id>``, judged by the same rule) and
+    whether the gate collapsed; plus the collapsed gates' and newly dead experts' names."""
+    reference = reference or {}
     gates: list[dict[str, Any]] = []
     for k, mon in monitors.items():
         m = mon.metrics()
@@ -286,19 +299,26 @@ def routing_health(monitors: dict[int, Any], active: dict[int, list[int]]) -> di
             }  # fmt: skip
             top = max(load, key=load.__getitem__) if load else None
             threshold = mon.dead_below(len(load))
+            dead = sorted(e for e, v in load.items() if v < threshold)
+            was = {e: reference.get(f"{base}/load_e{e}") for e in dead}
+            trained = sum(1 for x in reference if x.startswith(base + "/load_e"))
             gates.append({
                 "gate": f"{layer}/{gate}" if layer != "gates" else gate,
                 "domain": domain,
                 "load": load,
                 "entropy": m[key],
                 "entropy_max": m.get(base + "/entropy_max", 0.0),
-                "dead": sorted(e for e, v in load.items() if v < threshold),
+                "dead": dead,
+                "dead_since_training": [
+                    e for e, v in was.items() if v is not None and v >= mon.dead_below(trained)
+                ],
                 "top_expert": top,
                 "top_load": load[top] if top is not None else 0.0,
                 "collapsed": bool(m.get(base + "/collapsed", 0.0)),
             })  # fmt: skip
     collapsed = [f"{g['domain']}/{g['gate']}" for g in gates if g["collapsed"]]
-    return {"gates": gates, "collapsed": collapsed}
+    newly_dead = [f"{g['domain']}/{g['gate']}/{e}" for g in gates for e in g["dead_since_training"]]
+    return {"gates": gates, "collapsed": collapsed, "dead_since_training": newly_dead}
 
 
 @serve.deployment(max_ongoing_requests=64)

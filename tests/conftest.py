@@ -153,8 +153,9 @@ def scoring_model(small_store, tmp_path_factory):
     from features.store import load_manifest, read_examples
     from recsys_moe.bundle import write_bundle
     from recsys_moe.model.inputs import ExampleTensors, InputSpec
+    from recsys_moe.model.observe import RouterMonitor
     from recsys_moe.model.ranker import RankingModel
-    from recsys_moe.training import fit
+    from recsys_moe.training import evaluate_model, fit
 
     cfg, _ = small_store
     tmp = tmp_path_factory.mktemp("scoring")
@@ -169,7 +170,11 @@ def scoring_model(small_store, tmp_path_factory):
     fit(m, ExampleTensors(spec, read_examples(store, "train")),
         ExampleTensors(spec, read_examples(store, "valid")),
         dataclasses.replace(cfg.training, epochs=1, batch_size=512), progress=False)  # fmt: skip
-    bundle = write_bundle(m, tmp / "bundle", manifest, store=store)
+    # the training-time routing serving compares with, as `recsys-moe train` bundles it
+    mon = RouterMonitor(spec.domains)
+    evaluate_model(m, ExampleTensors(spec, read_examples(store, "test")), monitor=mon)
+    bundle = write_bundle(m, tmp / "bundle", manifest, store=store,
+                          extra={"router_load": mon.load_shares()})  # fmt: skip
     uri = f"sqlite:///{tmp}/mlflow.db"
     assert register_bundle(cfg, bundle, uri, 0.6, "scoring-test")["promoted"]
     return cfg, bundle, uri, tmp

@@ -1,12 +1,14 @@
-"""Routing health: what the load-balancing loss and the router z-loss do to sparse
-routing on the default data, measured.
+"""Routing health: what the load-balancing loss, the router z-loss and dead-expert
+revival do to sparse routing on the default data, measured.
 
     python -m bench.quality.routing [--config configs/default.toml] [--train-rows 400000]
 
 MMoE with the config's experts, top-1 and top-2 routing (capacity factor as configured,
 tokens over capacity dropped in training), each with the regularisers off
 (``aux_loss_coef = z_loss_coef = 0``) and at typical values (Switch Transformer's 0.01
-and ST-MoE's 0.001). Same training rows (a seeded sample of the train split), same
+and ST-MoE's 0.001), and with dead-expert revival; then a collapse run (every gate
+starts on one expert) without treatment, with revival and with the regularisers. Same
+training rows (a seeded sample of the train split), same
 epochs and seed. Per setting: the per-expert load's coefficient of variation (mean over
 gates and domains; 0 = perfectly balanced), dead experts, the dropped share in training,
 the regularisers' values and the test AUC. Writes bench/RESULTS.md.
@@ -24,11 +26,18 @@ import numpy as np
 from bench.common import machine, write_section
 from recsys_moe.config import load_config
 
-SETTINGS = [  # (top_k, aux_loss_coef, z_loss_coef)
-    (1, 0.0, 0.0),
-    (1, 0.01, 0.001),
-    (2, 0.0, 0.0),
-    (2, 0.01, 0.001),
+REVIVE = 25  # training.revive_after_steps where revival is on
+SETTINGS = [  # (top_k, aux_loss_coef, z_loss_coef, revive_after_steps, start collapsed)
+    (1, 0.0, 0.0, 0, False),
+    (1, 0.01, 0.001, 0, False),
+    (1, 0.0, 0.0, REVIVE, False),
+    (2, 0.0, 0.0, 0, False),
+    (2, 0.01, 0.001, 0, False),
+    (2, 0.0, 0.0, REVIVE, False),
+    # a collapse run: every gate starts sending every row to expert 0
+    (1, 0.0, 0.0, 0, True),
+    (1, 0.0, 0.0, REVIVE, True),
+    (1, 0.01, 0.001, 0, True),
 ]
 
 
@@ -56,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     from recsys_moe.model.inputs import ExampleTensors, InputSpec
     from recsys_moe.model.observe import RouterMonitor
     from recsys_moe.model.ranker import RankingModel
+    from recsys_moe.model.revive import collapse_router
     from recsys_moe.training import evaluate_model, fit
 
     cfg = load_config(args.config)
@@ -71,12 +81,14 @@ def main(argv: list[str] | None = None) -> int:
     valid = ExampleTensors(spec, read_examples(store, "valid"))
     test = ExampleTensors(spec, read_examples(store, "test"))
     rows = []
-    for k, aux, z in SETTINGS:
+    for k, aux, z, revive, collapsed in SETTINGS:
         mcfg = dataclasses.replace(cfg.model, arch="mmoe", routing="topk", top_k=k,
                                    aux_loss_coef=aux, z_loss_coef=z)  # fmt: skip
-        tcfg = dataclasses.replace(cfg.training, epochs=args.epochs)
+        tcfg = dataclasses.replace(cfg.training, epochs=args.epochs, revive_after_steps=revive)
         torch.manual_seed(tcfg.seed)
         model = RankingModel(spec, mcfg)
+        if collapsed:
+            collapse_router(model)
         t0 = time.perf_counter()
         res = fit(model, train, valid, tcfg, progress=False)
         seconds = time.perf_counter() - t0
@@ -84,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         test_metrics, _ = evaluate_model(model, test, monitor=mon)
         r_train, r_test = res.router, mon.metrics()
         row = {
-            "k": k, "aux": aux, "z": z,
+            "k": k, "aux": aux, "z": z, "revive": revive, "collapsed": collapsed,
+            "revivals": len(res.revivals),
             "cv_train": load_cv(r_train), "cv_test": load_cv(r_test),
             "dead_test": r_test.get("router/dead_experts", 0.0),
             "collapsed_test": r_test.get("router/collapsed_gates", 0.0),
@@ -93,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
             "auc": test_metrics["auc_mean"], "seconds": seconds,
         }  # fmt: skip
         rows.append(row)
-        print(f"top-{k} aux {aux} z {z}: load CV train {row['cv_train']:.3f} test "
+        print(f"top-{k} aux {aux} z {z} revive {revive} collapsed {collapsed}: "
+              f"{row['revivals']} revivals, load CV train {row['cv_train']:.3f} test "
               f"{row['cv_test']:.3f}, dead {row['dead_test']:.0f}, dropped "
               f"{row['dropped']:.3f}, test AUC {row['auc']:.4f}, {seconds:.0f} s",
               flush=True)  # fmt: skip
@@ -110,21 +124,25 @@ def main(argv: list[str] | None = None) -> int:
         "of the expert load share, mean over gates x domains (0 = balanced); dead: experts "
         "under 0.1 / E of a gate's test load, summed over gates x domains; collapsed: gates "
         "whose top expert took > 90%; aux / z: the regularisers' training values before "
-        "their coefficients (`-`: not computed).",
+        "their coefficients (`-`: not computed); revive: `training.revive_after_steps` (0: "
+        "off) and the revivals it made; start: `collapsed` = every gate's logit for expert 0 "
+        "raised by 20 before training (`recsys_moe.model.revive.collapse_router`).",
         "",
-        "| top-k | aux coef | z coef | load CV train | load CV test | dead (test) | "
-        "collapsed (test) | dropped (train) | aux loss | z loss | test AUC mean | s |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| start | top-k | aux coef | z coef | revive | revivals | load CV train | load CV test "
+        "| dead (test) | collapsed (test) | dropped (train) | aux loss | z loss | test AUC mean "
+        "| s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['k']} | {r['aux']} | {r['z']} | {r['cv_train']:.3f} | {r['cv_test']:.3f} | "
+            f"| {'collapsed' if r['collapsed'] else 'fresh'} | {r['k']} | {r['aux']} | "
+            f"{r['z']} | {r['revive']} | {r['revivals']} | {r['cv_train']:.3f} | {r['cv_test']:.3f} | "
             f"{r['dead_test']:.0f} | {r['collapsed_test']:.0f} | {r['dropped']:.3f} | "
             f"{val(r['aux_loss'])} | {val(r['z_loss'])} | {r['auc']:.4f} | {r['seconds']:.0f} |"
         )
-    best = max(rows, key=lambda r: r["auc"])
-    lines += ["", f"Highest test AUC: top-{best['k']}, aux {best['aux']}, z {best['z']} "
-              f"({best['auc']:.4f})."]  # fmt: skip
+    best = max((r for r in rows if not r["collapsed"]), key=lambda r: r["auc"])
+    lines += ["", f"Highest test AUC from a fresh start: top-{best['k']}, aux {best['aux']}, "
+              f"z {best['z']}, revive {best['revive']} ({best['auc']:.4f})."]  # fmt: skip
     write_section("Routing health (bench/quality/routing.py)", "\n".join(lines))
     return 0
 

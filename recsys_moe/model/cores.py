@@ -46,6 +46,7 @@ class ExpertCore(nn.Module):
     supports_domain_slices = False  # a domain's rows need only part of the experts
     supports_expert_parallel = False  # one expert pool, split across workers
     supports_extension = False  # can gain a domain after training
+    supports_revival = False  # dead experts can be re-initialised (model/revive.py)
 
     def __init__(self, cfg: ModelConfig, task_names: list[str]) -> None:
         super().__init__()
@@ -87,8 +88,10 @@ class SharedBottomCore(ExpertCore):
 
 @dataclass(frozen=True)
 class Extension:
-    """A domain added to a trained model by ``recsys-moe extend``: its own ``experts``
-    (new), and a gate per output over the parent experts in ``reach`` plus its own."""
+    """Experts added to a trained model by ``recsys-moe extend``: a new ``domain`` (or,
+    with ``grows``, an existing one gaining capacity), its own ``experts`` (new), and a
+    gate per output over the parent experts in ``reach`` plus its own. The domain's rows
+    are then computed by the extension; every other domain's as before."""
 
     domain: str
     experts: int
@@ -96,10 +99,13 @@ class Extension:
     # the domain's own crosses: ((A_p @ left_p) * right_p) for each of the model's
     # interactions p, appended to its experts' input (A_p starts as the identity)
     cross: bool = False
+    # True: ``domain`` is one the parent was trained on (``extend --add-experts``)
+    grows: bool = False
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Extension:
-        return cls(d["domain"], int(d["experts"]), tuple(d["reach"]), bool(d.get("cross")))
+        return cls(d["domain"], int(d["experts"]), tuple(d["reach"]), bool(d.get("cross")),
+                   bool(d.get("grows")))  # fmt: skip
 
 
 class DomainExtension(nn.Module):
@@ -156,6 +162,7 @@ class MoECore(ExpertCore):
     supports_domain_slices = True
     supports_expert_parallel = True
     supports_extension = True
+    supports_revival = True
 
     def __init__(
         self,
@@ -166,11 +173,18 @@ class MoECore(ExpertCore):
         n_domains: int,
         domain_experts: bool = False,
         extensions: list[Extension] | None = None,
+        extension_domains: list[int] | None = None,
     ) -> None:
         super().__init__(cfg, task_names)
         extensions = list(extensions or [])
-        K = n_domains - len(extensions)  # the domains the base gates were trained for
+        # the domains the base gates were trained for: all but the added ones
+        K = n_domains - sum(not e.grows for e in extensions)
         self.base_domains = K
+        # the domain index whose rows each extension computes (added domains follow the
+        # base ones in order; a grown domain keeps its index)
+        if extension_domains is None:
+            extension_domains = list(range(K, K + len(extensions)))
+        self.extension_domains = list(extension_domains)
         self.outputs = self.n_tasks if cfg.gates == "task" else 1
         # what each gate output feeds: the tasks, or one output every task shares
         self.output_names = self.task_names if self.outputs == self.n_tasks else [SHARED]
@@ -199,10 +213,15 @@ class MoECore(ExpertCore):
             for e in extensions
         )
 
+    def extension_of(self, domain: int) -> int | None:
+        """The index of the extension that computes domain index ``domain``'s rows, if any."""
+        return self.extension_domains.index(domain) if domain in self.extension_domains else None
+
     def reachable_experts(self, domain: int) -> list[int]:
         """The experts domain index ``domain``'s gates can give weight to."""
-        if domain >= self.base_domains:  # added later: reach + its own experts
-            ext = self.extensions[domain - self.base_domains]
+        j = self.extension_of(domain)
+        if j is not None:  # extended: reach + its own experts
+            ext = self.extensions[j]
             E = self.experts.n_experts
             return [*ext.reach, *range(E, E + ext.experts.n_experts)]
         k = domain if self.gates.K > 1 else 0
@@ -237,22 +256,24 @@ class MoECore(ExpertCore):
     def forward(self, x, domain, sides=None):
         T, K = self.n_tasks, self.base_domains
         outputs = self.output_names
-        added = domain >= K if len(self.extensions) else None
-        if added is None or not bool(added.any()):
+        ext_rows = None
+        if len(self.extensions):
+            ext_rows = torch.isin(domain, domain.new_tensor(self.extension_domains))
+        if ext_rows is None or not bool(ext_rows.any()):
             reps, r, _ = self.mixture(x, domain)
             return reps.expand(-1, T, -1), [GateLayer("gates", outputs, r)]
-        # rows of added domains: the parent's experts + their own, under their own gates;
-        # every other row is computed exactly as by the parent (same ops, same batch)
+        # rows of extended domains: the parent's experts + their own, under their own
+        # gates; every other row is computed exactly as by the parent (same ops, batch)
         layers, experts = [], None
-        if bool(added.all()):
+        if bool(ext_rows.all()):
             reps = x.new_zeros(x.shape[0], self.outputs, self.experts.d_out)
         else:
-            reps, r, experts = self.mixture(x, torch.where(added, 0, domain))
-            layers.append(GateLayer("gates", outputs, r, domains=K))
+            reps, r, experts = self.mixture(x, torch.where(domain >= K, 0, domain))
+            layers.append(GateLayer("gates", outputs, r, rows=~ext_rows))
             if self.cfg.routing != "softmax":  # sparse: not every expert ran on every row
                 experts = None
         for j, ext in enumerate(self.extensions):
-            rows = torch.nonzero(domain == K + j).flatten()
+            rows = torch.nonzero(domain == self.extension_domains[j]).flatten()
             if not len(rows):
                 continue
             xe = x[rows]
@@ -319,9 +340,10 @@ def build_core(
     task_names: list[str],
     n_domains: int,
     extensions: list[Extension] | None = None,
+    extension_domains: list[int] | None = None,
 ) -> ExpertCore:
     """The core of ``cfg.arch`` (``n_domains`` counts the out-of-vocabulary slot and any
-    added domains)."""
+    added domains; ``extension_domains``: the domain index each extension computes)."""
     if extensions and cfg.arch not in ("mmoe", "star"):
         raise ValueError(f"model.arch {cfg.arch!r}: only mmoe and star models can be extended")
     kw = {"d_in": d_in, "task_names": task_names, "n_domains": n_domains}
@@ -330,7 +352,8 @@ def build_core(
     if cfg.arch == "ple":
         return PLECore(cfg, **kw)
     if cfg.arch in ("mmoe", "star"):
-        return MoECore(cfg, **kw, domain_experts=cfg.arch == "star", extensions=extensions)
+        return MoECore(cfg, **kw, domain_experts=cfg.arch == "star", extensions=extensions,
+                       extension_domains=extension_domains)  # fmt: skip
     raise ValueError(f"model.arch {cfg.arch!r}")  # validated by ModelConfig
 
 

@@ -34,11 +34,6 @@ from recsys_moe.model.ranker import ModelOutput, RankingModel
 UNFREEZABLE = ("embeddings", "experts", "gates", "towers")
 
 
-def _reach(parent: RankingModel) -> tuple[int, ...]:
-    """The parent experts an unknown domain's gates can use (all for MMoE)."""
-    return tuple(parent.require_extendable().reachable_experts(0))
-
-
 @torch.no_grad()
 def grow(
     parent: RankingModel,
@@ -46,14 +41,30 @@ def grow(
     n_experts: int,
     sample: Batch | None = None,
     cross: bool = True,
+    existing: str | None = None,
 ) -> RankingModel:
     """The child model of ``parent`` for ``spec`` (``parent.spec`` plus one domain, longer
-    vocabularies allowed); ``sample``: rows of the new domain (encoded with ``spec``) used
-    to pick which parent experts the new ones start from."""
-    parent.require_extendable()
+    vocabularies allowed), or with ``existing``, the child whose domain ``existing`` (one
+    the parent was trained on; ``spec`` is then the parent's) gains ``n_experts`` experts
+    of its own, under gates of its own that start as its parent gates; ``sample``: rows of
+    that domain (encoded with ``spec``) used to pick which parent experts the new ones
+    start from."""
+    core = parent.require_extendable()
     if n_experts < 1:
-        raise ValueError("the new domain needs at least one expert")
-    if spec.domains[:-1] != parent.spec.domains:
+        raise ValueError("an extension needs at least one expert")
+    if existing is not None:
+        if existing not in parent.spec.domains or spec.domains != parent.spec.domains:
+            raise ValueError(
+                f"add experts: domain {existing!r} must be one of the parent's "
+                f"{parent.spec.domains} (and the spec the parent's)"
+            )
+        k = parent.spec.domains.index(existing) + 1
+        if core.extension_of(k) is not None:
+            raise ValueError(
+                f"add experts: domain {existing!r} was itself added or grown by an extension; "
+                "growing it again is not supported"
+            )
+    elif spec.domains[:-1] != parent.spec.domains:
         raise ValueError(
             f"the child's domains {spec.domains} must be the parent's {parent.spec.domains} "
             "plus one"
@@ -61,10 +72,14 @@ def grow(
     for old, new in zip(parent.spec.sparse, spec.sparse, strict=True):
         if old.name != new.name or new.vocab_size < old.vocab_size:
             raise ValueError(f"feature {new.name!r}: vocabularies may only grow")
-    reach = _reach(parent)
+    # the parent gates the extension starts from: the domain's own, or for a new domain
+    # the unknown domain's (index 0); the parent experts those can use (all for MMoE)
+    k = 0 if existing is None else parent.spec.domains.index(existing) + 1
+    reach = tuple(core.reachable_experts(k))
     ext = Extension(
-        spec.domains[-1], n_experts, reach, cross=cross and bool(parent.cfg.interactions)
-    )
+        existing or spec.domains[-1], n_experts, reach,
+        cross=cross and bool(parent.cfg.interactions), grows=existing is not None,
+    )  # fmt: skip
     child = RankingModel(spec, parent.cfg, extensions=[*parent.extension_specs, ext])
     state = child.state_dict()
     for name, t in parent.state_dict().items():
@@ -75,22 +90,27 @@ def grow(
             grown[: t.shape[0]] = t
             state[name] = grown
     child.load_state_dict(state)
-    _warm_start(parent, child, sample)
+    _warm_start(parent, child, sample, k)
     return child.eval()
 
 
-def _warm_start(parent: RankingModel, child: RankingModel, sample: Batch | None) -> None:
+def _warm_start(parent: RankingModel, child: RankingModel, sample: Batch | None, k: int) -> None:
+    """The newest extension starts as the parent's gates of domain index ``k`` (0: the
+    unknown domain): its experts are copies of the parent experts those gates use most
+    on ``sample`` (the busiest first), and each copied expert shares its logit with its
+    copies, so the child's first predictions equal the parent's."""
     ext = child.extensions[-1]
     gp, ge = parent.gates, ext.gates
     O, E, P = gp.O, gp.E, ext.experts.n_experts
     reach = ext.reach
-    # how much the parent's unknown-domain gate uses each expert on the new domain's rows
+    k = k if gp.K > 1 else 0
+    # how much the parent's gates use each expert on the domain's rows
     if sample is not None and len(sample):
         x = child.inputs(sample)
-        r = child.core.gate(gp, x, torch.zeros_like(sample.domain))[0]
+        r = child.core.gate(gp, x, torch.full_like(sample.domain, k))[0]
         use = r.weights.mean((0, 1))  # (E,)
     else:
-        use = gp.b.detach().view(gp.K, O, E)[0].mean(0)
+        use = gp.b.detach().view(gp.K, O, E)[k].mean(0)
     order = sorted(reach, key=lambda e: -float(use[e]))
     src = [order[j % len(order)] for j in range(P)]
     for w_new, w_old in zip(ext.experts.weights, parent.experts.weights, strict=True):
@@ -106,7 +126,7 @@ def _warm_start(parent: RankingModel, child: RankingModel, sample: Batch | None)
     def cols(t: torch.Tensor, bias: bool) -> torch.Tensor:
         """(..., K*O*E) parent gate tensor -> (..., O*(E+P)) for the new domain."""
         lead = t.shape[:-1]
-        own = t.reshape(*lead, gp.K, O, E)[..., 0, :, :]  # the unknown domain's gates
+        own = t.reshape(*lead, gp.K, O, E)[..., k, :, :]  # the gates it starts from
         if bias:
             own = own - shift
         return torch.cat([own, own[..., src]], dim=-1).reshape(*lead, O * (E + P))
@@ -216,7 +236,7 @@ class ActivationCache:
         upstream = any(
             p.requires_grad for n, p in child.named_parameters() if not n.startswith(newest)
         )
-        dom = child.spec.n_domains - 1
+        dom = child.require_extendable().extension_domains[-1]
         if upstream or child.cfg.dropout > 0 or not bool((data.domain == dom).all()):
             return None
         ex = child.experts

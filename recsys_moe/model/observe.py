@@ -72,8 +72,8 @@ class RouterMonitor:
         for layer in out.gates:
             w, p = layer.route.weights.float(), layer.route.probs.float()  # (B, O, E)
             d = domain.long()
-            if layer.domains:  # rows of extension domains were not routed by this layer
-                keep = d < layer.domains
+            if layer.rows is not None:  # rows of extensions were not routed by this layer
+                keep = layer.rows.cpu()
                 w, p, d = w[keep], p[keep], d[keep]
             B, O, E = w.shape
             a = self.acc.get(layer.name)
@@ -108,6 +108,11 @@ class RouterMonitor:
             if aux or z:  # computed (their coefficients are not both 0)
                 a.aux.append(aux)
                 a.z.append(z)
+
+    def load_shares(self) -> dict[str, float]:
+        """Just the ``.../load_e<e>`` entries of :meth:`metrics`: what a bundle keeps as
+        its training-time routing (``router_load``), for serving to compare with."""
+        return {k: v for k, v in self.metrics().items() if "/load_e" in k}
 
     def load_table(self, layer: str) -> torch.Tensor:
         """(O, K, E) load share per gate output, domain and expert (rows sum to 1)."""

@@ -53,7 +53,9 @@ class DomainSliceCache:
         self._active: dict[int, list[int]] = {}
         if not model.supports_domain_slices:
             raise ValueError(f"model.arch {model.cfg.arch!r} has no domain slices to offload")
-        for k in range(model.base_domains):  # added domains stay with the full model
+        for k in range(model.base_domains):
+            if model.core.extension_of(k) is not None:
+                continue  # extended domains stay with the full model
             s = domain_slice(model, k)
             save_file(_slice_state(s), str(self.dir / f"domain_{k}.safetensors"))
             self._active[k] = list(s.active)

@@ -121,11 +121,20 @@ class RankingModel(nn.Module):
         super().__init__()
         self.spec, self.cfg = spec, cfg
         extensions = list(extensions)
-        added = spec.domains[len(spec.domains) - len(extensions) :]
-        if [e.domain for e in extensions] != added:
-            raise ValueError(f"extensions {[e.domain for e in extensions]} != last domains {added}")
+        new = [e.domain for e in extensions if not e.grows]
+        added = spec.domains[len(spec.domains) - len(new) :] if new else []
+        if new != added:
+            raise ValueError(f"extensions {new} != last domains {added}")
         # the domains the base gates were trained for (domain index < K)
-        self.base_domains = spec.n_domains - len(extensions)
+        self.base_domains = spec.n_domains - len(new)
+        ext_domains = []
+        for e in extensions:
+            if e.domain not in spec.domains:
+                raise ValueError(f"extension of domain {e.domain!r}: not in {spec.domains}")
+            k = spec.domains.index(e.domain) + 1  # index 0 is out-of-vocabulary
+            if k in ext_domains:
+                raise ValueError(f"domain {e.domain!r} is extended twice")
+            ext_domains.append(k)
         self.extension_specs = extensions
         # mixed-precision training (recsys_moe.training.training_dtype): the dtype experts,
         # gates and towers compute in while training; None = float32. Eval is float32.
@@ -147,7 +156,7 @@ class RankingModel(nn.Module):
         self.task_names = spec.task_names
         self.core: ExpertCore = build_core(
             cfg, d_in=d_in, task_names=self.task_names, n_domains=spec.n_domains,
-            extensions=extensions,
+            extensions=extensions, extension_domains=ext_domains,
         )  # fmt: skip
         self.towers = TaskTowers(
             n_tasks=len(spec.tasks), d_in=cfg.expert_hidden[-1], hidden=cfg.tower_hidden

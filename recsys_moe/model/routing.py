@@ -53,9 +53,9 @@ class GateLayer:
     name: str  # "gates", "level0", ...
     outputs: list[str]  # what each gate output feeds: task names, or "shared"
     route: RouteOut
-    # rows of the batch whose domain index is >= this were not routed by these gates
-    # (they belong to a domain added later by `recsys-moe extend`); 0: every row
-    domains: int = 0
+    # (B,) bool: the rows these gates routed (the others belong to an extension added
+    # later by `recsys-moe extend`, which routes them itself); None: every row
+    rows: torch.Tensor | None = None
 
 
 class GateBank(nn.Module):

@@ -64,8 +64,8 @@ def _slice_gates(gates: GateBank, domain: int, keep: torch.Tensor) -> GateBank:
 def domain_slice(model: RankingModel, domain: int) -> RankingModel:
     """A copy of ``model`` computing only the experts and gates domain index ``domain`` uses
     (the model itself, unchanged, where nothing can be cut: shared-bottom, PLE, a domain
-    added after training)."""
-    if not model.supports_domain_slices or domain >= model.base_domains:
+    extended after training)."""
+    if not model.supports_domain_slices or model.core.extension_of(domain) is not None:
         return model
     keep = torch.tensor(active_experts(model, domain), dtype=torch.long)
     return with_experts(

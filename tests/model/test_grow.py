@@ -183,3 +183,60 @@ def test_cached_and_uncached_extension_training_agree(family):
     for k, v in results[0].items():
         torch.testing.assert_close(v, results[1][k], rtol=1e-4, atol=1e-5, msg=k)
     assert any(not torch.equal(results[0][k], child.state_dict()[k]) for k in results[0])
+
+
+@pytest.fixture(scope="module")
+def grown(family):
+    """A parent whose existing domain 1 gains 2 experts (``extend --add-experts``)."""
+    parent, _child, spec, _cspec, test, _live = family
+    parent = copy.deepcopy(parent)
+    dom = ExampleTensors(spec, test).domain.numpy()
+    mine = test[np.flatnonzero(dom == 1)]
+    child = grow(parent, spec, 2, ExampleTensors(spec, mine).batch(slice(0, 400)),
+                 existing=spec.domains[0])  # fmt: skip
+    return parent, child, spec, test, mine
+
+
+def test_added_experts_start_at_the_domains_scores_and_leave_others_bit_identical(grown):
+    parent, child, spec, test, mine = grown
+    ext = child.extension_specs[-1]
+    assert ext.grows and ext.domain == spec.domains[0]
+    assert child.core.extension_domains == [1]
+    # the grown domain starts where the parent's scores are (its new experts are copies
+    # of its busiest experts, sharing their logits)
+    np.testing.assert_allclose(predict(child, ExampleTensors(spec, mine), 512),
+                               predict(parent, ExampleTensors(spec, mine), 512),
+                               rtol=1e-5, atol=1e-6)  # fmt: skip
+    # train the new experts and the domain's gates only
+    params = freeze(child, parent)
+    assert all(n.startswith("core.extensions.") for n, p in child.named_parameters()
+               if p.requires_grad)  # fmt: skip
+    opt = torch.optim.Adam(params, lr=0.05)
+    data = ExampleTensors(spec, mine)
+    before = predict(child, data, 512)
+    child.train()
+    for _ in range(3):
+        b = data.batch(slice(0, len(data)))
+        opt.zero_grad()
+        loss_of(child, child(b), b.labels)[0].backward()
+        opt.step()
+    child.eval()
+    assert frozen_changes(child, parent) == []
+    assert not np.allclose(predict(child, data, 512), before)  # the domain learned
+    # every other domain: bit-identical, alone and in batches mixed with the grown one
+    every = ExampleTensors(spec, test)
+    other = every.domain.numpy() != 1
+    np.testing.assert_array_equal(predict(child, every, 512)[other],
+                                  predict(parent, every, 512)[other])  # fmt: skip
+    # slices: the grown domain reads its reach plus the new experts; the others' slices
+    # still equal the full model
+    E = child.experts.n_experts
+    assert active_experts(child, 1)[-2:] == [E, E + 1] and domain_slice(child, 1) is child
+    for d in range(2, spec.n_domains):
+        sub = ExampleTensors(spec, test[np.flatnonzero(every.domain.numpy() == d)[:100]])
+        np.testing.assert_allclose(predict(domain_slice(child, d), sub, 512),
+                                   predict(child, sub, 512), rtol=1e-5, atol=1e-6)  # fmt: skip
+    with pytest.raises(ValueError, match="growing it again"):
+        grow(child, spec, 1, existing=spec.domains[0])
+    with pytest.raises(ValueError, match="must be one of"):
+        grow(parent, spec, 1, existing="nope")

@@ -108,3 +108,63 @@ def test_bad_inputs_are_refused_before_any_work(extended, tmp_path):
     inter.write_parquet(broken / "interactions" / "part-0.parquet")
     with pytest.raises(RawLogError, match="item_id"):
         extension_data(parent, broken, "live", cfg.extend)
+
+
+def test_add_experts_to_an_existing_domain(extended, tmp_path):
+    """``extend --add-experts 2 --domain search``: the parent's own feature store trains two
+    new experts and the domain's gates; every other domain scores bit-identically through
+    the bundles; a version with its lineage is registered and promoted only if search's
+    validation AUC beats the parent's on the same rows."""
+    import os
+
+    import mlflow
+
+    from pipelines.extend import ExtendError, run_extend
+    from recsys_moe.scorer import Scorer
+
+    s_new, cfg, bundle, uri, _data, _ = extended
+    name = s_new["registry"]["name"]
+    ecfg = cfg.replace(
+        extend=ExtendConfig(epochs=3, batch_size=256, lr=0.01, min_auc=0.5, probe_rows=300)
+    )
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        s = run_extend(ecfg, model=f"models:/{name}/1", domain="search", add_experts=2,
+                       output=tmp_path / "grown", progress=False)  # fmt: skip
+        with pytest.raises(ExtendError, match="not in the model"):
+            run_extend(ecfg, model=f"models:/{name}/1", domain="radio", add_experts=1,
+                       register=False, progress=False)  # fmt: skip
+        with pytest.raises(ExtendError, match="not a feature store"):
+            run_extend(ecfg, model=f"models:/{name}/1", domain="search", add_experts=1,
+                       store=tmp_path, register=False, progress=False)  # fmt: skip
+    finally:
+        del os.environ["MLFLOW_TRACKING_URI"]
+    assert s["kind"] == "add_experts" and s["added_experts"] == 2
+    assert s["changed_parent_tensors"] == [] and s["existing_max_abs_diff"] == 0.0
+    assert s["probe_rows"] >= 300 and s["gates"]["existing_unchanged"]
+    assert 0 < s["trainable_params"] < s["total_params"] / 3
+    assert s["rows"]["train"] > 1000
+    # starts exactly at the parent's scores for search (same rows), then learns
+    assert s["valid_at_start"] == pytest.approx(s["parent_valid"]["auc_mean"], abs=1e-6)
+    assert s["gates"]["beats_parent"] == (s["valid"]["auc_mean"] > s["parent_valid"]["auc_mean"])
+    assert s["promoted"] == all(s["gates"].values())
+    parent, child = Scorer.from_dir(bundle), Scorer.from_dir(s["bundle"])
+    ext = child.model.extension_specs[-1]
+    assert (
+        ext.grows
+        and ext.domain == "search"
+        and child.model.spec.domains == parent.model.spec.domains
+    )
+    users = parent.tables["users"]["user_id"].head(30).to_list()
+    items = parent.tables["items"]["item_id"].head(30).to_list()
+    rows = pl.DataFrame({"user_id": users, "item_id": items,
+                         "domain": ["feed"] * 10 + ["video"] * 10 + ["search"] * 10,
+                         "ts": [1_700_000_000] * 30})  # fmt: skip
+    same = (child.score(rows) == parent.score(rows)).all(axis=1)
+    assert same[:20].all() and not same[20:].all()
+    client = mlflow.MlflowClient(uri)
+    mv = client.get_model_version(name, str(s["registry"]["version"]))
+    assert mv.tags["extend.kind"] == "add_experts" and mv.tags["parent.version"] == "1"
+    run = client.get_run(s["registry"]["run_id"])
+    assert run.data.params["extend.added_experts"] == "2"
+    assert run.data.tags["mlflow.parentRunId"] == client.get_model_version(name, "1").run_id

@@ -93,9 +93,19 @@ def test_routing_losses_enter_the_loss_and_mlflow(small_store, tracked):
     cfg = _cfg(small_store, tracked, epochs=1)
     raw = cfg.to_dict()
     raw["model"].update(routing="topk", top_k=2, aux_loss_coef=0.05, z_loss_coef=0.01)
+    # revival on, at a threshold (0.99 / E) that the least used expert falls under: the
+    # expert-parallel path (the donor's weights sent by the worker owning it) runs
+    raw["training"].update(revive_after_steps=3, dead_expert_threshold=0.99)
     cfg = config_from_dict(raw)
     s = run_training(cfg, workers=2, output=tracked / "aux", register=False, progress=False)
-    metrics = mlflow.MlflowClient().get_run(s["run_id"]).data.metrics
+    client = mlflow.MlflowClient()
+    metrics = client.get_run(s["run_id"]).data.metrics
+    revived = client.get_metric_history(s["run_id"], "revival/expert")
+    assert metrics["train/revived_experts"] == len(revived) >= 1
+    assert all(m.step % 3 == 0 and 0 <= m.value < cfg.model.n_experts for m in revived)
+    arts = [a.path for a in client.list_artifacts(s["run_id"], "revivals")]
+    assert arts == ["revivals/epoch_0.json"]
+    assert s["valid"]["auc_mean"] > 0.55  # still learning through the revivals
     aux, z = metrics["train/router/aux_loss"], metrics["train/router/z_loss"]
     # Switch's balance loss is >= 1 (1 when perfectly balanced); z-loss > 0
     assert aux >= 0.99 and z > 0

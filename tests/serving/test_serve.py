@@ -363,6 +363,9 @@ def test_prometheus_metrics_per_segment(service):
     assert sum(feed["load"].values()) == pytest.approx(1.0, abs=1e-4)
     assert 0 < feed["entropy"] <= feed["entropy_max"] + 1e-6
     assert feed["collapsed"] and "feed/click" in ready["feed"]["routing"]["collapsed"]
+    # the bundle carries its training-time routing: a dead expert is compared with it
+    assert set(feed["dead_since_training"]) <= set(feed["dead"])
+    assert isinstance(ready["feed"]["routing"]["dead_since_training"], list)
     assert ready["other"]["routing"]["gates"], ready["other"]
 
 
