@@ -87,12 +87,13 @@ bench-peers: $(STAMP)  ## the model against torch-rechub's MMoE / PLE / SharedBo
 		$(if $(wildcard ../shared/data/movielens_100k),--config configs/movielens.toml) \
 		$(if $(wildcard ../shared/data/census_income_kdd),--config configs/census.toml)
 
-bench-quality: $(STAMP)  ## model-quality scripts (MMoE synthetic, Census, architectures, extend, add experts, routing health; ~60 min)
+bench-quality: $(STAMP)  ## model-quality scripts (MMoE synthetic, Census, architectures, extend, add experts, segment experts, routing health; ~75 min)
 	$(BIN)/python -m bench.quality.mmoe_synthetic
 	$(BIN)/python -m bench.quality.archs --config configs/census.toml --archs shared_bottom mmoe ple
 	$(BIN)/python -m bench.quality.archs --config configs/default.toml
 	$(BIN)/python -m bench.quality.extend
-	$(BIN)/python -m bench.quality.add_experts
+	$(BIN)/python -m bench.quality.add_experts --config configs/default.toml
+	$(BIN)/python -m bench.quality.segments
 	$(BIN)/python -m bench.quality.routing
 
 clean:  ## remove generated data, runs and the virtualenv

@@ -374,8 +374,8 @@ def run_extend(
         parent_valid = _auc_of(evaluate_model(pm, valid)[0])
     else:
         parent_valid = _auc(spec, data.raw["valid"], parent.score(data.raw["valid"]))
-    start_valid = evaluate_model(child, valid)[0]
     fitres = train_extension(child, params, train, valid, ecfg, progress=progress)
+    start_valid = fitres["start_valid"]
     t_train = fitres["seconds"]
     changed = frozen_changes(child, pm, ecfg.unfreeze)
     val = evaluate_model(child, valid)[0]

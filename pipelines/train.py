@@ -404,12 +404,30 @@ def evaluate_test(
     monitor = RouterMonitor.for_training(spec.domains, cfg.training)
     users = test_df[manifest["keys"]["user_id"]].to_numpy()
     res, preds = evaluate_model(model, test, users, monitor=monitor)
-    vocab = read_vocabs(cfg.features.store_dir, manifest).get(SEGMENT)
-    segments = dict(zip(vocab["value"], vocab["index"], strict=True)) if vocab is not None else None
-    tasks = [(t.name, t.kind) for t in spec.tasks]
-    res |= evaluate_slices(test.labels.numpy(), preds, tasks,
-                           evaluation_slices(manifest, test, segments))  # fmt: skip
+    res |= slice_metrics(cfg.features.store_dir, manifest, test, preds)
     return res, oracle_metrics(cfg, test_df, test, spec), monitor, preds, test_df
+
+
+def store_slices(
+    store: str | Path, manifest: dict[str, Any], data: ExampleTensors
+) -> dict[str, np.ndarray]:
+    """The evaluation slices of ``data`` (cold users / items, each user segment by the
+    store's segment vocabulary): :func:`recsys_moe.training.evaluation_slices`."""
+    vocab = read_vocabs(store, manifest).get(SEGMENT)
+    segments = (
+        dict(zip(vocab["value"].to_list(), vocab["index"].to_list(), strict=True))
+        if vocab is not None
+        else None
+    )
+    return evaluation_slices(manifest, data, segments)
+
+
+def slice_metrics(
+    store: str | Path, manifest: dict[str, Any], data: ExampleTensors, preds: np.ndarray
+) -> dict[str, float]:
+    """AUC per task and row count of each of :func:`store_slices` (``<slice>/<task>/auc``)."""
+    tasks = [(t.name, t.kind) for t in data.spec.tasks]
+    return evaluate_slices(data.labels.numpy(), preds, tasks, store_slices(store, manifest, data))
 
 
 CHALLENGE_ROWS = 100_000

@@ -255,6 +255,13 @@ class ModelConfig:
     ple_levels: int = 2
     shared_experts: int = 4
     specific_experts: int = 2
+    # experts private to a routing key besides the shared ones (mmoe / star): "domain"
+    # (specific_experts per domain: STAR), "user_segment" (per cold / casual / power user,
+    # the segment the feature store computes point-in-time), or both; the gates are then
+    # per task x routing key (domain x segment) and a key's gates reach the shared_experts
+    # and its own. [] means ["domain"] for arch "star" and no private experts (n_experts
+    # shared) for "mmoe"
+    expert_groups: list[str] = field(default_factory=list)
     dropout: float = 0.0
     # training only: each user / item id is replaced by the out-of-vocabulary index with
     # this probability, so the OOV row learns to stand for users and items never seen
@@ -280,6 +287,25 @@ class ModelConfig:
             _fail("model", "dropout", "must be in [0, 1)")
         if not 0.0 <= self.id_dropout < 1.0:
             _fail("model", "id_dropout", "must be in [0, 1)")
+        bad = [g for g in self.expert_groups if g not in EXPERT_GROUPS]
+        if bad or len(set(self.expert_groups)) != len(self.expert_groups):
+            _fail(
+                "model",
+                "expert_groups",
+                f"{self.expert_groups}: distinct values of {EXPERT_GROUPS}",
+            )
+        if self.expert_groups and self.arch not in ("mmoe", "star"):
+            _fail("model", "expert_groups", f"needs arch mmoe or star, not {self.arch!r}")
+
+    @property
+    def groups(self) -> list[str]:
+        """The routing keys with private experts (``expert_groups``; STAR: the domain)."""
+        if self.arch == "star" and not self.expert_groups:
+            return ["domain"]
+        return list(self.expert_groups)
+
+
+EXPERT_GROUPS = ("domain", "user_segment")
 
 
 EMBEDDING_OPTIMIZERS = ("adagrad", "rowwise_adagrad", "sgd", "adam")

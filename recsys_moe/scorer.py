@@ -66,6 +66,8 @@ class Scorer:
         }
         # domain index -> the model slice computing only that domain's experts
         self.slices: dict[int, RankingModel] = {}
+        # the user segments the slices are narrowed to (slice_domains), by name
+        self._scope_names: set[str] = set()
         # the router's load shares on the test split at training time (bundle's
         # "router_load"), the reference serving compares its routing with
         self.router_reference: dict[str, float] = {}
@@ -146,16 +148,36 @@ class Scorer:
         names = self.model.spec.domains
         return names.index(domain) + 1 if domain in names else 0
 
-    def slice_domains(self, domains: list[str]) -> dict[int, list[int]]:
+    def slice_domains(
+        self, domains: list[str], user_segments: list[str] | None = None
+    ) -> dict[int, list[int]]:
         """Score rows of these domains with their domain slices (only the experts each
-        domain's gates can reach are computed; see :mod:`recsys_moe.model.slicing`).
-        Returns domain index -> the global expert ids its slice computes."""
+        domain's gates can reach are computed; see :mod:`recsys_moe.model.slicing`); with
+        user-segment experts, narrowed to the experts of ``user_segments``' users (a
+        request of another segment is scored by the full model). Returns domain index ->
+        the global expert ids its slice computes."""
+        segs = None
+        if user_segments is not None and getattr(self.model.core, "segment_keyed", False):
+            values = self.vocabs[self.model._segment_key]
+            index = dict(zip(values["value"].cast(pl.String), values["index"], strict=True))
+            segs = sorted(int(index[g]) for g in user_segments if g in index)
+            self._scope_names = {g for g in user_segments if g in index}
         self.slices = {}
         for d in domains:
             k = self.domain_index(d)
             if k:
-                self.slices[k] = domain_slice(self.model, k)
+                self.slices[k] = domain_slice(self.model, k, segs)
         return {k: getattr(m, "active", []) for k, m in self.slices.items()}
+
+    def _model_for(self, domain: int, segment: str | None = None) -> RankingModel:
+        """The model that scores rows of domain index ``domain`` (of users of ``segment``;
+        None: rows of any segment): its slice, unless the slice is narrowed to other
+        users' segments."""
+        m = self.slices.get(domain, self.model)
+        scope = getattr(m, "segment_scope", None)
+        if scope is None:
+            return m
+        return m if segment is not None and segment in self._scope_names else self.model
 
     def offload_experts(self, directory: str | Path, capacity: int = 2):
         """Serve every domain from its slice, at most ``capacity`` slices in memory and
@@ -210,17 +232,20 @@ class Scorer:
         """Per-task scores (n_i, T) of encoded requests ``(domain, features)``: the
         requests of one domain are scored together by that domain's slice."""
         out: list[np.ndarray] = [np.zeros((0, len(self.tasks)), np.float32)] * len(requests)
-        by_domain: dict[int, list[int]] = {}
-        for i, (domain, _f) in enumerate(requests):
-            by_domain.setdefault(self.domain_index(domain), []).append(i)
-        for k, idx in by_domain.items():
+        by_model: dict[tuple[int, int], list[int]] = {}
+        models: dict[int, RankingModel] = {}
+        for i, (domain, f) in enumerate(requests):
+            k = self.domain_index(domain)
+            m = self._model_for(k, f.user_segment)
+            models[id(m)] = m
+            by_model.setdefault((k, id(m)), []).append(i)
+        for (k, mid), idx in by_model.items():
             feats = [requests[i][1] for i in idx]
             data = ExampleTensors.from_arrays(
                 self.model.spec, concat_columns([f.columns for f in feats]), sum(f.n for f in feats)
             )
             batch = data.batch(slice(None))
-            model = self.slices.get(k, self.model)
-            res = model(batch)
+            res = models[mid](batch)
             if monitors is not None and k in monitors:
                 monitors[k].update(res, batch.domain)
             preds = res.preds.float().numpy()
@@ -243,14 +268,12 @@ class Scorer:
             k = int(groups[0]) if len(groups) else -1
             data = ExampleTensors(spec, encoded, with_labels=False)
             monitor = (monitors or {}).get(k)
-            return predict(self.slices.get(k, self.model), data, batch_size, monitor)
+            return predict(self._model_for(k), data, batch_size, monitor)
         out = np.empty((encoded.height, len(self.tasks)), dtype=np.float32)
         for k in groups.tolist():
             rows = np.flatnonzero(dom == k)
             sub = ExampleTensors(spec, encoded[rows], with_labels=False)
-            out[rows] = predict(
-                self.slices.get(k, self.model), sub, batch_size, (monitors or {}).get(k)
-            )
+            out[rows] = predict(self._model_for(k), sub, batch_size, (monitors or {}).get(k))
         return out
 
     @torch.no_grad()

@@ -545,6 +545,12 @@ def train_extension(
     gen = seed_everything(cfg.seed)
     opt = torch.optim.Adam(params, lr=cfg.lr)
     t0 = time.perf_counter()
+    # where it starts is a candidate too: it equals the parent on these rows (a grown
+    # domain) or the parent's unknown-domain treatment (a new one), and an extension that
+    # only overfits must not end below it
+    start_valid = evaluate_model(child, valid)[0]
+    start_score = start_valid.get("auc_mean", -math.inf)
+    start_state = {k: v.clone() for k, v in child.state_dict().items()}
     cache = ActivationCache.build(child, train, cfg.cache_gb)
     if progress:
         print(
@@ -588,11 +594,14 @@ def train_extension(
         on_epoch=keep,
         log=(lambda line: print(f"extend {line}", flush=True)) if progress else None,
     )
-    if best["state"] is not None:
-        child.load_state_dict(best["state"])
+    best_epoch = stopping.best_epoch
+    if best["state"] is None or stopping.best <= start_score:
+        best["state"], best_epoch = start_state, -1  # no epoch beat the start
+    child.load_state_dict(best["state"])
     child.eval()
     return {
-        "best_epoch": stopping.best_epoch,
+        "start_valid": start_valid,
+        "best_epoch": best_epoch,
         "history": stopping.history,
         "seconds": time.perf_counter() - t0,
     }

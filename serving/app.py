@@ -191,7 +191,7 @@ class Ranker:
             mine = {scorer.domain_index(d) for d in self.segment.domains} - {0}
             active = {k: cache.active(k) for k in sorted(mine) if k in cache}
         else:
-            active = scorer.slice_domains(self.segment.domains)
+            active = scorer.slice_domains(self.segment.domains, self.segment.user_segments)
         scorer.online  # the lookup arrays, built before the version serves  # noqa: B018
         st = self.settings
         monitors = {

@@ -1,8 +1,8 @@
 """Add experts to one domain without retraining (``recsys-moe extend --add-experts``),
 against a full retrain with the same added capacity.
 
-    python -m bench.quality.add_experts [--config configs/sparse.toml] [--domain video]
-        [--parent-experts 4] [--experts 2]
+    python -m bench.quality.add_experts [--config configs/default.toml] [--domain video]
+        [--parent-experts 4] [--experts 2] [--lr 1e-3]
 
 1. The parent: the config's model with ``--parent-experts`` experts, trained on the
    config's feature store (``train_single``: one process, the library's ``fit``).
@@ -33,10 +33,11 @@ OUT = Path(__file__).resolve().parent.parent / "out" / "add_experts"
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default="configs/sparse.toml")
+    ap.add_argument("--config", default="configs/default.toml")
     ap.add_argument("--domain", default="video")
     ap.add_argument("--parent-experts", type=int, default=4)
     ap.add_argument("--experts", type=int, default=2, help="experts added to the domain")
+    ap.add_argument("--lr", type=float, default=1e-3, help="[extend] lr for the extension")
     args = ap.parse_args(argv)
 
     from bench.quality.common import train_single
@@ -66,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     parent = train_single(with_experts(E), OUT / "parent", progress=False)
     print(f"extend --add-experts {N} --domain {args.domain} ...", flush=True)
     t = time.perf_counter()
-    ext = run_extend(with_experts(E), model=parent["model_dir"], domain=args.domain,
+    ext_cfg = with_experts(E).replace(extend=dataclasses.replace(base.extend, lr=args.lr))
+    ext = run_extend(ext_cfg, model=parent["model_dir"], domain=args.domain,
                      add_experts=N, output=OUT / "child", register=False, progress=False)  # fmt: skip
     ext_seconds = time.perf_counter() - t
     print(f"full retrain with {E + N} experts ...", flush=True)
@@ -92,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         f"`{base.model.arch}` with {E} experts {base.model.expert_hidden}, trained by "
         f"`train_single` ({parent['seconds']:.0f} s). Extension: `recsys-moe extend "
         f"--add-experts {N} --domain {args.domain}` ([extend]: {base.extend.epochs} epochs "
-        f"max, lr {base.extend.lr}; {ext['trainable_params']:,} of {ext['total_params']:,} "
+        f"max, lr {args.lr}, the start kept unless an epoch beats it; best epoch "
+        f"{ext['best_epoch']} (-1: the start); {ext['trainable_params']:,} of {ext['total_params']:,} "
         f"parameters trained, on {ext['rows']['train']:,} rows). Full retrain: the same model "
         f"with {E + N} experts on every domain, same trainer and seed. Test AUC, mean over "
         "tasks:",

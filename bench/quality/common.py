@@ -46,7 +46,7 @@ def train_single(cfg, output, progress: bool = True) -> dict:
     import torch
 
     from features.store import load_manifest, read_examples
-    from pipelines.train import oracle_metrics, table
+    from pipelines.train import oracle_metrics, slice_metrics, table
     from recsys_moe.bundle import write_bundle
     from recsys_moe.model.ranker import RankingModel
     from recsys_moe.training import evaluate_model, fit
@@ -65,7 +65,8 @@ def train_single(cfg, output, progress: bool = True) -> dict:
     res = fit(model, train, valid, cfg.training,
               metric=cfg.training.promote_metric.removeprefix("valid/"), progress=progress)  # fmt: skip
     users = test_df[manifest["keys"]["user_id"]].to_numpy()
-    test_metrics, _ = evaluate_model(model, test, users=users)
+    test_metrics, preds = evaluate_model(model, test, users=users)
+    test_metrics |= slice_metrics(store, manifest, test, preds)  # cold users, segments
     oracle = oracle_metrics(cfg, test_df, test, spec)
     out = write_bundle(model, output, manifest, store=store,
                        extra={"config": cfg.to_dict(), "valid": res.valid, "test": test_metrics})  # fmt: skip

@@ -33,7 +33,6 @@ import polars as pl
 import torch
 
 from bench.common import machine, write_section
-from features.spec import SEGMENT
 from recsys_moe.config import Config, load_config
 from recsys_moe.metrics import evaluate
 
@@ -181,19 +180,10 @@ def run_project(cfg: Config, manifest: dict, splits: dict[str, pl.DataFrame]) ->
 
 
 def _slices(manifest: dict, store: str, test: pl.DataFrame) -> dict[str, np.ndarray]:
-    from features.store import read_vocabs
+    from pipelines.train import store_slices
     from recsys_moe.model.inputs import ExampleTensors, InputSpec
-    from recsys_moe.training import evaluation_slices
 
-    vocab = read_vocabs(store, manifest).get(SEGMENT)
-    segments = (
-        dict(zip(vocab["value"].to_list(), vocab["index"].to_list(), strict=True))
-        if vocab is not None
-        else None
-    )
-    return evaluation_slices(
-        manifest, ExampleTensors(InputSpec.from_manifest(manifest), test), segments
-    )
+    return store_slices(store, manifest, ExampleTensors(InputSpec.from_manifest(manifest), test))
 
 
 def compare(

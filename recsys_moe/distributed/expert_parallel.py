@@ -8,8 +8,10 @@ Rank ``r`` holds experts ``[r * E/W, (r + 1) * E/W)``. Forward, on every rank at
   that owns the row (``all_to_all``); the owner concatenates the blocks in rank order
   -> (B_r, E, H), exactly what the replicated module returns.
 - sparse routing (top-k / expert-choice, ``need`` given): a row travels only to the ranks
-  owning at least one expert it was routed to (after the router's capacity limit), and
-  comes back filled in for those experts; the others stay zero (their combine weight is 0).
+  owning at least one expert it was routed to (after the router's capacity limit), with
+  its routing to that rank's experts, so that each expert computes only its own rows
+  (``sparse`` experts, as on one process); it comes back filled in for those experts,
+  the others zero (their combine weight is 0).
 
 Gradients flow back through the same collectives (reverse all-to-all), so a
 rank's expert gradients are the sum over every rank's loss. Dense parameters are averaged
@@ -89,6 +91,7 @@ class ExpertParallel(nn.Module):
             impl=full.impl,
         )
         self.local.train_impl = full.train_impl
+        self.local.sparse = full.sparse
         with torch.no_grad():
             for mine, theirs in zip(
                 [*self.local.weights, *self.local.biases],
@@ -117,12 +120,17 @@ class ExpertParallel(nn.Module):
             y = self.local(xs)  # (sum B, El, H)
             back = _a2a(y.flatten(1), [B] * W, sizes, g)  # (W * B, El * H): my rows, by owner
             return back.view(W, B, El, -1).permute(1, 0, 2, 3).reshape(B, W * El, -1)
-        send = need.view(B, W, El).any(-1)  # (B, W): rows that need a rank's experts
+        per_rank = need.view(B, W, El)
+        send = per_rank.any(-1)  # (B, W): rows that need a rank's experts
         rows = [send[:, j].nonzero().squeeze(1) for j in range(W)]
         out_counts = [int(r_.numel()) for r_ in rows]
         in_counts = _exchange_counts(out_counts, g)
-        xs = _a2a(x[torch.cat(rows)], in_counts, out_counts, g)  # (sum in, d)
-        y = self.local(xs)  # (sum in, El, H)
+        # each row travels with the routing to the receiving rank's experts (El columns
+        # appended, no gradient), so that there each expert computes only its own rows
+        mask = torch.cat([per_rank[r_, j] for j, r_ in enumerate(rows)]).to(x.dtype)
+        xs = _a2a(torch.cat([x[torch.cat(rows)], mask], 1), in_counts, out_counts, g)
+        xs, need_local = xs[:, : x.shape[1]], xs[:, x.shape[1] :].detach() > 0
+        y = self.local(xs, need_local if self.local.sparse else None)  # (sum in, El, H)
         back = _a2a(y.flatten(1), out_counts, in_counts, g)  # (sum out, El * H)
         owner = torch.cat([torch.full_like(r_, j) for j, r_ in enumerate(rows)])
         out = back.new_zeros(B, W, back.shape[1]).index_put((torch.cat(rows), owner), back)

@@ -67,9 +67,17 @@ class ExpertCore(nn.Module):
         return r, logits, mask
 
     def forward(
-        self, x: torch.Tensor, domain: torch.Tensor, sides: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        domain: torch.Tensor,
+        sides: torch.Tensor | None = None,
+        segment: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[GateLayer]]:
+        """``segment``: each row's user-segment index, given to cores that route by it
+        (``segment_keyed``)."""
         raise NotImplementedError
+
+    segment_keyed = False  # routes by the user segment as well (model.expert_groups)
 
 
 class SharedBottomCore(ExpertCore):
@@ -81,7 +89,7 @@ class SharedBottomCore(ExpertCore):
         super().__init__(cfg, task_names)
         self.experts = _experts(cfg, 1, d_in)
 
-    def forward(self, x, domain, sides=None):
+    def forward(self, x, domain, sides=None, segment=None):
         h = self.experts(x)  # (B, 1, H)
         return h.expand(-1, self.n_tasks, -1), []
 
@@ -153,11 +161,13 @@ def combine(cfg: ModelConfig, r: RouteOut, logits, mask, experts: torch.Tensor) 
 
 
 class MoECore(ExpertCore):
-    """E experts and gates per (task, domain) over them (MMoE). ``domain_experts`` makes it
-    STAR: ``cfg.shared_experts`` experts every domain reaches plus ``cfg.specific_experts``
-    private to each domain. Domains added after training (``extensions``) route their
-    rows through their own experts and gates; every other row is computed exactly as
-    before they were added."""
+    """E experts and gates per (task, routing key) over them (MMoE). With expert groups
+    (``cfg.groups``) it generalises STAR: ``cfg.shared_experts`` experts every key reaches
+    plus ``cfg.specific_experts`` private to each domain (group "domain": STAR), to each
+    user segment ("user_segment"), or both; the routing key is then (domain, segment)
+    and a key's gates reach the shared experts plus its domain's and its segment's.
+    Domains extended after training (``extensions``) route their rows through their own
+    experts and gates; every other row is computed exactly as before."""
 
     supports_domain_slices = True
     supports_expert_parallel = True
@@ -171,12 +181,23 @@ class MoECore(ExpertCore):
         d_in: int,
         task_names: list[str],
         n_domains: int,
-        domain_experts: bool = False,
+        n_segments: int = 0,
         extensions: list[Extension] | None = None,
         extension_domains: list[int] | None = None,
     ) -> None:
         super().__init__(cfg, task_names)
         extensions = list(extensions or [])
+        groups = cfg.groups
+        self.segment_keyed = "user_segment" in groups
+        if self.segment_keyed and n_segments < 2:
+            raise ValueError(
+                "model.expert_groups: 'user_segment' needs the user_segment feature "
+                "(features.history_features = true)"
+            )
+        if self.segment_keyed and extensions:
+            raise ValueError("a model with user-segment experts cannot be extended (yet)")
+        # extensions route by domain; a segment-keyed model has none
+        self.supports_extension = not self.segment_keyed
         # the domains the base gates were trained for: all but the added ones
         K = n_domains - sum(not e.grows for e in extensions)
         self.base_domains = K
@@ -188,21 +209,30 @@ class MoECore(ExpertCore):
         self.outputs = self.n_tasks if cfg.gates == "task" else 1
         # what each gate output feeds: the tasks, or one output every task shares
         self.output_names = self.task_names if self.outputs == self.n_tasks else [SHARED]
+        # routing keys: (domain, segment) -> domain * key_segments + segment
+        self.key_domains = K if (cfg.gate_by_domain or "domain" in groups) else 1
+        self.key_segments = n_segments if self.segment_keyed else 1
         mask = None
-        if domain_experts:
+        if groups:
             S, P = cfg.shared_experts, cfg.specific_experts
-            E = S + K * P
-            mask = torch.zeros(K, 1, E, dtype=torch.bool)
-            mask[:, :, :S] = True
-            for k in range(K):
-                mask[k, :, S + k * P : S + (k + 1) * P] = True
+            sizes = {"domain": K, "user_segment": n_segments}
+            E = S + P * sum(sizes[g] for g in groups)
+            mask = torch.zeros(self.key_domains * self.key_segments, 1, E, dtype=torch.bool)
+            mask[:, :, :S] = True  # shared, then each group's blocks of P per value
+            for kd in range(self.key_domains):
+                for ks in range(self.key_segments):
+                    off = S
+                    for g in groups:
+                        v = kd if g == "domain" else ks
+                        mask[kd * self.key_segments + ks, :, off + v * P : off + (v + 1) * P] = True
+                        off += sizes[g] * P
         else:
             E = cfg.n_experts
         self.experts: nn.Module = _experts(cfg, E, d_in)
         self.gates = GateBank(
             d_in=d_in,
             n_outputs=self.outputs,
-            n_domains=K if (cfg.gate_by_domain or domain_experts) else 1,
+            n_domains=self.key_domains * self.key_segments,
             n_experts=E,
             mask=mask,
             noisy=cfg.routing == "noisy_topk",
@@ -217,15 +247,29 @@ class MoECore(ExpertCore):
         """The index of the extension that computes domain index ``domain``'s rows, if any."""
         return self.extension_domains.index(domain) if domain in self.extension_domains else None
 
-    def reachable_experts(self, domain: int) -> list[int]:
-        """The experts domain index ``domain``'s gates can give weight to."""
+    def route_key(self, domain: torch.Tensor, segment: torch.Tensor | None) -> torch.Tensor:
+        """Each row's gate index: its domain, or (domain, user segment) when keyed by both."""
+        if not self.segment_keyed:
+            return domain
+        return (domain if self.key_domains > 1 else 0) * self.key_segments + segment
+
+    def keys_of(self, domain: int, segments: list[int] | None = None) -> list[int]:
+        """The routing keys of domain index ``domain`` (and of user segments ``segments``
+        only, when keyed by segment; None: all)."""
+        kd = domain if self.key_domains > 1 else 0
+        segs = range(self.key_segments) if segments is None or not self.segment_keyed else segments
+        return [kd * self.key_segments + s for s in segs]
+
+    def reachable_experts(self, domain: int, segments: list[int] | None = None) -> list[int]:
+        """The experts the gates of domain index ``domain`` (for users of ``segments``,
+        None: any) can give weight to."""
         j = self.extension_of(domain)
         if j is not None:  # extended: reach + its own experts
             ext = self.extensions[j]
             E = self.experts.n_experts
             return [*ext.reach, *range(E, E + ext.experts.n_experts)]
-        k = domain if self.gates.K > 1 else 0
-        return torch.nonzero(self.gates.mask[k].any(0)).flatten().tolist()
+        rows = self.gates.mask[self.keys_of(domain, segments)]  # (keys, O, E)
+        return torch.nonzero(rows.any(0).any(0)).flatten().tolist()
 
     def mixture(
         self, x: torch.Tensor, domain: torch.Tensor
@@ -253,15 +297,17 @@ class MoECore(ExpertCore):
         r, logits, mask = self.gate(ext.gates, x, x.new_zeros(x.shape[0], dtype=torch.long))
         return combine(self.cfg, r, logits, mask, cand)
 
-    def forward(self, x, domain, sides=None):
+    def forward(self, x, domain, sides=None, segment=None):
         T, K = self.n_tasks, self.base_domains
         outputs = self.output_names
         ext_rows = None
         if len(self.extensions):
             ext_rows = torch.isin(domain, domain.new_tensor(self.extension_domains))
         if ext_rows is None or not bool(ext_rows.any()):
-            reps, r, _ = self.mixture(x, domain)
-            return reps.expand(-1, T, -1), [GateLayer("gates", outputs, r)]
+            key = self.route_key(domain, segment)
+            reps, r, _ = self.mixture(x, key)
+            keys = key if self.segment_keyed else None
+            return reps.expand(-1, T, -1), [GateLayer("gates", outputs, r, keys=keys)]
         # rows of extended domains: the parent's experts + their own, under their own
         # gates; every other row is computed exactly as by the parent (same ops, batch)
         layers, experts = [], None
@@ -311,7 +357,7 @@ class PLECore(ExpertCore):
                     GateBank(d_in=din, n_outputs=1, n_domains=K, n_experts=S + T * P, noisy=noisy)
                 )
 
-    def forward(self, x, domain, sides=None):
+    def forward(self, x, domain, sides=None, segment=None):
         T, names = self.n_tasks, self.task_names
         layers: list[GateLayer] = []
         task_in, shared_in = None, x
@@ -341,9 +387,11 @@ def build_core(
     n_domains: int,
     extensions: list[Extension] | None = None,
     extension_domains: list[int] | None = None,
+    n_segments: int = 0,
 ) -> ExpertCore:
     """The core of ``cfg.arch`` (``n_domains`` counts the out-of-vocabulary slot and any
-    added domains; ``extension_domains``: the domain index each extension computes)."""
+    added domains; ``extension_domains``: the domain index each extension computes;
+    ``n_segments``: values of the user-segment feature, 0 without it)."""
     if extensions and cfg.arch not in ("mmoe", "star"):
         raise ValueError(f"model.arch {cfg.arch!r}: only mmoe and star models can be extended")
     kw = {"d_in": d_in, "task_names": task_names, "n_domains": n_domains}
@@ -352,7 +400,7 @@ def build_core(
     if cfg.arch == "ple":
         return PLECore(cfg, **kw)
     if cfg.arch in ("mmoe", "star"):
-        return MoECore(cfg, **kw, domain_experts=cfg.arch == "star", extensions=extensions,
+        return MoECore(cfg, **kw, n_segments=n_segments, extensions=extensions,
                        extension_domains=extension_domains)  # fmt: skip
     raise ValueError(f"model.arch {cfg.arch!r}")  # validated by ModelConfig
 

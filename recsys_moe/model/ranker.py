@@ -154,9 +154,13 @@ class RankingModel(nn.Module):
         self.register_buffer("_cross", sides, persistent=False)
         d_in = self.embedding.out_dim + len(cfg.interactions) * cfg.embedding_dim + len(spec.dense)
         self.task_names = spec.task_names
+        # the user-segment feature (derived by the store), which segment experts route by
+        seg = [f for f in spec.sparse if f.source == "derived"]
+        self._segment_key = seg[0].name if seg else None
         self.core: ExpertCore = build_core(
             cfg, d_in=d_in, task_names=self.task_names, n_domains=spec.n_domains,
             extensions=extensions, extension_domains=ext_domains,
+            n_segments=seg[0].vocab_size if seg else 0,
         )  # fmt: skip
         self.towers = TaskTowers(
             n_tasks=len(spec.tasks), d_in=cfg.expert_hidden[-1], hidden=cfg.tower_hidden
@@ -199,9 +203,12 @@ class RankingModel(nn.Module):
     def require_extendable(self) -> MoECore:
         """The core, if this model can gain a domain; a ValueError naming the arch if not."""
         if not self.supports_extension:
-            raise ValueError(
-                f"model.arch {self.cfg.arch!r}: only mmoe and star models can be extended"
+            why = (
+                "user-segment experts (model.expert_groups) route by segment, extensions by domain"
+                if self.core.segment_keyed
+                else "only mmoe and star models can be extended"
             )
+            raise ValueError(f"model.arch {self.cfg.arch!r}: {why}")
         return self.core  # type: ignore[return-value]
 
     @property
@@ -278,13 +285,20 @@ class RankingModel(nn.Module):
         s = torch.matmul(self._cross.view(two * P, F_), e)  # (B, 2P, D)
         return s.view(e.shape[0], two, P, -1).transpose(0, 1)
 
+    def segments(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
+        """(B,) each row's user-segment index (a single-valued feature of the batch)."""
+        i = kjt.keys().index(self._segment_key)
+        off = kjt.offset_per_key()
+        return kjt.values()[off[i] : off[i + 1]]
+
     def forward(self, batch: Batch) -> ModelOutput:
         # core and towers in train_dtype while training (training.precision); x is cast
         # once, here, not by autocast once per expert and gate
         dt = self.train_dtype if self.training else None
         x, sides = self.expert_inputs(batch, dt)  # (B, d_in)
+        segment = self.segments(batch.sparse) if self.core.segment_keyed else None
         with torch.autocast(x.device.type, dtype=dt or torch.bfloat16, enabled=dt is not None):
-            reps, layers = self.core(x, batch.domain, sides)  # (B, T, H)
+            reps, layers = self.core(x, batch.domain, sides, segment)  # (B, T, H)
             logits = self.towers(reps).float()  # (B, T)
         return ModelOutput(logits, self.predictions(logits), layers)
 

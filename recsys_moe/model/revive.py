@@ -94,7 +94,8 @@ class ExpertReviver:
         layer = next(layer for layer in out.gates if layer.name == "gates")
         g = self.model.core.gates
         w = layer.route.weights.detach().float().sum(1)  # (B, E)
-        d = domain.long().cpu() if g.K > 1 else torch.zeros(w.shape[0], dtype=torch.long)
+        key = layer.keys if layer.keys is not None else domain  # the gate row each row used
+        d = key.long().cpu() if g.K > 1 else torch.zeros(w.shape[0], dtype=torch.long)
         if layer.rows is not None:  # rows of extensions were not routed by these gates
             keep = layer.rows.cpu()
             w, d = w[keep], d[keep]

@@ -56,6 +56,9 @@ class GateLayer:
     # (B,) bool: the rows these gates routed (the others belong to an extension added
     # later by `recsys-moe extend`, which routes them itself); None: every row
     rows: torch.Tensor | None = None
+    # (B,) the gate row (routing key) each row used, where it is not the row's domain
+    # (gates keyed by domain x user segment); None: the domain
+    keys: torch.Tensor | None = None
 
 
 class GateBank(nn.Module):

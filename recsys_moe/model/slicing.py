@@ -1,4 +1,4 @@
-"""Domain slices: the part of a trained model one domain actually uses.
+"""Domain slices: the part of a trained model one domain (and user segment) actually uses.
 
 In STAR-style models (``arch = "star"``) every domain's gates may only pick the shared
 experts and the domain's own; the other domains' experts get exactly zero weight. A
@@ -7,8 +7,13 @@ reach and only that domain's gate rows, so a ranker serving one domain computes
 ``S + P`` experts instead of ``S + K * P``. For MMoE every gate can reach every expert, so
 the slice keeps them all (and only saves the other domains' gate columns).
 
-A slice scores rows of its own domain exactly like the full model (same weights, the
-masked-out experts contributed exact zeros); it must not be given other domains' rows.
+With user-segment experts (``model.expert_groups``), a slice can also be narrowed to the
+users of some segments: a ranker serving cold users computes the shared experts, the
+domain's and the cold segment's own, not the power users'.
+
+A slice scores rows of its own domain (and segments) exactly like the full model (same
+weights, the masked-out experts contributed exact zeros); it must not be given other
+domains' (or segments') rows.
 """
 
 from __future__ import annotations
@@ -23,12 +28,14 @@ from recsys_moe.model.ranker import RankingModel
 from recsys_moe.model.routing import GateBank
 
 
-def active_experts(model: RankingModel, domain: int) -> list[int]:
-    """The experts domain index ``domain``'s gates can give weight to (all, for a model
-    without domain slices)."""
+def active_experts(
+    model: RankingModel, domain: int, segments: list[int] | None = None
+) -> list[int]:
+    """The experts domain index ``domain``'s gates (for users of ``segments``, None: any)
+    can give weight to (all, for a model without domain slices)."""
     if not model.supports_domain_slices:
         return list(range(getattr(model.experts, "n_experts", 0)))
-    return model.core.reachable_experts(domain)
+    return model.core.reachable_experts(domain, segments)
 
 
 def _slice_experts(experts: StackedExperts, keep: torch.Tensor) -> StackedExperts:
@@ -41,39 +48,50 @@ def _slice_experts(experts: StackedExperts, keep: torch.Tensor) -> StackedExpert
     return out
 
 
-def _slice_gates(gates: GateBank, domain: int, keep: torch.Tensor) -> GateBank:
-    """Gate rows of one domain over the kept experts (a one-domain GateBank)."""
-    k = domain if gates.K > 1 else 0
+def _slice_gates(gates: GateBank, rows: list[int] | None, keep: torch.Tensor) -> GateBank:
+    """Gate rows ``rows`` (routing keys; None: all, indexed as before) over the kept
+    experts; one row makes a one-domain GateBank."""
     O, K, E = gates.O, gates.K, gates.E
+    rows = list(range(K)) if rows is None else rows
     out = copy.deepcopy(gates)
-    out.K, out.E = 1, len(keep)
+    out.K, out.E = len(rows), len(keep)
+    idx = torch.tensor(rows)
 
-    def cut(t: torch.Tensor) -> torch.Tensor:  # (..., K*O*E) -> (..., O*E')
+    def cut(t: torch.Tensor) -> torch.Tensor:  # (..., K*O*E) -> (..., K'*O*E')
         lead = t.shape[:-1]
-        return t.detach().reshape(*lead, K, O, E)[..., k, :, :][..., keep].reshape(*lead, -1)
+        return t.detach().reshape(*lead, K, O, E)[..., idx, :, :][..., keep].reshape(*lead, -1)
 
     out.w = nn.Parameter(cut(gates.w).clone())
     out.b = nn.Parameter(cut(gates.b).clone())
     if gates.noise is not None:
         out.noise = nn.Parameter(cut(gates.noise).clone())
-    out.mask = gates.mask[k : k + 1][:, :, keep].clone()
+    out.mask = gates.mask[idx][:, :, keep].clone()
     return out
 
 
 @torch.no_grad()
-def domain_slice(model: RankingModel, domain: int) -> RankingModel:
-    """A copy of ``model`` computing only the experts and gates domain index ``domain`` uses
-    (the model itself, unchanged, where nothing can be cut: shared-bottom, PLE, a domain
-    extended after training)."""
-    if not model.supports_domain_slices or model.core.extension_of(domain) is not None:
+def domain_slice(
+    model: RankingModel, domain: int, segments: list[int] | None = None
+) -> RankingModel:
+    """A copy of ``model`` computing only the experts and gates domain index ``domain``
+    uses (the model itself, unchanged, where nothing can be cut: shared-bottom, PLE, a
+    domain extended after training). With user-segment experts, ``segments`` (segment
+    indices; None: all) narrows it to the routing keys of those users: shared experts,
+    the domain's and those segments' own; it keeps every key's gate row, and must only
+    score rows of those segments (its ``segment_scope``)."""
+    core = model.core
+    if not model.supports_domain_slices or core.extension_of(domain) is not None:
         return model
-    keep = torch.tensor(active_experts(model, domain), dtype=torch.long)
-    return with_experts(
-        model,
-        _slice_experts(model.experts, keep),
-        _slice_gates(model.gates, domain, keep),
+    keep = torch.tensor(active_experts(model, domain, segments), dtype=torch.long)
+    # gates keyed by segment keep all rows (the slice computes each row's key as the
+    # full model does); keyed by domain alone, the one row of the domain
+    rows = None if core.segment_keyed else core.keys_of(domain)
+    out = with_experts(
+        model, _slice_experts(model.experts, keep), _slice_gates(model.gates, rows, keep),
         keep.tolist(),
-    )
+    )  # fmt: skip
+    out.segment_scope = None if segments is None or not core.segment_keyed else sorted(segments)
+    return out
 
 
 def with_experts(
