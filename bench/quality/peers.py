@@ -278,9 +278,10 @@ def report(cfg, manifest, runs, res, oracle, masks, threads, n_train) -> str:
         f"{cfg.model.n_experts} experts {cfg.model.expert_hidden}, embedding {cfg.model.embedding_dim}, "
         f"crosses {cfg.model.interactions or 'none'}; torch-rechub 0.9: embedding 16, experts [64], "
         "towers [32], Adam 1e-3.",
-        "", summary, "", *lines, "", "Cold-start and segment slices (test AUC over all domains):",
-        "", *seg_lines, "", "Training throughput (the training epochs only, same cores and batch):",
-        "", *speed,
+        "", summary, "", *lines, "",
+        *(["Cold-start and segment slices (test AUC over all domains):", "", *seg_lines, ""]
+          if len(seg_lines) > 2 else []),
+        "Training throughput (the training epochs only, same cores and batch):", "", *speed,
     ])  # fmt: skip
     return body
 

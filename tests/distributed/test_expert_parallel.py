@@ -59,6 +59,9 @@ CASES = [
     ({"routing": "topk", "top_k": 2, "capacity_factor": 8.0}, "column_wise", True),
     ({"arch": "star", "shared_experts": 2, "specific_experts": 1}, "data_parallel", True),
     ({"routing": "softmax"}, "table_column_wise", False),
+    # experts per domain and per user segment, gates per (domain, segment)
+    ({"expert_groups": ["domain", "user_segment"], "shared_experts": 2, "specific_experts": 1},
+     "table_wise", True),
 ]
 
 

@@ -15,6 +15,7 @@ SPEC = InputSpec(
         SparseFeature("item_id", "cat__item_id", 40, False),
         SparseFeature("domain", "cat__domain", 4, False),
         SparseFeature("tags", "cat__tags", 12, True),
+        SparseFeature("user_segment", "cat__user_segment", 4, False, "derived"),
     ],
     dense=[
         DenseFeature("price", "num__price", 1.0, 2.0),
@@ -52,6 +53,7 @@ def examples(n: int, seed: int = 1) -> ExampleTensors:
             "cat__item_id": rng.integers(0, 40, n),
             "cat__domain": rng.integers(1, 4, n),
             "cat__tags": [list(rng.integers(0, 12, rng.integers(0, 4))) for _ in range(n)],
+            "cat__user_segment": rng.integers(1, 4, n),
             "num__price": rng.normal(1, 2, n),
             "num__cnt": rng.normal(0, 1, n),
             "label__click": click.astype(np.float32),

@@ -28,6 +28,18 @@ def _child_spec(spec: InputSpec, domain: str, grow_items: int = 3) -> InputSpec:
     return dataclasses.replace(spec, sparse=sparse, domains=[*spec.domains, domain])
 
 
+def _train_steps(child, params, data: ExampleTensors, steps: int = 3) -> None:
+    """A few Adam steps on every row of ``data``, training ``params`` only."""
+    opt = torch.optim.Adam(params, lr=0.05)
+    child.train()
+    b = data.batch(slice(0, len(data)))
+    for _ in range(steps):
+        opt.zero_grad()
+        loss_of(child, child(b), b.labels)[0].backward()
+        opt.step()
+    child.eval()
+
+
 @pytest.fixture(scope="module", params=["star", "mmoe"])
 def family(request, small_store):
     """(parent, child, spec, child spec, test rows) for a small trained-looking model."""
@@ -98,16 +110,9 @@ def test_training_moves_only_new_parameters(family):
     assert newest <= {id(p) for p in params}
     assert all(n.startswith(("core.extensions.", "embedding.")) for n, p in child.named_parameters()
                if p.requires_grad)  # fmt: skip
-    opt = torch.optim.Adam(params, lr=0.05)
     data = ExampleTensors(cspec, live)
     before = predict(child, data, 600)
-    child.train()
-    for _ in range(3):
-        b = data.batch(slice(0, 600))
-        opt.zero_grad()
-        loss_of(child, child(b), b.labels)[0].backward()
-        opt.step()
-    child.eval()
+    _train_steps(child, params, data)
     assert frozen_changes(child, parent) == []
     assert not np.allclose(predict(child, data, 600), before)  # the new domain learned
     # new embedding rows moved, old rows did not
@@ -211,16 +216,9 @@ def test_added_experts_start_at_the_domains_scores_and_leave_others_bit_identica
     params = freeze(child, parent)
     assert all(n.startswith("core.extensions.") for n, p in child.named_parameters()
                if p.requires_grad)  # fmt: skip
-    opt = torch.optim.Adam(params, lr=0.05)
     data = ExampleTensors(spec, mine)
     before = predict(child, data, 512)
-    child.train()
-    for _ in range(3):
-        b = data.batch(slice(0, len(data)))
-        opt.zero_grad()
-        loss_of(child, child(b), b.labels)[0].backward()
-        opt.step()
-    child.eval()
+    _train_steps(child, params, data)
     assert frozen_changes(child, parent) == []
     assert not np.allclose(predict(child, data, 512), before)  # the domain learned
     # every other domain: bit-identical, alone and in batches mixed with the grown one
