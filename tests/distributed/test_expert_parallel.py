@@ -60,8 +60,11 @@ CASES = [
     ({"arch": "star", "shared_experts": 2, "specific_experts": 1}, "data_parallel", True),
     ({"routing": "softmax"}, "table_column_wise", False),
     # experts per domain and per user segment, gates per (domain, segment)
-    ({"expert_groups": ["domain", "user_segment"], "shared_experts": 2, "specific_experts": 1},
-     "table_wise", True),
+    (
+        {"expert_groups": ["domain", "user_segment"], "shared_experts": 2, "specific_experts": 1},
+        "table_wise",
+        True,
+    ),
 ]
 
 
