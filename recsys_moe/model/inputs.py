@@ -186,15 +186,12 @@ class ExampleTensors:
     def __len__(self) -> int:
         return self.n
 
-    def batch(self, idx: torch.Tensor | slice) -> Batch:
-        """Gather rows ``idx`` (a slice or a 1-D index tensor) into a Batch."""
-        if isinstance(idx, slice):
-            idx = torch.arange(*idx.indices(self.n))
-        keys, values, lengths = [], [], []
+    def _gather(self, idx: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per feature, the values and lengths of rows ``idx`` (bags kept whole)."""
+        values, lengths = [], []
         for f, v, ln, off in zip(
             self.spec.sparse, self.values, self.lengths, self.offsets, strict=True
         ):
-            keys.append(f.name)
             if not f.multi_valued:
                 values.append(v[idx])
                 lengths.append(ln[idx])
@@ -211,16 +208,50 @@ class ExampleTensors:
             )
             values.append(v[pos])
             lengths.append(bl)
+        return values, lengths
+
+    def _assemble(self, values, lengths, dense, domain, labels) -> Batch:
         kjt = KeyedJaggedTensor.from_lengths_sync(
-            keys=keys, values=torch.cat(values), lengths=torch.cat(lengths)
+            keys=[f.name for f in self.spec.sparse],
+            values=torch.cat(values),
+            lengths=torch.cat(lengths),
         )
+        return Batch(kjt, dense, domain, labels)
+
+    def batch(self, idx: torch.Tensor | slice) -> Batch:
+        """Gather rows ``idx`` (a slice or a 1-D index tensor) into a Batch."""
+        if isinstance(idx, slice):
+            idx = torch.arange(*idx.indices(self.n))
+        values, lengths = self._gather(idx)
         labels = self.labels[idx] if self.labels is not None else None
-        return Batch(kjt, self.dense[idx], self.domain[idx], labels)
+        return self._assemble(values, lengths, self.dense[idx], self.domain[idx], labels)
 
     def batches(
         self, batch_size: int, *, shuffle: bool = False, generator: torch.Generator | None = None
     ):
-        """Iterate over batches covering every row once."""
-        order = torch.randperm(self.n, generator=generator) if shuffle else torch.arange(self.n)
+        """Iterate over batches covering every row once (shuffled: in a random order).
+
+        The rows are put in the epoch's order once (one gather per column) and batches
+        are cut from contiguous ranges: the same batches as gathering each one from the
+        shuffled indices, at a fraction of the cost (random gathers per batch were a
+        large share of a small model's training step)."""
+        if shuffle:
+            order = torch.randperm(self.n, generator=generator)
+            values, lengths = self._gather(order)
+            dense, domain = self.dense[order], self.domain[order]
+            labels = self.labels[order] if self.labels is not None else None
+            offsets = [torch.cat([ln.new_zeros(1), ln.cumsum(0)]) for ln in lengths]
+        else:
+            values, lengths, offsets = self.values, self.lengths, self.offsets
+            dense, domain, labels = self.dense, self.domain, self.labels
+        multi = [f.multi_valued for f in self.spec.sparse]
         for start in range(0, self.n, batch_size):
-            yield self.batch(order[start : start + batch_size])
+            end = min(start + batch_size, self.n)
+            vals = [
+                v[int(off[start]) : int(off[end])] if m else v[start:end]
+                for v, off, m in zip(values, offsets, multi, strict=True)
+            ]
+            yield self._assemble(
+                vals, [ln[start:end] for ln in lengths], dense[start:end], domain[start:end],
+                labels[start:end] if labels is not None else None,
+            )  # fmt: skip

@@ -292,3 +292,24 @@ def test_router_monitor_thresholds_come_from_the_training_config(data, small_sto
     assert routers[0]["router/collapsed_gates"] < gates
     with pytest.raises(ConfigError, match="collapse_threshold"):
         TrainingConfig(collapse_threshold=0.0)
+
+
+def test_shuffled_batches_are_the_gathered_rows(data):
+    """ExampleTensors.batches puts the rows in the epoch's order once and cuts contiguous
+    batches: each equals gathering its rows of the same permutation (bags included)."""
+    spec, _, train, _ = data
+    assert any(f.multi_valued for f in spec.sparse)
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(5))
+    got = list(train.batches(700, shuffle=True, generator=torch.Generator().manual_seed(5)))
+    assert sum(len(b) for b in got) == len(train)
+    for i, b in enumerate(got):
+        want = train.batch(order[i * 700 : (i + 1) * 700])
+        for key in spec.sparse:
+            torch.testing.assert_close(b.sparse[key.name].values(), want.sparse[key.name].values())
+            torch.testing.assert_close(
+                b.sparse[key.name].lengths(), want.sparse[key.name].lengths()
+            )
+        for a, w in ((b.dense, want.dense), (b.domain, want.domain), (b.labels, want.labels)):
+            torch.testing.assert_close(a, w, rtol=0, atol=0)
+    plain = list(train.batches(700))
+    torch.testing.assert_close(plain[1].dense, train.batch(slice(700, 1400)).dense)
