@@ -328,6 +328,14 @@ class StackedExperts(nn.Module):
         # constant-column mask -> layer 1's weight split into (varying, constant) columns
         self._split: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
 
+    def train(self, mode: bool = True) -> StackedExperts:
+        """Also forgets the inference layout: a weight version alone does not say the
+        weights changed (torch's fused Adam updates them in place without bumping it), so
+        every switch of mode (a training step is taken in train mode) starts afresh."""
+        self._layout_key = None
+        self._split.clear()
+        return super().train(mode)
+
     def forward(self, x: torch.Tensor, need: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, d_in) -> (B, E, H). ``need``: (B, E) bool, the experts each row was routed
         to (top-k / expert-choice routing); with ``sparse`` set each expert then computes

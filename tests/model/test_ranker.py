@@ -3,6 +3,7 @@ funnels, domain isolation, router observability, save / load."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -313,3 +314,30 @@ def test_shuffled_batches_are_the_gathered_rows(data):
             torch.testing.assert_close(a, w, rtol=0, atol=0)
     plain = list(train.batches(700))
     torch.testing.assert_close(plain[1].dense, train.batch(slice(700, 1400)).dense)
+
+
+def test_evaluation_sees_every_training_step(data, small_store):
+    """Evaluation (no autograd: the experts' cached inference layout) scores with the
+    weights of the last training step, also when the optimiser is torch's fused Adam,
+    which updates them in place without bumping their version counter (a stale layout
+    once made every validation after the first use the first epoch's layer 1)."""
+    from recsys_moe.training import dense_optimizer, loss_of
+
+    spec, _, train, _ = data
+    torch.manual_seed(0)
+    m = RankingModel(spec, ModelConfig(n_experts=4, expert_hidden=[16, 8]))
+    opt = dense_optimizer(list(m.parameters()), TrainingConfig(lr=0.05))
+    assert opt.defaults["fused"]
+    sub = ExampleTensors(spec, read_examples(small_store[0].features.store_dir, "valid").head(512))
+    for _ in range(2):
+        before = predict(m, sub, 512)
+        b = train.batch(slice(0, 512))
+        m.train()
+        opt.zero_grad()
+        loss_of(m, m(b), b.labels)[0].backward()
+        opt.step()
+        got = predict(m, sub, 512)  # eval, no autograd: the cached layout
+        with torch.enable_grad():
+            want = m(sub.batch(slice(None))).preds.detach().numpy()
+        assert not np.allclose(got, before)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
