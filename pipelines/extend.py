@@ -394,7 +394,10 @@ def run_extend(
     gates = {
         "existing_unchanged": max_diff <= ecfg.existing_tolerance and not changed,
         "reaches_min_auc": val.get("auc_mean", 0.0) >= ecfg.min_auc,
-        "beats_parent": val.get("auc_mean", 0.0) > parent_valid.get("auc_mean", 0.0),
+        # an extension whose training never beat its start is the parent (up to float
+        # rounding), never an improvement
+        "beats_parent": fitres["best_epoch"] >= 0
+        and val.get("auc_mean", 0.0) > parent_valid.get("auc_mean", 0.0),
     }
     summary = {
         "domain": domain,
