@@ -169,8 +169,10 @@ def test_grow_rejects_what_it_cannot_extend(small_store):
 
 
 def test_cached_and_uncached_extension_training_agree(family):
-    """train_extension with the parent's activations cached (ActivationCache) ends where
-    training through the parent's experts every step ends: same batches, same updates."""
+    """train_extension with the parent's activations cached (ActivationCache) goes where
+    training through the parent's experts every step goes: same batches, same updates,
+    so the same loss and validation AUC every epoch and the same final state (the start,
+    where no epoch beat it)."""
     from recsys_moe.config import ExtendConfig
     from recsys_moe.model.grow import ActivationCache
     from recsys_moe.training import train_extension
@@ -183,11 +185,19 @@ def test_cached_and_uncached_extension_training_agree(family):
         params = freeze(c, parent, new_rows=False)  # only the extension: cacheable
         assert (ActivationCache.build(c, data, cache_gb) is not None) == (cache_gb > 0)
         cfg = ExtendConfig(epochs=2, batch_size=128, lr=0.01, cache_gb=cache_gb)
-        train_extension(c, params, data, data, cfg, progress=False)
-        results.append(c.state_dict())
-    for k, v in results[0].items():
-        torch.testing.assert_close(v, results[1][k], rtol=1e-4, atol=1e-5, msg=k)
-    assert any(not torch.equal(results[0][k], child.state_dict()[k]) for k in results[0])
+        fitres = train_extension(c, params, data, data, cfg, progress=False)
+        results.append((c.state_dict(), fitres))
+    (state0, fit0), (state1, fit1) = results
+    for k, v in state0.items():
+        torch.testing.assert_close(v, state1[k], rtol=1e-4, atol=1e-5, msg=k)
+    assert fit0["best_epoch"] == fit1["best_epoch"] and len(fit0["history"]) == 2
+    for h0, h1 in zip(fit0["history"], fit1["history"], strict=True):
+        for key in ("train/loss", "valid/auc_mean"):
+            assert h0[key] == pytest.approx(h1[key], rel=1e-4, abs=1e-5), key
+    # it trained: the epochs' losses differ, and the state moved unless the start was kept
+    assert fit0["history"][0]["train/loss"] != fit0["history"][1]["train/loss"]
+    moved = any(not torch.equal(state0[k], child.state_dict()[k]) for k in state0)
+    assert moved == (fit0["best_epoch"] >= 0)
 
 
 @pytest.fixture(scope="module")
