@@ -140,11 +140,10 @@ class ExpertReviver:
 
     def _revive(self, load: torch.Tensor, tokens: torch.Tensor, optimizer: Any) -> list[dict]:
         core = self.model.core
-        dead = self.dead(load, tokens)
-        donors = {dn for _, dn, _ in dead}
-        dead = [t for t in dead if t[0] not in donors]  # a donor is never revived itself
         events = []
-        for e, donor, share in dead:
+        # a donor is never dead itself: the busiest of a domain's experts takes at least
+        # 1 / n_allowed of its load, above threshold / n_allowed
+        for e, donor, share in self.dead(load, tokens):
             _copy_expert(core.experts, e, donor, self.noise, self.gen, optimizer)
             _copy_gate_columns(core.gates, e, donor, self.noise, self.gen, optimizer)
             events.append({"step": self.total_steps, "expert": e, "donor": donor,
