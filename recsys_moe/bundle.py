@@ -69,7 +69,8 @@ def read_meta(bundle: str | Path) -> dict[str, Any]:
 def _model_from_meta(meta: dict[str, Any]) -> RankingModel:
     return RankingModel(
         InputSpec.from_manifest(meta["manifest"]),
-        ModelConfig(**meta["model_config"]),
+        # bundles written before model.input_norm existed computed without it
+        ModelConfig(**{"input_norm": "none", **meta["model_config"]}),
         extensions=[Extension.from_dict(e) for e in meta.get("extensions", [])],
     )
 

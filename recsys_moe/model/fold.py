@@ -26,6 +26,11 @@ class FoldedFirstLayer:
 
     @torch.no_grad()
     def __init__(self, model: RankingModel) -> None:
+        if model.input_norm is not None:
+            raise ValueError(
+                "a folded first layer needs a first layer linear in each embedding: "
+                'model.input_norm = "none"'
+            )
         ex = model.experts
         W1, self.b1 = ex.weights[0].detach(), ex.biases[0].detach()  # (E, d_in, h1), (E, h1)
         self.E, self.h1 = W1.shape[0], W1.shape[2]

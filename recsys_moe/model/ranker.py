@@ -1,6 +1,7 @@
 """The multi-task, multi-domain ranking model, composed from single-purpose parts:
 
     EmbeddingArch (torchrec EBC, all tables)  ->  x = [pooled embeddings | crosses | dense]
+                                                   (LayerNorm, model.input_norm)
     core (recsys_moe/model/cores.py, one per architecture: shared-bottom | MMoE / STAR | PLE)
           -> task representations (B, T, H) and the routing of every gate layer
     TaskTowers (stacked per-task MLPs)          ->  logits (B, T) -> predictions (B, T)
@@ -152,7 +153,17 @@ class RankingModel(nn.Module):
                         )
                     sides[side, i, names.index(f)] = 1.0
         self.register_buffer("_cross", sides, persistent=False)
+        # the same selection as one GEMM over the flat pooled embeddings (B, F*D): kron(S^T,
+        # I_D) (F*D, 2P*D). A broadcast matmul of S over (B, F, D) is B tiny GEMMs forward
+        # and backward; this is one small dense GEMM each way (zeros included)
+        sel = sides.view(-1, len(names)).t().contiguous()  # (F, 2P)
+        self.register_buffer(
+            "_cross_gemm", torch.kron(sel, torch.eye(cfg.embedding_dim)), persistent=False
+        )
         d_in = self.embedding.out_dim + len(cfg.interactions) * cfg.embedding_dim + len(spec.dense)
+        # pooled embeddings, crosses and standardised dense features arrive at different
+        # scales; one LayerNorm puts every row's x on one scale for experts and gates
+        self.input_norm = nn.LayerNorm(d_in) if cfg.input_norm == "layer" else None
         self.task_names = spec.task_names
         # the user-segment feature (derived by the store), which segment experts route by
         seg = [f for f in spec.sparse if f.source == "derived"]
@@ -273,16 +284,19 @@ class RankingModel(nn.Module):
             sides = self.cross_sides(emb.view(emb.shape[0], -1, self.cfg.embedding_dim))
             parts.append((sides[0] * sides[1]).flatten(1))  # (B, P*D)
         parts.append(batch.dense)
+        if self.input_norm is not None:  # normalised in float32, then cast
+            x = self.input_norm(torch.cat(parts, dim=1))
+            return (x if dtype is None else x.to(dtype)), sides
         if dtype is not None:
             parts = [p.to(dtype) for p in parts]
         return torch.cat(parts, dim=1), sides
 
     def cross_sides(self, e: torch.Tensor) -> torch.Tensor:
         """Pooled embeddings (B, F, D) -> both sides of every cross (2, B, P, D): side s of
-        cross p is the sum of its features' embeddings (one broadcast matmul of the 0/1
-        selection, cheaper forward and backward than an einsum or a gather)."""
-        two, P, F_ = self._cross.shape
-        s = torch.matmul(self._cross.view(two * P, F_), e)  # (B, 2P, D)
+        cross p is the sum of its features' embeddings (one GEMM of the flat embeddings
+        with the 0/1 selection expanded over D, ``_cross_gemm``)."""
+        two, P, _ = self._cross.shape
+        s = e.reshape(e.shape[0], -1) @ self._cross_gemm  # (B, 2P*D)
         return s.view(e.shape[0], two, P, -1).transpose(0, 1)
 
     def segments(self, kjt: KeyedJaggedTensor) -> torch.Tensor:

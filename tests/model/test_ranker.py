@@ -140,6 +140,36 @@ def test_save_load_round_trip(data, tmp_path):
     assert meta["manifest"]["fingerprint"] == manifest["fingerprint"]
 
 
+def test_input_norm_puts_every_row_of_x_on_one_scale(data, tmp_path):
+    """model.input_norm = "layer" (the default): the expert input every expert and gate
+    reads has mean 0 and variance 1 per row (before the learned scale and shift); "none"
+    leaves it raw. A bundle written before the option existed has no norm weights and
+    loads as "none", scoring as it did."""
+    import json
+
+    spec, manifest, _, valid = data
+    b = valid.batch(slice(0, 512))
+    torch.manual_seed(0)
+    normed = RankingModel(spec, ModelConfig(n_experts=2, expert_hidden=[8])).eval()
+    assert normed.cfg.input_norm == "layer"
+    x = normed.inputs(b)
+    torch.testing.assert_close(x.mean(1), torch.zeros(len(b)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(x.var(1, unbiased=False), torch.ones(len(b)), atol=1e-3, rtol=0)
+    raw = RankingModel(spec, ModelConfig(n_experts=2, expert_hidden=[8], input_norm="none"))
+    assert raw.input_norm is None
+    # raw: small initial embeddings next to standardised dense features, far from one scale
+    assert float(raw.eval().inputs(b).var(1, unbiased=False).mean()) < 0.5
+    # an old bundle: no input_norm in its config, no norm weights in its state dict
+    write_bundle(raw, tmp_path / "old", manifest)
+    meta_path = tmp_path / "old" / "model.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["model_config"]["input_norm"]
+    meta_path.write_text(json.dumps(meta))
+    loaded, _ = load_model(tmp_path / "old")
+    assert loaded.input_norm is None
+    assert torch.equal(loaded(b).preds, raw(b).preds)
+
+
 def test_fit_learns_and_stops_early(data):
     spec, _, train, valid = data
     torch.manual_seed(0)
