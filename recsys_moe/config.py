@@ -327,7 +327,8 @@ class TrainingConfig:
     # mixed precision of training steps: "bf16" computes experts, gates and towers in
     # bfloat16 under autocast (parameters, embeddings, routing, losses stay float32);
     # "auto": bf16 where the hardware multiplies bf16 natively (CPUs with AMX, e.g.
-    # Sapphire Rapids; CUDA GPUs with bf16), fp32 elsewhere (emulated bf16 is slower).
+    # Sapphire Rapids, or AVX512-BF16, e.g. AMD Zen 4; CUDA GPUs with bf16), fp32
+    # elsewhere (emulated bf16 is slower).
     # Evaluation, batch scoring and serving always compute in float32.
     precision: Literal["fp32", "bf16", "auto"] = "fp32"
     # the expert implementation of training steps: one of model.expert_impl's choices, or

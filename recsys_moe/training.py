@@ -144,9 +144,16 @@ def training_dtype(cfg: TrainingConfig, device: torch.device) -> torch.dtype | N
     native = (
         torch.cuda.is_bf16_supported()
         if device.type == "cuda"
-        else device.type == "cpu" and torch.cpu._is_amx_tile_supported()
+        else device.type == "cpu" and native_bf16_cpu()
     )
     return torch.bfloat16 if native else None
+
+
+def native_bf16_cpu() -> bool:
+    """This CPU multiplies bf16 in hardware: AMX tiles (Sapphire Rapids and later) or
+    AVX512-BF16 dot products (Cooper Lake, AMD Zen 4 and later). Without either, bf16
+    GEMMs are emulated and slower than fp32."""
+    return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
 
 
 @contextmanager

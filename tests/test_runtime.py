@@ -1,4 +1,5 @@
-"""The allocator settings take effect: freed heap memory stays in the process."""
+"""Runtime settings: the allocator keeps freed heap memory in the process; training
+precision "auto" follows the CPU's native bf16 support."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from recsys_moe import runtime
 
@@ -58,3 +60,22 @@ def test_opt_out(monkeypatch):
     assert runtime.tune_allocator() is False
     monkeypatch.delenv(runtime.OPT_OUT)
     assert runtime.tune_allocator() is True
+
+
+@pytest.mark.parametrize(
+    ("amx", "avx512_bf16", "expected"),
+    [(True, False, torch.bfloat16), (False, True, torch.bfloat16), (False, False, None)],
+)
+def test_auto_precision_is_bf16_where_the_cpu_multiplies_it(monkeypatch, amx, avx512_bf16,
+                                                             expected):  # fmt: skip
+    """training.precision = "auto" on a CPU: bf16 with AMX tiles or AVX512-BF16 dot
+    products (both native), float32 (None) without either; "fp32" / "bf16" as said."""
+    from recsys_moe.config import TrainingConfig
+    from recsys_moe.training import training_dtype
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    cpu = torch.device("cpu")
+    assert training_dtype(TrainingConfig(precision="auto"), cpu) == expected
+    assert training_dtype(TrainingConfig(precision="fp32"), cpu) is None
+    assert training_dtype(TrainingConfig(precision="bf16"), cpu) == torch.bfloat16
