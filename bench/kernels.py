@@ -341,8 +341,9 @@ def bench_folded(cfg, threads: int) -> list[str]:
            "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
     for name, inter in (("default", cfg.model.interactions), ("default, no crosses", [])):
         torch.manual_seed(0)
-        model = RankingModel(spec, dataclasses.replace(cfg.model, interactions=inter,
-                                                       input_norm="none")).eval()
+        model = RankingModel(
+            spec, dataclasses.replace(cfg.model, interactions=inter, input_norm="none")
+        ).eval()
         folded = FoldedFirstLayer(model)
         W1 = model.experts.weights[0].detach()
         w_cat = W1.permute(1, 0, 2).reshape(W1.shape[1], -1)

@@ -192,7 +192,9 @@ def test_cached_and_uncached_extension_training_agree(family):
     # the batch size: float rounding, which Adam turns into up to ~1e-4 of lr (0.01) on a
     # weight whose gradient is near zero
     for k, v in state0.items():
-        torch.testing.assert_close(v, state1[k], rtol=1e-4, atol=1e-4, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(
+            v, state1[k], rtol=1e-4, atol=1e-4, msg=lambda m, k=k: f"{k}: {m}"
+        )
     assert fit0["best_epoch"] == fit1["best_epoch"] and len(fit0["history"]) == 2
     for h0, h1 in zip(fit0["history"], fit1["history"], strict=True):
         for key in ("train/loss", "valid/auc_mean"):
