@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import time
 from pathlib import Path
 
@@ -29,6 +30,11 @@ def main() -> None:
     ap.add_argument("--archs", nargs="+", default=["shared_bottom", "mmoe", "ple", "star"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--note", default="")
+    ap.add_argument(
+        "--reuse",
+        action="store_true",
+        help="report from each run's saved metrics.json under bench/out instead of training",
+    )
     args = ap.parse_args()
 
     from bench.quality.common import train_single
@@ -47,20 +53,28 @@ def main() -> None:
     results: dict[str, list[dict]] = {}
     oracle = None
     t0 = time.perf_counter()
+    train_seconds = 0.0  # --reuse: the saved runs' training time
     for arch in args.archs:
         for seed in args.seeds:
             c = cfg.replace(
                 model=dataclasses.replace(cfg.model, arch=arch),
                 training=dataclasses.replace(cfg.training, seed=seed),
             )
-            print(f"== {arch} seed {seed}", flush=True)
-            s = train_single(c, OUT / cfg.name / f"{arch}_s{seed}", progress=False)
+            out = OUT / cfg.name / f"{arch}_s{seed}"
+            if args.reuse:
+                s = json.loads((out / "metrics.json").read_text())
+                train_seconds += s["seconds"]
+            else:
+                print(f"== {arch} seed {seed}", flush=True)
+                s = train_single(c, out, progress=False)
             results.setdefault(arch, []).append(s)
             oracle = s["oracle"] or oracle
     first = next(iter(results.values()))[0]
     tasks = [k.split("/")[0] for k in first["test"] if k.endswith("/all/auc")]
+    # "<task>/<domain>/auc" (slice metrics are "<slice>/<task>/auc")
     domains = sorted(
-        {k.split("/")[1] for k in first["test"] if k.endswith("/auc")} - {"all", "oov"}
+        {k.split("/")[1] for k in first["test"] if k.endswith("/auc") and k.split("/")[0] in tasks}
+        - {"all", "oov"}
     )
     rows = []
     head = "| task | domain | " + " | ".join(args.archs) + (" | oracle |" if oracle else " |")
@@ -110,10 +124,10 @@ def main() -> None:
         )
     m, tr = cfg.model, cfg.training
     intro = [
-        f"Machine: {machine()}. Config `{args.config}`; seeds {args.seeds}; {time.perf_counter() - t0:.0f} s in all.",
+        f"Machine: {machine()}. Config `{args.config}`; seeds {args.seeds}; {train_seconds or time.perf_counter() - t0:.0f} s in all.",
         f"Data: {first['train_rows']:,} training rows (time split; test = last {cfg.features.test_fraction:.0%}). "
         f"Training: up to {tr.epochs} epochs (early stopping on validation {tr.promote_metric}), batch {tr.batch_size}, "
-        f"Adam lr {tr.lr} (embeddings {tr.embedding_lr}), x{tr.lr_decay} per epoch. Model: embedding dim {m.embedding_dim}, experts {m.expert_hidden}, "
+        f"Adam lr {tr.lr}, tables {tr.embedding_optimizer} {tr.embedding_lr}, x{tr.lr_decay} per epoch, precision {tr.precision}. Model: embedding dim {m.embedding_dim}, experts {m.expert_hidden}, "
         f"{m.n_experts} experts (MMoE), {m.shared_experts} shared + {m.specific_experts} specific (PLE/STAR), "
         f"interactions {m.interactions or 'none'}, routing {m.routing}. Metric: test AUC.",
     ]
