@@ -265,8 +265,9 @@ class ModelConfig:
     dropout: float = 0.0
     # normalisation of the expert input x = [embeddings | crosses | dense] before experts
     # and gates: "layer" (LayerNorm over x, learned scale and shift) or "none".
-    # bench/quality/peers.py trials: +0.002 / +0.007 AUC on MovieLens-100K, +0.0015 /
-    # +0.001 on the sparse config, within noise on the dense default (bench/RESULTS.md)
+    # trials of the project's model on the peers bench's stores (bench/RESULTS.md, "what
+    # was tried on MovieLens-100K"): +0.002 / +0.007 AUC on MovieLens-100K, +0.0015 /
+    # +0.001 on the sparse config, within noise on the dense default
     input_norm: Literal["none", "layer"] = "layer"
     # training only: each user / item id is replaced by the out-of-vocabulary index with
     # this probability, so the OOV row learns to stand for users and items never seen
