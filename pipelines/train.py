@@ -21,7 +21,6 @@ run from its last checkpoint, and ``FailureConfig(max_failures)`` restarts worke
 from __future__ import annotations
 
 import json
-import os
 import sys
 import tempfile
 import time
@@ -104,24 +103,32 @@ def slice_table(spec: InputSpec, res: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-def default_workers() -> int:
-    """Workers that fit this machine: one per 1 CPU, at most 2 on a small box, capped at 8."""
-    n = os.cpu_count() or 1
-    return max(1, min(8, n if n > 4 else min(n, 2)))
+def default_workers(use_gpu: bool = False) -> int:
+    """The default layout (``training.workers = 0``) on the running Ray cluster: one
+    worker per GPU with ``use_gpu``, else one worker per node, each computing with every
+    core of its node (bench/train_layouts.py measured one worker with every core faster
+    than two sharded workers on a 2-core machine: the sharded layout pays collectives and
+    shares the cores it splits)."""
+    import ray
+
+    if use_gpu:
+        return max(1, int(ray.cluster_resources().get("GPU", 1)))
+    return max(1, sum(1 for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU")))
 
 
 # ------------------------------------------------------------------ the worker loop
 
 
-def _gather_eval(d, it, spec: InputSpec, batch_size: int, device) -> dict[str, float] | None:
-    """Predict this rank's validation shard; rank 0 gets every rank's rows and the metrics."""
+def _gather_eval(d, batches, spec: InputSpec, device) -> dict[str, float] | None:
+    """Predict this rank's validation ``batches``; rank 0 gets every rank's rows and the
+    metrics."""
     import torch.distributed as dist
 
     d.model.eval()
     preds, labels, domains, loss_sum, n = [], [], [], 0.0, 0
     with torch.no_grad():
-        for tbl in it.iter_batches(batch_size=batch_size, batch_format="pyarrow"):
-            b = ExampleTensors(spec, tbl).batch(slice(None)).to(device)
+        for b in batches:
+            b = b.to(device)
             out = d.model(b)
             total, _ = loss_of(d.module, out, b.labels)
             loss_sum += float(total) * len(b)
@@ -194,8 +201,15 @@ def worker_loop(config: dict[str, Any]) -> None:
             for t, p in d.plan_summary().items()
         )
         experts = f"{world} x {d.module.experts.n_local}" if d.expert_parallel else "replicated"
+        layout = (
+            f"tables {plan}; experts {experts}"
+            if d.plan is not None
+            else "one process, nothing sharded (tables on "
+            f"{next(iter(d.plan_summary().values()))['kernel']} kernels)"
+        )
         print(
-            f"[train] {world} workers on {len(set(nodes))} node(s); tables {plan}; experts {experts}",
+            f"[train] {world} worker(s) on {len(set(nodes))} node(s), {torch.get_num_threads()} "
+            f"threads each; {layout}",
             flush=True,
         )
         if client is not None:
@@ -213,7 +227,10 @@ def worker_loop(config: dict[str, Any]) -> None:
 
     train_it = ray.train.get_dataset_shard("train")
     valid_it = ray.train.get_dataset_shard("valid")
-    rows_per_rank = config["train_rows"] // world
+    held: dict[str, ExampleTensors] = {}
+    if tcfg.in_memory:  # this rank's rows, read once (training.in_memory)
+        held = {s: _shard_tensors(spec, it) for s, it in (("train", train_it), ("valid", valid_it))}
+    rows_per_rank = len(held["train"]) if held else config["train_rows"] // world
     # training.batch_size is the global batch: W workers on B/W rows each take the same
     # steps as one process on B rows (and the sharded model computes the same gradients)
     batch_size = max(1, tcfg.batch_size // world)
@@ -232,15 +249,22 @@ def worker_loop(config: dict[str, Any]) -> None:
                       f"loss {np.mean(losses[-50:]):.4f}", flush=True)  # fmt: skip
                 next_report[0] += 0.1
 
-        batches = (
-            ExampleTensors(spec, tbl).batch(slice(None)).to(device)
-            for tbl in train_it.iter_batches(
-                batch_size=batch_size,
-                batch_format="pyarrow",
-                local_shuffle_buffer_size=config["shuffle_buffer"],
-                local_shuffle_seed=tcfg.seed + 1000 * epoch + rank,
+        seed = tcfg.seed + 1000 * epoch + rank  # per epoch: a resumed run shuffles alike
+        if held:
+            gen = torch.Generator().manual_seed(seed)
+            batches = (
+                b.to(device) for b in held["train"].batches(batch_size, shuffle=True, generator=gen)
             )
-        )
+        else:
+            batches = (
+                ExampleTensors(spec, tbl).batch(slice(None)).to(device)
+                for tbl in train_it.iter_batches(
+                    batch_size=batch_size,
+                    batch_format="pyarrow",
+                    local_shuffle_buffer_size=config["shuffle_buffer"],
+                    local_shuffle_seed=seed,
+                )
+            )
         mine = train_batches(
             lambda b: train_step(d.module, b, d.optimizer, monitor, forward=d.model,
                                  reviver=reviver),
@@ -263,6 +287,14 @@ def worker_loop(config: dict[str, Any]) -> None:
             **revival_metrics(reviver, before),
         }
 
+    def valid_batches():
+        if held:
+            return held["valid"].batches(8192)
+        return (
+            ExampleTensors(spec, tbl).batch(slice(None))
+            for tbl in valid_it.iter_batches(batch_size=8192, batch_format="pyarrow")
+        )
+
     def sync(st: EarlyStopping) -> EarlyStopping:
         box = [st]
         dist.broadcast_object_list(box, src=0)  # rank 0 decides, everyone follows
@@ -284,12 +316,20 @@ def worker_loop(config: dict[str, Any]) -> None:
         epochs=tcfg.epochs,
         stopping=stopping,
         train_epoch=train_epoch,
-        evaluate=lambda epoch: _gather_eval(d, valid_it, spec, 8192, device),
+        evaluate=lambda epoch: _gather_eval(d, valid_batches(), spec, device),
         schedule=d.schedule,
         sync=sync,
         on_epoch=checkpoint,
         log=(lambda line: print(f"[train] {line}", flush=True)) if rank == 0 else None,
     )
+
+
+def _shard_tensors(spec: InputSpec, it) -> ExampleTensors:
+    """A worker's whole share of a dataset as tensors (its blocks read once)."""
+    import pyarrow as pa
+
+    blocks = list(it.iter_batches(batch_size=None, batch_format="pyarrow"))
+    return ExampleTensors(spec, pa.concat_tables(blocks) if blocks else pa.table({}))
 
 
 # ------------------------------------------------------------------ the driver
@@ -329,13 +369,23 @@ def fit_distributed(
     from recsys_moe.cluster import init_ray
 
     init_ray(dashboard=True)
+    workers = workers or default_workers(cfg.training.use_gpu)
     store = cfg.features.store_dir
     manifest = load_manifest(store)
     train_rows = int(manifest["splits"]["rows"]["train"])
     cpus = float(ray.cluster_resources().get("CPU", 1))
-    # leave one CPU to Ray Data's readers; a worker takes at most one
+    # a worker reserves at most one CPU, leaving the rest to Ray Data's readers
     cpus_per_worker = max(0.25, min(1.0, (cpus - 1) / workers))
-    threads = max(1, int(cpus // workers) - 1) if cpus > 2 * workers else 1
+    if cfg.training.in_memory:
+        # the rows are read before the first step: the workers then have every core
+        threads = max(1, int(cpus // workers))
+    else:
+        threads = max(1, int(cpus // workers) - 1) if cpus > 2 * workers else 1
+    # Ray's workers sleep between OpenMP regions (cluster.WORKER_ENV: spinning threads of
+    # several processes stall each other on a small box); a worker alone on its node's
+    # cores spins, as a plain process does: half the step time of sleeping threads
+    alone = cfg.training.in_memory and workers <= default_workers(cfg.training.use_gpu)
+    omp = {"OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "ACTIVE" if alone else "PASSIVE"}
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config={
@@ -366,9 +416,7 @@ def fit_distributed(
                 checkpoint_score_attribute="valid_score",
                 checkpoint_score_order="max",
             ),
-            worker_runtime_env={
-                "env_vars": {"OMP_NUM_THREADS": str(threads), "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
-            },
+            worker_runtime_env={"env_vars": {**omp, "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
         ),
         datasets=_datasets(store),
     )
@@ -468,6 +516,11 @@ def run_training(
     spec = InputSpec.from_manifest(manifest)
     run_name = resume or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     storage = Path(cfg.training.checkpoint_dir)
+    if not workers:
+        from recsys_moe.cluster import init_ray
+
+        init_ray(dashboard=True)
+        workers = default_workers(cfg.training.use_gpu)
     tracker = tracking.Tracker.open(cfg, run_name)
     with tracker:
         tracker.log_start(cfg, manifest, workers=workers, run_name=run_name, storage=storage)
@@ -536,7 +589,8 @@ def main(argv: list[str] | None = None) -> int:
         "--workers",
         type=int,
         default=None,
-        help=f"Ray Train workers (default: training.workers, else {default_workers()} here)",
+        help="Ray Train workers (default: training.workers; 0 there: one per node, or per "
+        "GPU with --use-gpu, each with every core of its node)",
     )
     ap.add_argument("--use-gpu", action="store_true", help="GPU workers with NCCL")
     ap.add_argument("--output", default=None, help="model folder (default: models/<config name>)")
@@ -564,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.use_gpu:
         overrides["training.use_gpu"] = True
     cfg = load_config(args.config, overrides)
-    workers = args.workers or cfg.training.workers or default_workers()
+    workers = args.workers or cfg.training.workers  # 0: run_training picks the layout
     output = args.output or f"models/{cfg.name}"
     s = run_training(
         cfg,

@@ -338,17 +338,25 @@ class TrainingConfig:
         "model", "loop", "bmm", "concat", "blockdiag", "fused", "compiled", "auto"
     ] = "model"
     embedding_lr: float = 0.05
-    # the embedding tables' optimiser, fused into FBGEMM's backward when sharded. FBGEMM's
-    # CPU kernels support adagrad, rowwise_adagrad and sgd; adam needs GPU workers (or the
-    # single-process loop). Dense parameters always use Adam.
+    # the embedding tables' optimiser, fused into FBGEMM's backward where FBGEMM has it:
+    # adagrad, rowwise_adagrad and sgd on CPU, adam too on GPU. adam on CPU trains the
+    # tables with torch's Adam (dense table gradients; data-parallel tables on several
+    # workers). Dense parameters always use Adam.
     embedding_optimizer: str = "adagrad"
     weight_decay: float = 0.0
     # learning rates are multiplied by this after every epoch
     lr_decay: float = 1.0
     early_stopping_patience: int = 2
     seed: int = 0
-    workers: int = 2
+    # Ray Train workers; 0 = the fastest layout measured (bench/RESULTS.md, "Training
+    # layouts"): one worker per node using every core of it, on CPU (one per GPU with
+    # use_gpu). `recsys-moe train --workers N` overrides
+    workers: int = 0
     use_gpu: bool = False
+    # each worker holds its share of the training and validation rows in memory as tensors
+    # (read once, shuffled by the loop every epoch); false streams them from Ray Data with
+    # a local shuffle buffer every epoch (for stores larger than the workers' memory)
+    in_memory: bool = True
     # experts of MMoE / STAR split across workers (E/W each); false = replicated (DDP)
     expert_parallel: bool = True
     # rows in each worker's local shuffle buffer (the store's rows are already shuffled)
@@ -373,7 +381,9 @@ class TrainingConfig:
     revive_noise: float = 0.01
 
     def __post_init__(self) -> None:
-        _require_positive("training", self, "epochs", "batch_size", "workers")
+        _require_positive("training", self, "epochs", "batch_size")
+        if self.workers < 0:
+            _fail("training", "workers", f"must be >= 0 (0: one per node), got {self.workers}")
         if self.revive_after_steps < 0 or self.revive_noise < 0:
             _fail("training", "revive_after_steps/revive_noise", "must be >= 0")
         if not 0 <= self.dead_expert_threshold < 1 or not 0 < self.collapse_threshold <= 1:

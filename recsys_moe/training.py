@@ -164,6 +164,24 @@ def fused_embeddings(model: RankingModel, cfg: TrainingConfig) -> Iterator[Any]:
     ``nn.EmbeddingBag``). Yields its optimiser (None where FBGEMM has no fused kernel
     for ``cfg.embedding_optimizer`` on the device, or the tables are frozen: the model is
     left as it is). On exit the plain collection is back, holding the trained weights."""
+    ebc = model.embedding.ebc
+    fused_opt = fuse_tables(model, cfg)
+    if fused_opt is None:
+        yield None
+        return
+    try:
+        yield fused_opt
+    finally:
+        ebc.load_state_dict(model.embedding.ebc.state_dict())
+        model.embedding.ebc = ebc
+
+
+def fuse_tables(model: RankingModel, cfg: TrainingConfig) -> torch.optim.Optimizer | None:
+    """Swap the model's tables for torchrec's ``FusedEmbeddingBagCollection`` (same
+    weights, same state-dict keys; the optimiser of ``cfg`` inside the backward) and return
+    its optimiser; None, leaving the model as it is, where FBGEMM has no fused kernel for
+    ``cfg.embedding_optimizer`` on the device or the tables are frozen. For a process that
+    trains until it ends (a Ray Train worker); :func:`fused_embeddings` swaps back."""
     from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
 
     ebc = model.embedding.ebc
@@ -174,8 +192,7 @@ def fused_embeddings(model: RankingModel, cfg: TrainingConfig) -> Iterator[Any]:
         or device.type not in ("cpu", "cuda")
         or (device.type == "cpu" and cfg.embedding_optimizer not in _FUSED_ON_CPU)
     ):
-        yield None
-        return
+        return None
     cls, kw = embedding_optimizer(cfg)
     fused = FusedEmbeddingBagCollection(
         tables=ebc.embedding_bag_configs(), optimizer_type=cls, optimizer_kwargs=kw,
@@ -183,11 +200,7 @@ def fused_embeddings(model: RankingModel, cfg: TrainingConfig) -> Iterator[Any]:
     )  # fmt: skip
     fused.load_state_dict(ebc.state_dict())
     model.embedding.ebc = fused
-    try:
-        yield fused.fused_optimizer()
-    finally:
-        ebc.load_state_dict(fused.state_dict())
-        model.embedding.ebc = ebc
+    return fused.fused_optimizer()
 
 
 def loss_of(model: RankingModel, out, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -55,7 +55,13 @@ from recsys_moe.config import TrainingConfig
 from recsys_moe.distributed.expert_parallel import ExpertParallel
 from recsys_moe.model.observe import RouterMonitor
 from recsys_moe.model.ranker import RankingModel
-from recsys_moe.training import LrSchedule, dense_optimizer, embedding_optimizer
+from recsys_moe.training import (
+    LrSchedule,
+    dense_optimizer,
+    embedding_optimizer,
+    fuse_tables,
+    make_optimizer,
+)
 
 LOCAL = ".local."  # expert-parallel parameter names: core.experts.local.weights.0, ...
 EXPERTS = "core.experts."  # the expert pool's parameter names in a RankingModel
@@ -63,23 +69,32 @@ EXPERTS = "core.experts."  # the expert pool's parameter names in a RankingModel
 
 @dataclass
 class Distributed:
-    """A model ready to train on this rank."""
+    """A model ready to train on this rank: sharded (``model`` a DistributedModelParallel,
+    ``plan`` its plan) or, in a world of one, the RankingModel itself (``plan`` None)."""
 
-    model: DistributedModelParallel
+    model: torch.nn.Module
     optimizer: CombinedOptimizer
-    dense_optimizer: KeyedOptimizerWrapper
-    plan: ShardingPlan
+    plan: ShardingPlan | None
     expert_parallel: bool
     schedule: LrSchedule
 
     @property
     def module(self) -> RankingModel:
-        """The wrapped RankingModel (its embedding module is the sharded one)."""
-        return self.model.module
+        """The RankingModel (its embedding module is the sharded or fused one)."""
+        if isinstance(self.model, DistributedModelParallel):
+            return self.model.module
+        return self.model  # type: ignore[return-value]
 
     def plan_summary(self) -> dict[str, dict[str, Any]]:
         """Per table: sharding type, compute kernel and the ranks holding it."""
         out: dict[str, dict[str, Any]] = {}
+        if self.plan is None:
+            fused = self.module.embedding.ebc.__class__.__name__.startswith("Fused")
+            return {
+                n: {"module": "embedding.ebc", "sharding": "single_process",
+                    "kernel": "fused" if fused else "dense", "ranks": [0]}
+                for n in self.module.embedding.names
+            }  # fmt: skip
         for module_path, params in self.plan.plan.items():
             for table, ps in params.items():
                 ranks = (
@@ -145,13 +160,24 @@ def distribute(
     expert_parallel_: bool = True,
     sharding_types: list[str] | None = None,
 ) -> Distributed:
-    """Shard ``model`` over the initialised default process group (see module docstring)."""
+    """Shard ``model`` over the initialised default process group (see module docstring).
+
+    In a world of one there is nothing to shard: the model trains as it is, its tables on
+    FBGEMM's fused kernels where they have the optimiser (:func:`single_process`).
+    ``training.embedding_optimizer = "adam"`` on CPU, which FBGEMM's CPU kernels do not
+    fuse, trains the tables data-parallel with torch's Adam (dense table gradients,
+    all-reduced)."""
     device = device or torch.device("cpu")
+    if dist.get_world_size() == 1 and device.type == "cpu" and not sharding_types:
+        return single_process(model, cfg)
     if device.type == "cpu" and cfg.embedding_optimizer == "adam":
-        raise ValueError(
-            "training.embedding_optimizer = 'adam' has no fused FBGEMM kernel on CPU: "
-            "use adagrad, rowwise_adagrad or sgd (adam works on GPU workers)"
-        )
+        if sharding_types and set(sharding_types) != {"data_parallel"}:
+            raise ValueError(
+                "training.embedding_optimizer = 'adam' has no fused FBGEMM kernel on CPU: "
+                f"sharding {sharding_types} needs adagrad, rowwise_adagrad or sgd (adam "
+                "trains data-parallel tables on CPU, any sharding on GPU workers)"
+            )
+        sharding_types = ["data_parallel"]
     tables = {k: v.detach().clone() for k, v in model.embedding.state_dict().items()}
     sharded = expert_parallel(model) if expert_parallel_ else False
     ignore = expert_param_names(model)
@@ -181,13 +207,18 @@ def distribute(
         tdp = KeyedOptimizerWrapper(tables_dp, lambda params: cls(params, **kw))
         parts.append((tdp, cfg.embedding_lr))
     return Distributed(
-        dmp,
-        CombinedOptimizer([o for o, _ in parts]),
-        dense,
-        plan,
-        sharded,
+        dmp, CombinedOptimizer([o for o, _ in parts]), plan, sharded,
         LrSchedule(parts, cfg.lr_decay),
-    )
+    )  # fmt: skip
+
+
+def single_process(model: RankingModel, cfg: TrainingConfig) -> Distributed:
+    """A world of one: no sharding wrapper, no DDP, experts whole; the tables on FBGEMM's
+    fused kernels with the optimiser in their backward where it has one for
+    ``cfg.embedding_optimizer`` (else plain tables with torch's optimiser): the same
+    computation as :func:`recsys_moe.training.fit`, checkpointed like a sharded model."""
+    opt, schedule = make_optimizer(model, cfg, fuse_tables(model, cfg))
+    return Distributed(model, opt, None, False, schedule)
 
 
 @torch.no_grad()
@@ -254,8 +285,9 @@ def _unwrap(state: Any) -> Any:
 
 
 def _state(d: Distributed) -> dict[str, Any]:
-    if not d.dense_optimizer.state:  # Adam's state is lazy: DCP needs it allocated
-        d.dense_optimizer.init_state()
+    for opt, _ in d.schedule.parts:
+        if isinstance(opt, KeyedOptimizerWrapper) and not opt.state:
+            opt.init_state()  # Adam's state is lazy: DCP needs it allocated
     mesh = _dtensor_mesh()
     return {
         "model": _wrap_local(d.model.state_dict(), mesh),

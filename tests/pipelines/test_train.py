@@ -47,12 +47,24 @@ def _cfg(small_store, tmp: Path, **training):
 
 @pytest.fixture(scope="module")
 def two_runs(small_store, tracked):
-    """The same config trained on 2 workers and on 1 worker, both registered."""
+    """The same config trained on 2 sharded workers and in the default layout (workers=0:
+    one worker per node, nothing sharded), both registered."""
     tmp = tracked
     cfg = _cfg(small_store, tmp)
     two = run_training(cfg, workers=2, output=tmp / "m2", progress=False)
-    one = run_training(cfg, workers=1, output=tmp / "m1", progress=False)
+    one = run_training(cfg, workers=0, output=tmp / "m1", progress=False)
     return cfg, two, one
+
+
+def test_default_layout_is_one_unsharded_worker_per_node(two_runs):
+    _, _, one = two_runs
+    assert one["workers"] == 1  # the test machine is one node
+    client = mlflow.MlflowClient()
+    plan = json.loads(
+        Path(client.download_artifacts(one["run_id"], "sharding_plan.json")).read_text()
+    )
+    assert {p["sharding"] for p in plan.values()} == {"single_process"}
+    assert client.get_run(one["run_id"]).data.params["train.expert_parallel"] == "False"
 
 
 def test_two_workers_train_register_and_log(two_runs):
@@ -175,7 +187,8 @@ def test_promotion_gate_keeps_champion_from_worse_model(two_runs, small_store, t
 
 
 def test_resume_continues_from_last_checkpoint(small_store, tracked):
-    cfg1 = _cfg(small_store, tracked, epochs=1)
+    # rows streamed from Ray Data every epoch (training.in_memory = false) on this path
+    cfg1 = _cfg(small_store, tracked, epochs=1, in_memory=False)
     first = run_training(cfg1, workers=2, output=tracked / "r1", register=False, progress=False)
     assert [h["epoch"] for h in first["history"]] == [0]
     cfg2 = dataclasses.replace(cfg1, training=dataclasses.replace(cfg1.training, epochs=2))
