@@ -44,3 +44,15 @@ def write_section(name: str, body: str) -> None:
     )
     RESULTS.write_text(text.rstrip() + "\n")
     print(f"results: {RESULTS} (section: {name})", flush=True)
+
+
+def ensure_store(cfg) -> None:
+    """The config's raw log (generated where missing or stale) and feature store (built
+    where missing)."""
+    from pipelines.build_features import build_features
+    from pipelines.generate import raw_log_is_current, run_generate
+
+    if not raw_log_is_current(cfg):
+        run_generate(cfg, progress=False)
+    if not (Path(cfg.features.store_dir) / "manifest.json").exists():
+        build_features(cfg, progress=False)

@@ -5,7 +5,7 @@ against a full retrain with the same added capacity.
         [--parent-experts 4] [--experts 2] [--lr 1e-3]
 
 1. The parent: the config's model with ``--parent-experts`` experts, trained on the
-   config's feature store (``train_single``: one process, the library's ``fit``).
+   config's feature store (``train_as_cli``: what ``recsys-moe train`` runs, without the registry).
 2. ``extend --add-experts N --domain D`` on the parent's bundle: N experts of D's own
    plus D's gates train on D's rows, everything else frozen.
 3. The full retrain: the same model with ``parent-experts + N`` experts trained from
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=1e-3, help="[extend] lr for the extension")
     args = ap.parse_args(argv)
 
-    from bench.quality.common import train_single
+    from bench.quality.common import train_as_cli
     from features.store import load_manifest, read_examples
     from pipelines.extend import run_extend
     from recsys_moe.bundle import load_model
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
     E, N = args.parent_experts, args.experts
     print(f"parent: {base.model.arch} with {E} experts ...", flush=True)
-    parent = train_single(with_experts(E), OUT / "parent", progress=False)
+    parent = train_as_cli(with_experts(E), OUT / "parent", progress=False)
     print(f"extend --add-experts {N} --domain {args.domain} ...", flush=True)
     t = time.perf_counter()
     ext_cfg = with_experts(E).replace(extend=dataclasses.replace(base.extend, lr=args.lr))
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                      add_experts=N, output=OUT / "child", register=False, progress=False)  # fmt: skip
     ext_seconds = time.perf_counter() - t
     print(f"full retrain with {E + N} experts ...", flush=True)
-    full = train_single(with_experts(E + N), OUT / "full", progress=False)
+    full = train_as_cli(with_experts(E + N), OUT / "full", progress=False)
 
     test = ExampleTensors(spec, read_examples(store, "test"))
     dom = test.domain.numpy()
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"Machine: {machine()}. Config `{args.config}` ({len(test):,} test rows). Parent: "
         f"`{base.model.arch}` with {E} experts {base.model.expert_hidden}, trained by "
-        f"`train_single` ({parent['seconds']:.0f} s). Extension: `recsys-moe extend "
+        f"`train_as_cli` ({parent['seconds']:.0f} s). Extension: `recsys-moe extend "
         f"--add-experts {N} --domain {args.domain}` ([extend]: {base.extend.epochs} epochs "
         f"max, lr {args.lr}, the start kept unless an epoch beats it; best epoch "
         f"{ext['best_epoch']} (-1: the start); {ext['trainable_params']:,} of {ext['total_params']:,} "

@@ -37,7 +37,7 @@ def main() -> None:
     )
     args = ap.parse_args()
 
-    from bench.quality.common import train_single
+    from bench.quality.common import train_as_cli
     from pipelines.build_features import build_features
     from pipelines.generate import raw_log_is_current, run_generate
 
@@ -66,7 +66,7 @@ def main() -> None:
                 train_seconds += s["seconds"]
             else:
                 print(f"== {arch} seed {seed}", flush=True)
-                s = train_single(c, out, progress=False)
+                s = train_as_cli(c, out, progress=False)
             results.setdefault(arch, []).append(s)
             oracle = s["oracle"] or oracle
     first = next(iter(results.values()))[0]

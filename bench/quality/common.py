@@ -34,54 +34,30 @@ def fmt_mean_std(values: list[float]) -> str:
     return f"{np.mean(values):.4f} ± {np.std(values):.4f}"
 
 
-def train_single(cfg, output, progress: bool = True) -> dict:
-    """One process, no Ray and no MLflow: the library's ``fit`` on the store, test metrics,
-    the bundle written to ``output``. The quality benchmarks compare models with it on
-    equal terms."""
-    import json
+BENCH_OUT = "bench/out"
+
+
+def train_as_cli(cfg, output, progress: bool = True) -> dict:
+    """What ``recsys-moe train`` runs (:func:`pipelines.train.run_training`, the default
+    worker layout, Ray Train, the same test metrics and bundle), without the registry: the
+    run goes to a bench-local MLflow store and checkpoints under ``bench/out``, never to
+    the user's. The quality benchmarks judge models with it, so their figures are the
+    ones a user gets. Returns the run's summary plus ``train_rows``."""
+    import dataclasses
     import os
-    import time
     from pathlib import Path
 
-    import torch
+    from features.store import load_manifest
+    from pipelines.train import run_training
 
-    from features.store import load_manifest, read_examples
-    from pipelines.train import oracle_metrics, slice_metrics, table
-    from recsys_moe.bundle import write_bundle
-    from recsys_moe.model.ranker import RankingModel
-    from recsys_moe.training import evaluate_model, fit
-
-    torch.set_num_threads(max(1, min(os.cpu_count() or 1, 4)))
-    store = cfg.features.store_dir
-    manifest = load_manifest(store)
-    spec = InputSpec.from_manifest(manifest)
-    train = ExampleTensors(spec, read_examples(store, "train"))
-    valid = ExampleTensors(spec, read_examples(store, "valid"))
-    test_df = read_examples(store, "test")
-    test = ExampleTensors(spec, test_df)
-    torch.manual_seed(cfg.training.seed)
-    model = RankingModel(spec, cfg.model)
-    started = time.perf_counter()
-    res = fit(model, train, valid, cfg.training,
-              metric=cfg.training.promote_metric.removeprefix("valid/"), progress=progress)  # fmt: skip
-    users = test_df[manifest["keys"]["user_id"]].to_numpy()
-    test_metrics, preds = evaluate_model(model, test, users=users)
-    test_metrics |= slice_metrics(store, manifest, test, preds)  # cold users, segments
-    oracle = oracle_metrics(cfg, test_df, test, spec)
-    out = write_bundle(model, output, manifest, store=store,
-                       extra={"config": cfg.to_dict(), "valid": res.valid, "test": test_metrics})  # fmt: skip
-    summary = {
-        "model_dir": str(Path(out).resolve()),
-        "best_epoch": res.best_epoch,
-        "train_rows": len(train),
-        "seconds": round(time.perf_counter() - started, 1),
-        "samples_per_s": round(res.samples_per_s),
-        "valid": res.valid,
-        "test": test_metrics,
-        "oracle": oracle,
-        "router": res.router,
-    }
-    (Path(out) / "metrics.json").write_text(json.dumps(summary, indent=2, default=float))
-    if progress:
-        print(table(spec, test_metrics, oracle), flush=True)
+    out = Path(BENCH_OUT).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{out}/mlflow.db")
+    cfg = cfg.replace(
+        training=dataclasses.replace(cfg.training, checkpoint_dir=str(out / "checkpoints"))
+    )
+    summary = run_training(cfg, workers=cfg.training.workers, output=output, register=False,
+                           progress=progress)  # fmt: skip
+    manifest = load_manifest(cfg.features.store_dir)
+    summary["train_rows"] = int(manifest["splits"]["rows"]["train"])
     return summary

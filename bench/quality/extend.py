@@ -5,7 +5,7 @@ retrain on every domain.
     python -m bench.quality.extend [--config configs/default.toml] [--domain video] [--rows N]
 
 Everything single-process except the feature store builds (Ray, as ``make train``); the
-parent and the full retrain use the same trainer and settings (``train_single``). Reports
+parent and the full retrain use the same trainer and settings (``train_as_cli``). Reports
 the new domain's test AUC per task for both (on the same events: the held-out domain's
 rows after both test boundaries, each model with its own point-in-time features), the
 share of the full retrain's AUC gap above 0.5 the extension reaches (target >= 97%),
@@ -61,7 +61,7 @@ def _baselines(base, all_cfg, cfg_for, domain: str) -> tuple[dict, dict]:
     """Split the log, train the parent (held-out domain removed) and the full retrain."""
     import ray
 
-    from bench.quality.common import train_single
+    from bench.quality.common import train_as_cli
     from pipelines.build_features import build_features
 
     counts = _split_log(OUT / "raw_all", domain, OUT / "raw_rest", OUT / "raw_held")
@@ -72,7 +72,7 @@ def _baselines(base, all_cfg, cfg_for, domain: str) -> tuple[dict, dict]:
     build_features(rest_cfg, progress=False)
     times["parent_features"] = time.perf_counter() - t
     print("training the parent (without the held-out domain) ...", flush=True)
-    parent_sum = train_single(rest_cfg, OUT / "parent" / "model", progress=False)
+    parent_sum = train_as_cli(rest_cfg, OUT / "parent" / "model", progress=False)
     times["parent_train"] = parent_sum["seconds"]
 
     # full retrain: features + training on every domain
@@ -81,7 +81,7 @@ def _baselines(base, all_cfg, cfg_for, domain: str) -> tuple[dict, dict]:
     times["full_features"] = time.perf_counter() - t
     ray.shutdown()
     print("full retrain on every domain ...", flush=True)
-    full_sum = train_single(all_cfg, OUT / "full" / "model", progress=False)
+    full_sum = train_as_cli(all_cfg, OUT / "full" / "model", progress=False)
     times["full_train"] = full_sum["seconds"]
     times["full_total"] = times["full_features"] + times["full_train"]
 
@@ -188,7 +188,7 @@ def main() -> None:
                     + f" | {r['auc_mean']:.4f} | {r['rows']:,} |")  # fmt: skip
     body = f"""Machine: {machine()}. `python -m bench.quality.extend --domain {args.domain}` on the
 synthetic default ({sum(counts.values()):,} rows; held out: {counts["raw_held"]:,} rows of
-{args.domain!r}). Parent and full retrain: `train_single` with the config's [model] /
+{args.domain!r}). Parent and full retrain: `train_as_cli` with the config's [model] /
 [training] ({base.model.arch}, {base.training.epochs} epochs max); extension: `[extend]`
 ({base.extend.experts} new experts, {base.extend.epochs} epochs max, everything of the
 parent frozen). Test AUC of the held-out domain on the same {ext_auc["rows"]:,} events

@@ -1,20 +1,24 @@
 """The project's default model against the stock libraries users would otherwise pick,
 trained in the same run on the same examples.
 
-    python -m bench.quality.peers --config configs/sparse.toml [--config configs/default.toml ...]
+    python -m bench.quality.peers --config configs/sparse.toml [--config ...] [--seeds 3]
 
 For each config: the feature store is built if missing; then, on the same train / valid
 / test split of the store and the same categorical and numeric features (every ``cat__``
 and ``num__`` column, history features included; multi-valued features as mean-pooled
 bags), on this machine's cores with the same batch size:
 
-- **recsys-moe**: the config's model trained by the library's loop (``fit``: one
-  process, the config's [training] section, early stopping on validation);
+- **recsys-moe**: the config's model trained by what ``recsys-moe train`` runs
+  (``pipelines.train.run_training``: Ray Train, the default worker layout, the config's
+  [training] section, early stopping on validation; no registry), then the bundle it
+  wrote scores the test rows;
 - **torch-rechub 0.9** (the ``peers`` extra): its MMoE, PLE and SharedBottom, one head per
   task, trained by its own ``MTLTrainer`` (Adam lr 1e-3, weight decay 1e-5, early
   stopping on the first task's validation AUC, patience 1, at most the config's epochs).
 
-Reported: test AUC per task x domain for every model (the same metric code,
+Each model trains ``--seeds`` times (recsys-moe: ``training.seed`` + i; torch-rechub:
+``torch.manual_seed(i)``). Reported: test AUC per task x domain for every model, mean ±
+standard deviation over the seeds (the same metric code,
 ``recsys_moe.metrics.evaluate``), cold-start slices (rows whose user / item is not in the
 training vocabulary) and per user segment, train samples/s (the training epochs only),
 wall time; the oracle's AUC for synthetic data. Written to ``bench/RESULTS.md``.
@@ -23,6 +27,7 @@ wall time; the oracle's AUC for synthetic data. Written to ``bench/RESULTS.md``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -32,21 +37,11 @@ import numpy as np
 import polars as pl
 import torch
 
-from bench.common import machine, write_section
+from bench.common import ensure_store, machine, write_section
 from recsys_moe.config import Config, load_config
 from recsys_moe.metrics import evaluate
 
 PEERS = ("MMOE", "PLE", "SharedBottom")
-
-
-def _ensure_store(cfg: Config) -> None:
-    from pipelines.build_features import build_features
-    from pipelines.generate import raw_log_is_current, run_generate
-
-    if not raw_log_is_current(cfg):
-        run_generate(cfg, progress=False)
-    if not (Path(cfg.features.store_dir) / "manifest.json").exists():
-        build_features(cfg, progress=False)
 
 
 # ------------------------------------------------------------------ torch-rechub
@@ -107,7 +102,7 @@ def _loader(x, y, batch: int, shuffle: bool):
 
 
 def run_peer(name: str, manifest: dict, splits: dict[str, pl.DataFrame], cfg: Config,
-             out: Path) -> dict[str, Any]:  # fmt: skip
+             out: Path, seed: int = 0) -> dict[str, Any]:  # fmt: skip
     import torch_rechub.models.multi_task as mt
     from torch_rechub.trainers import MTLTrainer
 
@@ -130,7 +125,7 @@ def run_peer(name: str, manifest: dict, splits: dict[str, pl.DataFrame], cfg: Co
     else:
         model = mt.SharedBottom(feats, kinds, bottom_params={"dims": [64]},
                                 tower_params_list=towers)  # fmt: skip
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     B = cfg.training.batch_size
     trainer = MTLTrainer(model, kinds, optimizer_params={"lr": 1e-3, "weight_decay": 1e-5},
                          n_epoch=cfg.training.epochs, earlystop_patience=1,
@@ -159,21 +154,20 @@ def run_peer(name: str, manifest: dict, splits: dict[str, pl.DataFrame], cfg: Co
 # ------------------------------------------------------------------ recsys-moe
 
 
-def run_project(cfg: Config, manifest: dict, splits: dict[str, pl.DataFrame]) -> dict[str, Any]:
-    from recsys_moe.model.inputs import ExampleTensors, InputSpec
-    from recsys_moe.model.ranker import RankingModel
-    from recsys_moe.training import fit, predict
+def run_project(cfg: Config, splits: dict[str, pl.DataFrame]) -> dict[str, Any]:
+    """The config's model trained by what ``recsys-moe train`` runs (Ray Train, the
+    default worker layout; no registry), then the bundle it wrote scores the test rows."""
+    from bench.quality.common import train_as_cli
+    from recsys_moe.bundle import load_model
+    from recsys_moe.model.inputs import ExampleTensors
+    from recsys_moe.training import predict
 
-    spec = InputSpec.from_manifest(manifest)
-    data = {s: ExampleTensors(spec, df) for s, df in splits.items()}
-    torch.manual_seed(cfg.training.seed)
-    model = RankingModel(spec, cfg.model)
-    t0 = time.perf_counter()
-    res = fit(model, data["train"], data["valid"], cfg.training,
-              metric=cfg.training.promote_metric.removeprefix("valid/"), progress=False)  # fmt: skip
-    wall = time.perf_counter() - t0
-    return {"preds": predict(model, data["test"]), "samples_per_s": res.samples_per_s,
-            "epochs": len(res.history), "wall": wall}  # fmt: skip
+    out = Path("bench/out/peers") / cfg.name / f"recsys-moe-seed{cfg.training.seed}"
+    s = train_as_cli(cfg, out, progress=False)
+    model, _ = load_model(s["model_dir"])
+    preds = predict(model, ExampleTensors(model.spec, splits["test"]))
+    return {"preds": preds, "samples_per_s": s["samples_per_s"], "epochs": s["epochs_run"],
+            "wall": s["seconds"]}  # fmt: skip
 
 
 # ------------------------------------------------------------------ report
@@ -187,7 +181,11 @@ def _slices(manifest: dict, store: str, test: pl.DataFrame) -> dict[str, np.ndar
 
 
 def compare(
-    config: str, threads: int, overrides: dict | None = None, peers: tuple[str, ...] = PEERS
+    config: str,
+    threads: int,
+    overrides: dict | None = None,
+    peers: tuple[str, ...] = PEERS,
+    seeds: int = 1,
 ) -> str:
     from features.store import load_manifest, read_examples
     from pipelines.train import oracle_metrics
@@ -195,7 +193,7 @@ def compare(
 
     torch.set_num_threads(threads)
     cfg = load_config(config, overrides)
-    _ensure_store(cfg)
+    ensure_store(cfg)
     store = cfg.features.store_dir
     manifest = load_manifest(store)
     splits = {s: read_examples(store, s) for s in ("train", "valid", "test")}
@@ -204,29 +202,51 @@ def compare(
     labels = np.stack([test[t["column"]].to_numpy() for t in manifest["tasks"]], 1)
     domains = test[spec.domain_column].to_numpy()
     tasks = [(t["name"], t["kind"]) for t in manifest["tasks"]]
-    runs = {"recsys-moe": run_project(cfg, manifest, splits)}
     out = Path("bench/out/peers") / cfg.name
     out.mkdir(parents=True, exist_ok=True)
-    for name in peers:
-        print(f"[peers] {cfg.name}: torch-rechub {name} ...", flush=True)
-        runs[f"torch-rechub {name}"] = run_peer(name, manifest, splits, cfg, out)
     masks = _slices(manifest, store, test)
-    res = {}
-    for who, r in runs.items():
-        m = evaluate(labels, r["preds"], domains, tasks, manifest["domains"])
-        for sl, mask in masks.items():
-            if mask.any():
-                sub = evaluate(labels[mask], r["preds"][mask], domains[mask], tasks,
-                               manifest["domains"])  # fmt: skip
-                m |= {f"{sl}:{k}": v for k, v in sub.items() if k.endswith("/all/auc")}
-        res[who] = m
+    per_seed: dict[str, list[dict[str, float]]] = {}
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for seed in range(seeds):
+        scfg = cfg.replace(
+            training=dataclasses.replace(cfg.training, seed=cfg.training.seed + seed)
+        )
+        who_runs = {"recsys-moe": run_project(scfg, splits)}
+        for name in peers:
+            print(f"[peers] {cfg.name} seed {seed}: torch-rechub {name} ...", flush=True)
+            who_runs[f"torch-rechub {name}"] = run_peer(name, manifest, splits, cfg, out, seed)
+        for who, r in who_runs.items():
+            m = evaluate(labels, r["preds"], domains, tasks, manifest["domains"])
+            for sl, mask in masks.items():
+                if mask.any():
+                    sub = evaluate(labels[mask], r["preds"][mask], domains[mask], tasks,
+                                   manifest["domains"])  # fmt: skip
+                    m |= {f"{sl}:{k}": v for k, v in sub.items() if k.endswith("/all/auc")}
+            per_seed.setdefault(who, []).append(m)
+            runs.setdefault(who, []).append(r)
+    res = {who: _mean(ms) for who, ms in per_seed.items()}
+    spread = {who: _std(ms) for who, ms in per_seed.items()}
+    speed = {who: {k: float(np.mean([r[k] for r in rs])) for k in ("samples_per_s", "epochs",
+                                                                  "wall")}
+             for who, rs in runs.items()}  # fmt: skip
     oracle = None
     if cfg.source.kind == "synthetic":
         oracle = oracle_metrics(cfg, test, ExampleTensors(spec, test), spec)
-    return report(cfg, manifest, runs, res, oracle, masks, threads, len(splits["train"]))
+    return report(cfg, manifest, speed, res, spread, oracle, masks, threads,
+                  len(splits["train"]), seeds)  # fmt: skip
 
 
-def report(cfg, manifest, runs, res, oracle, masks, threads, n_train) -> str:
+def _mean(ms: list[dict[str, float]]) -> dict[str, float]:
+    return {k: float(np.mean([m[k] for m in ms if k in m])) for k in ms[0]}
+
+
+def _std(ms: list[dict[str, float]]) -> dict[str, float]:
+    """The seed spread of each metric: its standard deviation over the seeds."""
+    return {k: float(np.std([m[k] for m in ms if k in m])) for k in ms[0]}
+
+
+def report(cfg, manifest, runs, res, spread, oracle, masks, threads, n_train, seeds) -> str:
+    """Markdown: AUC per task x domain (mean ± std over ``seeds``), slices, throughput."""
     names = list(runs)
     peers = [n for n in names if n != "recsys-moe"]
     head = "| task | domain | " + " | ".join(names) + (" | oracle |" if oracle else " |")
@@ -235,12 +255,15 @@ def report(cfg, manifest, runs, res, oracle, masks, threads, n_train) -> str:
     for t in manifest["tasks"]:
         for d in [*manifest["domains"], "all"]:
             key = f"{t['name']}/{d}/auc"
-            cells = [f"{res[n].get(key, float('nan')):.4f}" for n in names]
+            cells = [_cell(res[n], spread[n], key, seeds) for n in names]
             o = f" {oracle.get(key, float('nan')):.4f} |" if oracle else ""
             lines.append(f"| {t['name']} | {d} | " + " | ".join(cells) + " |" + o)
-            best_peer = max((res[n].get(key, float("nan")) for n in peers), default=float("nan"))
-            margin = res["recsys-moe"].get(key, float("nan")) - best_peer
-            verdict.append((t["name"], d, margin))
+            best = max(peers, key=lambda n: res[n].get(key, -1.0), default=None)
+            nan = float("nan")
+            margin = res["recsys-moe"].get(key, nan) - (res[best].get(key, nan) if best else nan)
+            # above the best peer by more than its seed spread (0 with one seed)
+            clear = margin - (spread[best].get(key, 0.0) if best else nan)
+            verdict.append((t["name"], d, margin, clear))
     seg_lines = ["| slice (rows) | task | " + " | ".join(names) + " |",
                  "|---|---|" + "---:|" * len(names)]  # fmt: skip
     for sl, mask in masks.items():
@@ -256,8 +279,9 @@ def report(cfg, manifest, runs, res, oracle, masks, threads, n_train) -> str:
         speed.append(f"| {n} | {r['samples_per_s']:,.0f} | {r['epochs']} | {r['wall']:.0f} |")
     mmoe = runs.get("torch-rechub MMOE", runs["recsys-moe"])
     ratio = runs["recsys-moe"]["samples_per_s"] / mmoe["samples_per_s"]
-    overall = [m for t, d, m in verdict if d == "all"]
-    per_domain = [m for t, d, m in verdict if d != "all"]
+    overall = [m for t, d, m, _ in verdict if d == "all"]
+    clear = [c for t, d, m, c in verdict if d == "all"]
+    per_domain = [m for t, d, m, _ in verdict if d != "all"]
     gap = ""
     if oracle:
         gaps = [
@@ -269,12 +293,16 @@ def report(cfg, manifest, runs, res, oracle, masks, threads, n_train) -> str:
     summary = (
         "recsys-moe minus the best torch-rechub model, overall per task: "
         + ", ".join(f"{m:+.4f}" for m in overall)
+        + "; minus that model's seed spread: "
+        + ", ".join(f"{c:+.4f}" for c in clear)
         + f"; per task x domain: min {min(per_domain):+.4f}.{gap} Training samples/s "
         f"{ratio:.2f}x torch-rechub MMoE."
     )
     body = "\n".join([
-        f"Machine: {machine()}. Config `{cfg.name}`: {n_train:,} training rows; torch threads "
-        f"{threads}; batch {cfg.training.batch_size}. recsys-moe: `{cfg.model.arch}`, "
+        f"Machine: {machine()}. Config `{cfg.name}`: {n_train:,} training rows; {seeds} seed(s), "
+        "AUC as mean ± std over them; torch-rechub's torch threads "
+        f"{threads}; batch {cfg.training.batch_size}. recsys-moe: trained by `recsys-moe "
+        f"train`'s own function (Ray Train, the default worker layout), `{cfg.model.arch}`, "
         f"{cfg.model.n_experts} experts {cfg.model.expert_hidden}, embedding {cfg.model.embedding_dim}, "
         f"crosses {cfg.model.interactions or 'none'}; torch-rechub 0.9: embedding 16, experts [64], "
         "towers [32], Adam 1e-3.",
@@ -284,6 +312,11 @@ def report(cfg, manifest, runs, res, oracle, masks, threads, n_train) -> str:
         "Training throughput (the training epochs only, same cores and batch):", "", *speed,
     ])  # fmt: skip
     return body
+
+
+def _cell(res: dict[str, float], spread: dict[str, float], key: str, seeds: int) -> str:
+    v = res.get(key, float("nan"))
+    return f"{v:.4f} ± {spread.get(key, 0.0):.4f}" if seeds > 1 else f"{v:.4f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -298,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         help="config override for recsys-moe (a trial: results are not written)",
     )
     ap.add_argument("--no-peers", action="store_true", help="recsys-moe only (a trial)")
+    ap.add_argument("--seeds", type=int, default=3, help="seeds per model (mean ± std)")
     args = ap.parse_args(argv)
     overrides = {}
     for item in args.set:
@@ -308,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
             overrides[key] = value
     trial = bool(overrides) or args.no_peers
     for config in args.config or ["configs/sparse.toml"]:
-        body = compare(config, args.threads, overrides, () if args.no_peers else PEERS)
+        body = compare(config, args.threads, overrides, () if args.no_peers else PEERS, args.seeds)
         print(body, flush=True)
         if not trial:
             write_section(
