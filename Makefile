@@ -76,6 +76,7 @@ format: $(STAMP)  ## ruff format + autofix
 bench: $(STAMP)  ## throughput benchmarks (after `make train`; writes bench/RESULTS.md sections)
 	$(BIN)/python -m bench.features
 	$(BIN)/python -m bench.train_throughput
+	$(BIN)/python -m bench.train_layouts
 	$(BIN)/python -m bench.batch_score
 	$(BIN)/python -m bench.serve_latency
 	$(BIN)/python -m bench.kernels

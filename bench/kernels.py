@@ -272,7 +272,11 @@ def bench_model(cfg, B: int = 4096, rounds: int = 3) -> dict[str, tuple[float, f
         os.environ.setdefault("MASTER_PORT", "29591")
         if not dist.is_initialized():
             dist.init_process_group("gloo", rank=0, world_size=1)
-        d = distribute(model("concat", "bf16"), tcfg)
+        # sharding types named: in a world of one distribute() would otherwise leave the
+        # model unsharded (the default layout, which the fit paths above measure)
+        d = distribute(
+            model("concat", "bf16"), tcfg, sharding_types=["table_wise", "data_parallel"]
+        )
         paths["sharded bf16"] = (d.model, stepper(d.model, d.optimizer, d.module))
         # steps timed in interleaved rounds, best round per path: this VM's speed drifts by
         # 10-25% within minutes, and a ratio of rates measured minutes apart drifts with it

@@ -25,6 +25,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -184,9 +186,7 @@ def distribute(
     cls, kw = embedding_optimizer(cfg)
     apply_optimizer_in_backward(cls, model.embedding.ebc.parameters(), dict(kw))
     plan = make_plan(model, device, sharding_types=sharding_types, batch_size=cfg.batch_size)
-    root = logging.getLogger()
-    level, root.level = root.level, max(root.level, logging.WARNING)  # FBGEMM dumps its args
-    try:
+    with _quiet_fbgemm():
         dmp = DistributedModelParallel(
             model,
             device=device,
@@ -195,8 +195,6 @@ def distribute(
                 params_to_ignore=ignore, static_graph=False, find_unused_parameters=False
             ),
         )
-    finally:
-        root.setLevel(level)
     _copy_tables(dmp, {f"embedding.{k}": v for k, v in tables.items()})
     rest = dict(in_backward_optimizer_filter(dmp.named_parameters()))
     # data-parallel tables are not fused: they take the embedding optimiser here
@@ -217,8 +215,21 @@ def single_process(model: RankingModel, cfg: TrainingConfig) -> Distributed:
     fused kernels with the optimiser in their backward where it has one for
     ``cfg.embedding_optimizer`` (else plain tables with torch's optimiser): the same
     computation as :func:`recsys_moe.training.fit`, checkpointed like a sharded model."""
-    opt, schedule = make_optimizer(model, cfg, fuse_tables(model, cfg))
+    with _quiet_fbgemm():
+        fused = fuse_tables(model, cfg)
+    opt, schedule = make_optimizer(model, cfg, fused)
     return Distributed(model, opt, None, False, schedule)
+
+
+@contextmanager
+def _quiet_fbgemm() -> Iterator[None]:
+    """FBGEMM logs every table-batched kernel's arguments at INFO when it builds one."""
+    root = logging.getLogger()
+    level, root.level = root.level, max(root.level, logging.WARNING)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 @torch.no_grad()
