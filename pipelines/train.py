@@ -369,7 +369,8 @@ def fit_distributed(
     from recsys_moe.cluster import init_ray
 
     init_ray(dashboard=True)
-    workers = workers or default_workers(cfg.training.use_gpu)
+    one_each = default_workers(cfg.training.use_gpu)  # one worker per node (or GPU)
+    workers = workers or one_each
     store = cfg.features.store_dir
     manifest = load_manifest(store)
     train_rows = int(manifest["splits"]["rows"]["train"])
@@ -384,7 +385,7 @@ def fit_distributed(
     # Ray's workers sleep between OpenMP regions (cluster.WORKER_ENV: spinning threads of
     # several processes stall each other on a small box); a worker alone on its node's
     # cores spins, as a plain process does: half the step time of sleeping threads
-    alone = cfg.training.in_memory and workers <= default_workers(cfg.training.use_gpu)
+    alone = cfg.training.in_memory and workers <= one_each
     omp = {"OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "ACTIVE" if alone else "PASSIVE"}
     trainer = TorchTrainer(
         worker_loop,

@@ -52,12 +52,19 @@ def train_as_cli(cfg, output, progress: bool = True) -> dict:
 
     out = Path(BENCH_OUT).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{out}/mlflow.db")
     cfg = cfg.replace(
         training=dataclasses.replace(cfg.training, checkpoint_dir=str(out / "checkpoints"))
     )
-    summary = run_training(cfg, workers=cfg.training.workers, output=output, register=False,
-                           progress=progress)  # fmt: skip
+    user_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{out}/mlflow.db"  # even where one is set
+    try:
+        summary = run_training(cfg, workers=cfg.training.workers, output=output,
+                               register=False, progress=progress)  # fmt: skip
+    finally:
+        if user_uri is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = user_uri
     manifest = load_manifest(cfg.features.store_dir)
     summary["train_rows"] = int(manifest["splits"]["rows"]["train"])
     return summary

@@ -49,6 +49,7 @@ from torchrec.distributed.planner.types import (
     TrainerConfig,
 )
 from torchrec.distributed.types import ShardingPlan
+from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
@@ -91,7 +92,7 @@ class Distributed:
         """Per table: sharding type, compute kernel and the ranks holding it."""
         out: dict[str, dict[str, Any]] = {}
         if self.plan is None:
-            fused = self.module.embedding.ebc.__class__.__name__.startswith("Fused")
+            fused = isinstance(self.module.embedding.ebc, FusedEmbeddingBagCollection)
             return {
                 n: {"module": "embedding.ebc", "sharding": "single_process",
                     "kernel": "fused" if fused else "dense", "ranks": [0]}
