@@ -49,13 +49,17 @@ def split_expr(ts: str, b: Boundaries) -> pl.Expr:
 def compute_boundaries(
     ts: pl.LazyFrame | pl.DataFrame, col: str, valid_fraction: float, test_fraction: float
 ) -> Boundaries:
-    """Split boundaries at the timestamp quantiles (exact: ``lower`` interpolation)."""
+    """Split boundaries at the timestamp quantiles (exact: ``lower`` interpolation);
+    ``test_fraction = 0``: no test split (it starts after the last timestamp)."""
     q = ts.select(
         pl.col(col).quantile(1.0 - valid_fraction - test_fraction, "lower").alias("v"),
         pl.col(col).quantile(1.0 - test_fraction, "lower").alias("t"),
+        pl.col(col).max().alias("last"),
     )
     row = (q.collect() if isinstance(q, pl.LazyFrame) else q).row(0)
     v, t = int(row[0]), int(row[1])
+    if test_fraction == 0:
+        t = int(row[2]) + 1
     return Boundaries(valid_start=v, test_start=max(t, v + 1))
 
 

@@ -64,6 +64,12 @@ def read_examples(store: str | Path, split: str) -> pl.DataFrame:
     return pl.read_parquet(example_files(store, split))
 
 
+def held_out_split(manifest: dict[str, Any]) -> str:
+    """The split a trained model is reported on: ``test``, or ``valid`` where the store
+    was built without one (``features.test_fraction = 0``)."""
+    return "test" if manifest["splits"]["rows"].get("test", 0) else "valid"
+
+
 def read_vocabs(store: str | Path, manifest: dict[str, Any]) -> dict[str, pl.DataFrame]:
     return {
         f["name"]: pl.read_parquet(confined(store, f["vocab_file"]))

@@ -324,8 +324,9 @@ def summarize(manifest: dict[str, Any], store: str | Path) -> str:
     rows = manifest["splits"]["rows"]
     lines = [
         f"feature store: {Path(store).resolve()}",
-        f"  examples: train {rows['train']:,} / valid {rows['valid']:,} / test {rows['test']:,}"
-        f" rows ({len(manifest['domains'])} domains: {', '.join(manifest['domains'])})",
+        f"  examples: train {rows['train']:,} / valid {rows['valid']:,} / "
+        + (f"test {rows['test']:,}" if rows["test"] else "no test (features.test_fraction = 0)")
+        + f" rows ({len(manifest['domains'])} domains: {', '.join(manifest['domains'])})",
         f"  features: {len(manifest['features']['categorical'])} categorical, {len(manifest['features']['numeric'])} numeric;"
         f" tasks: {', '.join(t['name'] for t in manifest['tasks'])}",
         f"  manifest: {Path(store).resolve() / MANIFEST} (fingerprint {manifest['fingerprint']})",

@@ -205,8 +205,9 @@ def extension_data(
     # probe rows of the existing domains (their test window) and the replay sample
     old_rows = df.filter(~is_new)
     if old_rows.height:
+        held = "test" if cfg.features.test_fraction > 0 else "valid"  # no test split: valid
         probe = (
-            old_rows.filter(pl.col(SPLIT) == "test")
+            old_rows.filter(pl.col(SPLIT) == held)
             .group_by(spec.domain, maintain_order=True)
             .head(ecfg.probe_rows)
             .select(raw_cols)
@@ -247,7 +248,7 @@ def grown_domain_data(
     feature store (``store``, default the one its manifest names), which must be the
     very store it was trained on (same fingerprint): same examples, same split, same
     vocabularies. Probe rows: the other domains' test rows."""
-    from features.store import load_manifest, read_examples
+    from features.store import held_out_split, load_manifest, read_examples
 
     man = parent.manifest
     if domain not in man["domains"]:
@@ -267,10 +268,14 @@ def grown_domain_data(
         )
     col = pl.col(parent.spec.domain).cast(pl.String)
     examples, probe = {}, []
+    held = held_out_split(load_manifest(store))  # the probe rows: test, or valid without one
     for split in ("train", "valid", "test"):
+        if split == "test" and held != "test":  # a store without a test split
+            examples[split] = examples["valid"].clear()
+            continue
         rows = read_examples(store, split)
         examples[split] = rows.filter(col == domain)
-        if split == "test":
+        if split == held:
             others = rows.filter(col != domain).group_by(col, maintain_order=True)
             probe.append(parent.example_rows(others.head(ecfg.probe_rows)))
     if examples["train"].height == 0 or examples["valid"].height == 0:
@@ -355,7 +360,8 @@ def run_extend(
         train_rows = pl.concat([train_rows, data.replay.select(train_rows.columns)])
     train = ExampleTensors(spec, train_rows)
     valid = ExampleTensors(spec, data.examples["valid"])
-    test = ExampleTensors(spec, data.examples["test"])
+    # None: the store or features.test_fraction = 0 made no test split
+    test = ExampleTensors(spec, data.examples["test"]) if data.examples["test"].height else None
     torch.manual_seed(ecfg.seed)
     child = grow(pm, spec, add_experts or ecfg.experts, train.batch(slice(0, 4096)),
                  cross=ecfg.cross, existing=domain if grows else None)  # fmt: skip
@@ -379,7 +385,7 @@ def run_extend(
     t_train = fitres["seconds"]
     changed = frozen_changes(child, pm, ecfg.unfreeze)
     val = evaluate_model(child, valid)[0]
-    tst = evaluate_model(child, test)[0]
+    tst = evaluate_model(child, test)[0] if test is not None else {}
     out = Path(output or Path("models") / (f"extend-{domain}" + ("-experts" if grows else "")))
     parent_info = {"uri": resolved.uri, "name": resolved.name, "version": resolved.version}
     # the parent's training-time routing stays the reference for its gates in serving
@@ -473,7 +479,8 @@ def _track(cfg: Config, summary: dict, out: Path, data: ExtensionData, resolved)
             "train_seconds": summary["seconds"]["train"],
         }
         log_metrics(client, tr.run_id, flat)
-        tr.log_model(out, data.examples["test"].head(5))
+        rows = data.examples["test"] if data.examples["test"].height else data.examples["valid"]
+        tr.log_model(out, rows.head(5))
         auc = summary["valid"].get("auc_mean", math.nan)
         version = registry.register(
             tr.model_info.model_uri, name,
@@ -530,7 +537,8 @@ def main(argv: list[str] | None = None) -> int:
         f"(data {s['seconds']['data']}s, training {s['seconds']['train']}s; "
         f"{s['trainable_params']:,} of {s['total_params']:,} parameters trained)",
         f"  {s['domain']}: valid auc_mean {v:.4f} ({parent_as}: {pv:.4f}; "
-        f"at start {s['valid_at_start']:.4f}), test auc_mean {s['test'].get('auc_mean', math.nan):.4f}",
+        f"at start {s['valid_at_start']:.4f}), "
+        + (f"test auc_mean {s['test']['auc_mean']:.4f}" if s["test"] else "no test split"),
         f"  other domains: max |score change| {s['existing_max_abs_diff']:.3g} over "
         f"{s['probe_rows'] - s['probe_rows_new_values']:,} probe rows (and "
         f"{s['existing_max_abs_diff_new_values']:.3g} over {s['probe_rows_new_values']:,} rows "

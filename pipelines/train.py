@@ -32,7 +32,13 @@ import polars as pl
 import torch
 
 from features.spec import SEGMENT
-from features.store import example_files, load_manifest, read_examples, read_vocabs
+from features.store import (
+    example_files,
+    held_out_split,
+    load_manifest,
+    read_examples,
+    read_vocabs,
+)
 from pipelines.cli import command_parser
 from recsys_moe.bundle import write_bundle
 from recsys_moe.config import Config, config_from_dict, load_config
@@ -446,9 +452,10 @@ def model_from_checkpoint(checkpoint, spec: InputSpec, cfg: Config) -> RankingMo
 def evaluate_test(
     cfg: Config, model: RankingModel, manifest: dict[str, Any]
 ) -> tuple[dict[str, float], dict[str, float] | None, RouterMonitor, np.ndarray, pl.DataFrame]:
-    """Test metrics (with per-user AUC), oracle metrics, the router monitor over test."""
+    """Metrics on the held-out split (test, or valid in a store without one), with per-user
+    AUC and slices; oracle metrics; the router monitor over those rows."""
     spec = model.spec
-    test_df = read_examples(cfg.features.store_dir, "test")
+    test_df = read_examples(cfg.features.store_dir, held_out_split(manifest))
     test = ExampleTensors(spec, test_df)
     monitor = RouterMonitor.for_training(spec.domains, cfg.training)
     users = test_df[manifest["keys"]["user_id"]].to_numpy()
@@ -557,6 +564,8 @@ def run_training(
             "seconds": round(time.perf_counter() - started, 1),
             "samples_per_s": round(float(np.mean(samples))) if samples else 0,
             "valid": valid,
+            # metrics of the held-out rows: test, or valid where the store has no test split
+            "evaluated_on": held_out_split(manifest),
             "test": test_metrics,
             "oracle": oracle,
             "router": monitor.metrics(),
@@ -635,8 +644,12 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"trained on {s['workers']} workers in {s['seconds']}s ({s['samples_per_s']:,} samples/s), "
         f"best epoch {s['best_epoch']}; valid auc_mean {s['valid'].get('auc_mean', float('nan')):.4f}, "
-        f"test auc_mean {s['test'].get('auc_mean', float('nan')):.4f}, "
-        f"worst-domain AUC {s['test'].get('auc_worst_domain', float('nan')):.4f}\n"
+        + (
+            f"test auc_mean {s['test'].get('auc_mean', float('nan')):.4f}, "
+            if s["evaluated_on"] == "test"
+            else "no test split (trained on every row before the validation window), "
+        )
+        + f"worst-domain AUC {s['test'].get('auc_worst_domain', float('nan')):.4f}\n"
         f"MLflow run: {s['run_id']} ({s['tracking_uri']})\n"
         + (
             f"registered: {reg['name']} version {reg['version']}; {reg['decision']}\n"

@@ -186,7 +186,10 @@ class FeaturesConfig:
     """How the feature store is built (``pipelines/build_features``).
 
     Splits are by time: the last ``test_fraction`` of timestamps is test, the
-    ``valid_fraction`` before it is validation, the rest is training.
+    ``valid_fraction`` before it is validation, the rest is training. ``test_fraction = 0``
+    builds no test split: the model trains on every row but the validation window (the
+    newest ``valid_fraction``), which early stopping, the reports and the promotion gate
+    use (bench/quality/newest.py measures both on rows after the log ends).
     """
 
     store_dir: str = "data/features/default"
@@ -206,10 +209,10 @@ class FeaturesConfig:
     partitions: int = 8
 
     def __post_init__(self) -> None:
-        for key in ("valid_fraction", "test_fraction"):
-            v = getattr(self, key)
-            if not 0.0 < v < 0.5:
-                _fail("features", key, f"must be in (0, 0.5), got {v}")
+        if not 0.0 < self.valid_fraction < 0.5:
+            _fail("features", "valid_fraction", f"must be in (0, 0.5), got {self.valid_fraction}")
+        if not 0.0 <= self.test_fraction < 0.5:
+            _fail("features", "test_fraction", f"must be in [0, 0.5), got {self.test_fraction}")
         if self.min_count < 1:
             _fail("features", "min_count", "must be >= 1")
         if self.max_vocab < 2:

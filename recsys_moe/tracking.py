@@ -163,10 +163,14 @@ class Tracker:
         import mlflow
 
         client = mlflow.MlflowClient(self.uri)
-        flat = {f"test/{k}": v for k, v in summary["test"].items()}
-        flat.update({f"best/valid/{k}": v for k, v in summary["valid"].items()})
+        split = summary.get("evaluated_on", "test")
+        # a store without a test split: the held-out rows are the validation window, where
+        # the best epoch's model is the one evaluated (best/valid, now with the slices)
+        held = "test" if split == "test" else "best/valid"
+        flat = {f"best/valid/{k}": v for k, v in summary["valid"].items()}
+        flat.update({f"{held}/{k}": v for k, v in summary["test"].items()})
         flat.update({f"oracle/{k}": v for k, v in (summary["oracle"] or {}).items()})
-        flat.update({f"test/{k}": v for k, v in summary["router"].items()})
+        flat.update({f"{held}/{k}": v for k, v in summary["router"].items()})
         flat.update(
             {
                 "best_epoch": summary["best_epoch"],
@@ -175,7 +179,7 @@ class Tracker:
         )
         log_metrics(client, self.run_id, flat)
         with tempfile.TemporaryDirectory() as tmp:
-            for path in plots(model, monitor, summary["test"], preds, test_df, Path(tmp)):
+            for path in plots(model, monitor, summary["test"], preds, test_df, Path(tmp), split):
                 mlflow.log_artifact(str(path), "plots")
         self.log_model(model_dir, test_df.head(5))
 
@@ -234,7 +238,9 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def plots(model, monitor, test_metrics, preds: np.ndarray, test_df, out: Path) -> list[Path]:
+def plots(
+    model, monitor, test_metrics, preds: np.ndarray, test_df, out: Path, split: str = "test"
+) -> list[Path]:
     """Expert-utilisation heatmaps per gate layer, per-domain AUC bars, calibration curves."""
     import matplotlib
 
@@ -264,7 +270,7 @@ def plots(model, monitor, test_metrics, preds: np.ndarray, test_df, out: Path) -
         ax.bar(np.arange(len(spec.domains)) + i * width, vals, width, label=t)
     ax.set_xticks(np.arange(len(spec.domains)) + width * (len(tasks) - 1) / 2, spec.domains)
     ax.set_ylim(0.5, 1.0)
-    ax.set_ylabel("test AUC")
+    ax.set_ylabel(f"{split} AUC")
     ax.legend()
     paths.append(_save(fig, out / "auc_per_domain.png"))
 
@@ -282,7 +288,7 @@ def plots(model, monitor, test_metrics, preds: np.ndarray, test_df, out: Path) -
     ax.plot([0, lim], [0, lim], "k--", lw=0.8)
     ax.set_xlabel("mean predicted")
     ax.set_ylabel("observed rate")
-    ax.set_title("calibration (test, deciles)")
+    ax.set_title(f"calibration ({split}, deciles)")
     ax.legend()
     paths.append(_save(fig, out / "calibration.png"))
     return paths

@@ -260,3 +260,32 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(small_store, tracked):
     assert epochs.count(0) == 1 and max(epochs) == 2, epochs
     assert (tracked / "ft" / "model.safetensors").exists()
     assert s["valid"]["auc_mean"] > 0.57
+
+
+def test_store_without_test_split_trains_on_all_but_the_validation_window(small_store, tracked):
+    """features.test_fraction = 0: the store holds train and valid only (valid the newest
+    window), training reports and gates on the validation rows, and says so."""
+    from pipelines.build_features import build_features
+
+    _, manifest = small_store
+    raw = _cfg(small_store, tracked, epochs=1).to_dict()
+    raw["features"].update(test_fraction=0.0, store_dir=str(tracked / "store_no_test"))
+    raw["serving"]["model_name"] = "no-test-split"
+    cfg0 = config_from_dict(raw)
+    man0 = build_features(cfg0, progress=False)
+    rows, rows_before = man0["splits"]["rows"], manifest["splits"]["rows"]
+    assert rows["test"] == 0 and not (tracked / "store_no_test/examples/split=test").exists()
+    assert rows["train"] + rows["valid"] == sum(rows_before.values())  # every row kept
+    assert rows["train"] > rows_before["train"] + rows_before["valid"] / 2  # and trained on
+    valid = read_examples(cfg0.features.store_dir, "valid")
+    train = read_examples(cfg0.features.store_dir, "train")
+    ts = man0["keys"]["timestamp"]
+    assert train[ts].max() < valid[ts].min()  # valid: the newest window
+
+    s = run_training(cfg0, workers=0, output=tracked / "m_no_test", progress=False)
+    assert s["evaluated_on"] == "valid"
+    # the held-out rows are the validation rows: the best epoch's model, its score there
+    assert s["test"]["auc_mean"] == pytest.approx(s["valid"]["auc_mean"], abs=1e-6)
+    assert s["registry"]["version"] == 1 and s["registry"]["promoted"]
+    metrics = mlflow.MlflowClient().get_run(s["run_id"]).data.metrics
+    assert "best/valid/auc_mean" in metrics and not any(k.startswith("test/") for k in metrics)
