@@ -53,7 +53,9 @@ def test_value_validation(tmp_path):
         load_config(write(tmp_path, "[features]\nvalid_fraction = 0.7\n"))
     with pytest.raises(ConfigError, match=r"test_fraction: must be in \[0, 0.5\)"):
         load_config(write(tmp_path, "[features]\ntest_fraction = -0.1\n"))
-    assert load_config(write(tmp_path, "[features]\ntest_fraction = 0\n")).features.test_fraction == 0
+    assert (
+        load_config(write(tmp_path, "[features]\ntest_fraction = 0\n")).features.test_fraction == 0
+    )
     with pytest.raises(ConfigError, match="top_k"):
         load_config(write(tmp_path, "[model]\ntop_k = 3\n"))
 
