@@ -13,6 +13,7 @@ the computation only: no optimiser, device placement, logging or I/O here.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -35,9 +36,17 @@ class EmbeddingArch(nn.Module):
     sum pooling for single-valued features, mean pooling for multi-valued ones.
     """
 
-    def __init__(self, spec: InputSpec, dim: int, device: torch.device | None = None) -> None:
+    def __init__(
+        self,
+        spec: InputSpec,
+        dim: int,
+        device: torch.device | None = None,
+        init_std: float = 0.0,
+    ) -> None:
         super().__init__()
         self.names = [f.name for f in spec.sparse]
+        # 0: torchrec's default init, uniform in +-1/sqrt(rows) (large for small tables)
+        init_fn = functools.partial(nn.init.normal_, std=init_std) if init_std > 0 else None
         tables = [
             EmbeddingBagConfig(
                 num_embeddings=f.vocab_size,
@@ -45,6 +54,7 @@ class EmbeddingArch(nn.Module):
                 name=f"t_{f.name}",
                 feature_names=[f.name],
                 pooling=PoolingType.MEAN if f.multi_valued else PoolingType.SUM,
+                init_fn=init_fn,
             )
             for f in spec.sparse
         ]
@@ -140,7 +150,7 @@ class RankingModel(nn.Module):
         # mixed-precision training (recsys_moe.training.training_dtype): the dtype experts,
         # gates and towers compute in while training; None = float32. Eval is float32.
         self.train_dtype: torch.dtype | None = None
-        self.embedding = EmbeddingArch(spec, cfg.embedding_dim, device)
+        self.embedding = EmbeddingArch(spec, cfg.embedding_dim, device, cfg.embedding_init_std)
         names = [f.name for f in spec.sparse]
         # each cross "a+b*c+d" is (e_a + e_b) * (e_c + e_d): two 0/1 selection rows over features
         sides = torch.zeros(2, len(cfg.interactions), len(names))

@@ -374,3 +374,19 @@ def test_evaluation_sees_every_training_step(data, small_store):
             want = m(sub.batch(slice(None))).preds.detach().numpy()
         assert not np.allclose(got, before)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_embedding_init_std_sets_every_table(data):
+    """model.embedding_init_std: every row N(0, std) (torch-rechub's N(0, 1e-4)); 0 keeps
+    torchrec's uniform +-1/sqrt(rows), wide on small tables."""
+    spec = data[0]
+    torch.manual_seed(0)
+    small = RankingModel(spec, ModelConfig(embedding_init_std=1e-4))
+    default = RankingModel(spec, ModelConfig())
+    for name, w in small.embedding.ebc.state_dict().items():
+        rows = w.shape[0]
+        assert w.abs().max() < 1e-3 and 0.5e-4 < w.std() < 2e-4, name
+        wide = default.embedding.ebc.state_dict()[name]
+        assert wide.abs().max() <= rows**-0.5 + 1e-6
+        if rows < 100:  # a small table starts far wider than N(0, 1e-4)
+            assert wide.abs().max() > 1e-2, name
