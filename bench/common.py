@@ -46,13 +46,37 @@ def write_section(name: str, body: str) -> None:
     print(f"results: {RESULTS} (section: {name})", flush=True)
 
 
-def ensure_store(cfg) -> None:
-    """The config's raw log (generated where missing or stale) and feature store (built
-    where missing)."""
-    from pipelines.build_features import build_features
+def load_bench_config(path: str, overrides: dict | None = None):
+    """``load_config`` for a benchmark: models are judged on a test window they never saw.
+    A config without a test split (``features.test_fraction = 0``, the shipped default)
+    gets one as large as its validation window, in a store of its own beside the user's
+    (``<store_dir>-heldout``)."""
+    import dataclasses
+
+    from recsys_moe.config import load_config
+
+    cfg = load_config(path, overrides)
+    f = cfg.features
+    if f.test_fraction > 0:
+        return cfg
+    held = dataclasses.replace(
+        f, test_fraction=f.valid_fraction, store_dir=f"{f.store_dir.rstrip('/')}-heldout"
+    )
+    return cfg.replace(features=held)
+
+
+def ensure_raw(cfg) -> None:
+    """The config's raw log, generated (or loaded) where missing or stale."""
     from pipelines.generate import raw_log_is_current, run_generate
 
     if not raw_log_is_current(cfg):
         run_generate(cfg, progress=False)
+
+
+def ensure_store(cfg) -> None:
+    """The config's raw log (:func:`ensure_raw`) and feature store (built where missing)."""
+    from pipelines.build_features import build_features
+
+    ensure_raw(cfg)
     if not (Path(cfg.features.store_dir) / "manifest.json").exists():
         build_features(cfg, progress=False)

@@ -34,7 +34,7 @@ import time
 
 import torch
 
-from bench.common import machine, write_section
+from bench.common import load_bench_config, machine, write_section
 from recsys_moe.model.cost import forward_cost
 from recsys_moe.model.experts import StackedExperts
 from recsys_moe.runtime import tune_allocator
@@ -419,10 +419,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sparse-only", action="store_true", help="only sparse expert compute")
     args = ap.parse_args(argv)
     from features.store import load_manifest
-    from recsys_moe.config import load_config
     from recsys_moe.model.inputs import InputSpec
 
-    cfg = load_config(args.config)
+    cfg = load_bench_config(args.config)
     if args.folded_only:
         write_folded(cfg, args.threads)
         return 0

@@ -32,7 +32,7 @@ import time
 import numpy as np
 import torch
 
-from bench.common import machine, write_section
+from bench.common import load_bench_config, machine, write_section
 
 MIX = {"feed": 0.7, "search": 0.2, "video": 0.1}
 SETTINGS = ("full", "slices", "lru2", "lru1")
@@ -54,7 +54,6 @@ def run_setting(setting: str, config: str, requests: int) -> dict:
     import psutil
 
     from features.store import load_manifest, read_examples
-    from recsys_moe.config import load_config
     from recsys_moe.model.inputs import ExampleTensors, InputSpec
     from recsys_moe.model.offload import DomainSliceCache
     from recsys_moe.model.ranker import RankingModel
@@ -63,7 +62,7 @@ def run_setting(setting: str, config: str, requests: int) -> dict:
     from recsys_moe.training import predict
 
     torch.set_num_threads(1)
-    cfg = load_config(config)
+    cfg = load_bench_config(config)
     store = cfg.features.store_dir
     spec = InputSpec.from_manifest(load_manifest(store))
     mcfg = dataclasses.replace(cfg.model, arch="star", shared_experts=2, specific_experts=8,

@@ -58,7 +58,9 @@ def small_config_dict(tmp: Path, n_rows: int = 20_000, **features) -> dict:
     raw = tomllib.loads((REPO / "configs" / "default.toml").read_text())
     raw["synthetic"].update(n_rows=n_rows, n_users=800, n_items=300, chunk_rows=7_000, days=10)
     raw["data"]["raw_dir"] = str(tmp / "raw")
-    raw["features"].update(store_dir=str(tmp / "store"), partitions=3, **features)
+    # a test split (the shipped configs have none): tests check test metrics
+    raw["features"].update(store_dir=str(tmp / "store"), partitions=3, test_fraction=0.1)
+    raw["features"].update(features)
     return raw
 
 

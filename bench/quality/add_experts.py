@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import machine, write_section
+from bench.common import load_bench_config, machine, write_section
 
 OUT = Path(__file__).resolve().parent.parent / "out" / "add_experts"
 
@@ -44,11 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     from features.store import load_manifest, read_examples
     from pipelines.extend import run_extend
     from recsys_moe.bundle import load_model
-    from recsys_moe.config import load_config
     from recsys_moe.model.inputs import ExampleTensors, InputSpec
     from recsys_moe.training import evaluate_model
 
-    base = load_config(args.config)
+    base = load_bench_config(args.config)
     store = base.features.store_dir
     if not (Path(store) / "manifest.json").is_file():
         from pipelines.build_features import build_features

@@ -18,8 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import machine, write_section
-from recsys_moe.config import load_config
+from bench.common import load_bench_config, machine, write_section
 
 OUT = Path(__file__).resolve().parent.parent / "out" / "quality"
 
@@ -41,7 +40,7 @@ def main() -> None:
     from pipelines.build_features import build_features
     from pipelines.generate import raw_log_is_current, run_generate
 
-    cfg = load_config(args.config)
+    cfg = load_bench_config(args.config)
     fresh = not raw_log_is_current(cfg)
     if fresh:
         run_generate(cfg, progress=False)

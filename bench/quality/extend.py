@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from bench.common import machine, write_section
+from bench.common import load_bench_config, machine, write_section
 
 OUT = Path(__file__).resolve().parent.parent / "out" / "extend"
 
@@ -105,12 +105,11 @@ def main() -> None:
     from pipelines.extend import extension_data, run_extend
     from pipelines.generate import raw_log_is_current, run_generate
     from recsys_moe.bundle import load_model
-    from recsys_moe.config import load_config
     from recsys_moe.model.inputs import InputSpec
     from recsys_moe.scorer import Scorer
     from recsys_moe.training import task_metrics
 
-    base = load_config(args.config)
+    base = load_bench_config(args.config)
     if args.rows:
         base = base.replace(synthetic=dataclasses.replace(base.synthetic, n_rows=args.rows))
     over = {k: v for k, v in (("experts", args.experts), ("epochs", args.epochs),

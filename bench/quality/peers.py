@@ -37,8 +37,8 @@ import numpy as np
 import polars as pl
 import torch
 
-from bench.common import ensure_store, machine, write_section
-from recsys_moe.config import Config, load_config
+from bench.common import ensure_store, load_bench_config, machine, write_section
+from recsys_moe.config import Config
 from recsys_moe.metrics import evaluate
 
 PEERS = ("MMOE", "PLE", "SharedBottom")
@@ -192,7 +192,7 @@ def compare(
     from recsys_moe.model.inputs import ExampleTensors, InputSpec
 
     torch.set_num_threads(threads)
-    cfg = load_config(config, overrides)
+    cfg = load_bench_config(config, overrides)
     ensure_store(cfg)
     store = cfg.features.store_dir
     manifest = load_manifest(store)

@@ -23,8 +23,7 @@ import time
 
 import numpy as np
 
-from bench.common import machine, write_section
-from recsys_moe.config import load_config
+from bench.common import load_bench_config, machine, write_section
 
 REVIVE = 25  # training.revive_after_steps where revival is on
 SETTINGS = [  # (top_k, aux_loss_coef, z_loss_coef, revive_after_steps, start collapsed)
@@ -68,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     from recsys_moe.model.revive import collapse_router
     from recsys_moe.training import evaluate_model, fit
 
-    cfg = load_config(args.config)
+    cfg = load_bench_config(args.config)
     store = cfg.features.store_dir
     if not os.path.exists(os.path.join(store, "manifest.json")):
         raise SystemExit(f"{store}: no feature store (run `make train` or `make features`)")

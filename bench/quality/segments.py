@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from bench.common import machine, write_section
+from bench.common import load_bench_config, machine, write_section
 
 GROUPS = [[], ["domain"], ["user_segment"], ["domain", "user_segment"]]
 SLICES = ["segment_cold", "segment_casual", "segment_power", "cold_user"]
@@ -33,12 +33,11 @@ def run(config: str, train_rows: int) -> str:
 
     from features.store import load_manifest, read_examples
     from pipelines.train import slice_metrics
-    from recsys_moe.config import load_config
     from recsys_moe.model.inputs import ExampleTensors, InputSpec
     from recsys_moe.model.ranker import RankingModel
     from recsys_moe.training import evaluate_model, fit
 
-    cfg = load_config(config)
+    cfg = load_bench_config(config)
     store = cfg.features.store_dir
     if not os.path.exists(os.path.join(store, "manifest.json")):
         from pipelines.build_features import build_features
