@@ -88,8 +88,10 @@ bench-peers: $(STAMP)  ## the model against torch-rechub's MMoE / PLE / SharedBo
 		$(if $(wildcard ../shared/data/movielens_100k),--config configs/movielens.toml) \
 		$(if $(wildcard ../shared/data/census_income_kdd),--config configs/census.toml)
 
-bench-quality: $(STAMP)  ## model-quality scripts (MMoE synthetic, Census, architectures, extend, add experts, segment experts, routing health; ~75 min)
+bench-quality: $(STAMP)  ## model-quality scripts (MMoE synthetic, Census, architectures, newest rows, extend, add experts, segment experts, routing health; ~95 min)
 	$(BIN)/python -m bench.quality.mmoe_synthetic
+	$(BIN)/python -m bench.quality.newest \
+		$(if $(wildcard ../shared/data/movielens_100k),,--config configs/sparse.toml)
 	$(BIN)/python -m bench.quality.archs --config configs/census.toml --archs shared_bottom mmoe ple \
 		--note "Census-Income KDD: only the 99,762-row test file is at hand, split here by row order 80/10/10; a public MMoE reference reports about 0.945 (income) and 0.993 (never married) AUC trained on the full 199,523-row training file."
 	$(BIN)/python -m bench.quality.archs --config configs/default.toml
