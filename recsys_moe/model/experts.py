@@ -412,7 +412,14 @@ class GroupedExperts(nn.Module):
     """
 
     def __init__(
-        self, *, n_groups: int, per_group: int, d_in: int, hidden: list[int], dropout: float = 0.0
+        self,
+        *,
+        n_groups: int,
+        per_group: int,
+        d_in: int,
+        hidden: list[int],
+        dropout: float = 0.0,
+        batch_norm: bool = False,
     ) -> None:
         super().__init__()
         widths = [d_in, *hidden]
@@ -429,13 +436,39 @@ class GroupedExperts(nn.Module):
         for w, b in zip(self.weights, self.biases, strict=True):
             _init_stacked(w, b)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # batch_norm: every layer's pre-activation normalised per unit over the batch
+        # (running statistics in eval mode), Linear -> BatchNorm -> ReLU as torch-rechub's MLP
+        self.norms = (
+            nn.ModuleList(nn.BatchNorm1d(n_groups * per_group * b) for b in widths[1:])
+            if batch_norm
+            else None
+        )
+
+    def train(self, mode: bool = True) -> GroupedExperts:
+        """Frozen batch norms (parameters without gradient: a grown model's parent part)
+        stay in eval mode: their running statistics and outputs do not move."""
+        super().train(mode)
+        if self.norms is not None and not any(p.requires_grad for p in self.norms.parameters()):
+            self.norms.eval()
+        return self
+
+    def _norm(self, h: torch.Tensor, i: int) -> torch.Tensor:
+        if self.norms is None:
+            return h
+        bn = self.norms[i]
+        if bn.training and h.shape[0] < 2:  # one row has no batch statistics: running ones
+            return nn.functional.batch_norm(
+                h.flatten(1), bn.running_mean, bn.running_var, bn.weight, bn.bias,
+                training=False, eps=bn.eps,
+            ).view(h.shape)  # fmt: skip
+        return bn(h.flatten(1)).view(h.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.einsum("bgi,gpio->bgpo", x, self.weights[0]) + self.biases[0]  # (B, G, P, h1)
         for i in range(1, len(self.weights)):
-            h = self.dropout(torch.relu(h))
+            h = self.dropout(torch.relu(self._norm(h, i - 1)))
             h = torch.einsum("bgpi,gpio->bgpo", h, self.weights[i]) + self.biases[i]
-        return torch.relu(h)
+        return torch.relu(self._norm(h, len(self.weights) - 1))
 
 
 class LoopExperts(nn.Module):

@@ -73,10 +73,14 @@ class EmbeddingArch(nn.Module):
 class TaskTowers(nn.Module):
     """T towers as stacked parameters: (B, T, H) -> (B, T) logits."""
 
-    def __init__(self, *, n_tasks: int, d_in: int, hidden: list[int]) -> None:
+    def __init__(
+        self, *, n_tasks: int, d_in: int, hidden: list[int], batch_norm: bool = False
+    ) -> None:
         super().__init__()
         self.mlp = (
-            GroupedExperts(n_groups=n_tasks, per_group=1, d_in=d_in, hidden=hidden)
+            GroupedExperts(
+                n_groups=n_tasks, per_group=1, d_in=d_in, hidden=hidden, batch_norm=batch_norm
+            )
             if hidden
             else None
         )
@@ -184,8 +188,9 @@ class RankingModel(nn.Module):
             n_segments=seg[0].vocab_size if seg else 0,
         )  # fmt: skip
         self.towers = TaskTowers(
-            n_tasks=len(spec.tasks), d_in=cfg.expert_hidden[-1], hidden=cfg.tower_hidden
-        )
+            n_tasks=len(spec.tasks), d_in=cfg.expert_hidden[-1], hidden=cfg.tower_hidden,
+            batch_norm=cfg.tower_norm == "batch",
+        )  # fmt: skip
         self._parent = [
             self.task_names.index(t.funnel_parent) if t.funnel_parent else -1 for t in spec.tasks
         ]

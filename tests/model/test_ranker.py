@@ -390,3 +390,39 @@ def test_embedding_init_std_sets_every_table(data):
         assert wide.abs().max() <= rows**-0.5 + 1e-6
         if rows < 100:  # a small table starts far wider than N(0, 1e-4)
             assert wide.abs().max() > 1e-2, name
+
+
+def test_tower_batch_norm_trains_on_batch_statistics_and_serves_on_running_ones(data, tmp_path):
+    """model.tower_norm = "batch": training normalises each tower unit over the batch (a
+    row's score depends on its batch) and updates the running statistics; evaluation and
+    the bundle score with the running ones (a row's score is its own); one-row training
+    batches work; frozen towers (a grown model's parent part) keep their statistics."""
+    spec, manifest, train, valid = data
+    torch.manual_seed(0)
+    model = RankingModel(spec, ModelConfig(n_experts=4, tower_norm="batch"))
+    norms = model.towers.mlp.norms
+    assert norms is not None and len(norms) == len(model.cfg.tower_hidden)
+    b = train.batch(slice(0, 256))
+    model.train()
+    with torch.no_grad():
+        whole = model(b).logits
+        half = model(train.batch(slice(0, 128))).logits
+        assert not torch.allclose(whole[:128], half)  # batch statistics
+        assert norms[0].num_batches_tracked == 2
+        model(train.batch(slice(0, 1)))  # one row: running statistics, no error
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(model(b).logits[:128], model(train.batch(slice(0, 128))).logits,
+                              atol=1e-6)  # fmt: skip
+    write_bundle(model, tmp_path / "m", manifest)
+    loaded, _ = load_model(tmp_path / "m")
+    assert loaded.cfg.tower_norm == "batch"
+    np.testing.assert_array_equal(predict(model, valid), predict(loaded, valid))
+    # frozen: train mode leaves them in eval mode, their statistics unchanged
+    for p in model.towers.parameters():
+        p.requires_grad_(False)
+    model.train()
+    before = norms[0].running_mean.clone()
+    with torch.no_grad():
+        model(b)
+    assert not norms[0].training and torch.equal(norms[0].running_mean, before)
