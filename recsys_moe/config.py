@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 SourceKind = Literal[
-    "synthetic", "files", "movielens100k", "census_kdd", "ali_ccp", "aliexpress", "kuairand"
-]
+    "synthetic", "files", "movielens100k", "census_kdd", "ali_ccp", "aliexpress", "kuairand",
+    "douban", "womens_ecommerce",
+]  # fmt: skip
 TaskKind = Literal["binary", "regression"]
 BadRowPolicy = Literal["error", "reject"]
 

@@ -12,6 +12,9 @@ bags), on this machine's cores with the same batch size:
   (``pipelines.train.run_training``: Ray Train, the default worker layout, the config's
   [training] section, early stopping on validation; no registry), then the bundle it
   wrote scores the test rows;
+- **recsys-moe as torch-rechub MMoE** (the peer reproduction; ``--no-as-rechub`` skips
+  it): the same path with :data:`AS_RECHUB_MMOE`, the project's model made torch-rechub's
+  MMoE, which must land within the seed spread of torch-rechub's own;
 - **torch-rechub 0.9** (the ``peers`` extra): its MMoE, PLE and SharedBottom, one head per
   task, trained by its own ``MTLTrainer`` (Adam lr 1e-3, weight decay 1e-5, early
   stopping on the first task's validation AUC, patience 1, at most the config's epochs).
@@ -42,6 +45,40 @@ from recsys_moe.config import Config
 from recsys_moe.metrics import evaluate
 
 PEERS = ("MMOE", "PLE", "SharedBottom")
+
+# recsys-moe made torch-rechub's MMoE (the peer reproduction): the same inputs (the store's
+# columns, no crosses), embedding 16 started N(0, 1e-4), 4 experts [64], one softmax gate
+# per task, towers [32] with BatchNorm, Adam 1e-3 on tables and dense weights (weight decay
+# 1e-5 on the dense ones; torch-rechub decays the tables too), patience 1. What remains
+# the project's own: the funnel of funnel tasks, the best epoch by validation auc_mean
+# (torch-rechub: its last epoch, its early stopper keeps references to the live weights)
+AS_RECHUB_MMOE = {
+    "model.arch": "mmoe",
+    "model.embedding_dim": 16,
+    "model.embedding_init_std": 1e-4,
+    "model.n_experts": 4,
+    "model.expert_hidden": [64],
+    "model.tower_hidden": [32],
+    "model.tower_norm": "batch",
+    "model.interactions": [],
+    "model.input_norm": "none",
+    "model.gates": "task",
+    "model.gate_by_domain": False,
+    "model.routing": "softmax",
+    "model.expert_groups": [],
+    "model.dropout": 0.0,
+    "model.id_dropout": 0.0,
+    "model.aux_loss_coef": 0.0,
+    "model.z_loss_coef": 0.0,
+    "training.embedding_optimizer": "adam",
+    "training.embedding_lr": 1e-3,
+    "training.lr": 1e-3,
+    "training.weight_decay": 1e-5,
+    "training.lr_decay": 1.0,
+    "training.early_stopping_patience": 1,
+    "training.revive_after_steps": 0,
+}
+AS_RECHUB = "recsys-moe as torch-rechub MMoE"
 
 
 # ------------------------------------------------------------------ torch-rechub
@@ -154,7 +191,7 @@ def run_peer(name: str, manifest: dict, splits: dict[str, pl.DataFrame], cfg: Co
 # ------------------------------------------------------------------ recsys-moe
 
 
-def run_project(cfg: Config, splits: dict[str, pl.DataFrame]) -> dict[str, Any]:
+def run_project(cfg: Config, splits: dict[str, pl.DataFrame], tag: str = "") -> dict[str, Any]:
     """The config's model trained by what ``recsys-moe train`` runs (Ray Train, the
     default worker layout; no registry), then the bundle it wrote scores the test rows."""
     from bench.quality.common import train_as_cli
@@ -162,7 +199,7 @@ def run_project(cfg: Config, splits: dict[str, pl.DataFrame]) -> dict[str, Any]:
     from recsys_moe.model.inputs import ExampleTensors
     from recsys_moe.training import predict
 
-    out = Path("bench/out/peers") / cfg.name / f"recsys-moe-seed{cfg.training.seed}"
+    out = Path("bench/out/peers") / cfg.name / f"recsys-moe{tag}-seed{cfg.training.seed}"
     s = train_as_cli(cfg, out, progress=False)
     model, _ = load_model(s["model_dir"])
     preds = predict(model, ExampleTensors(model.spec, splits["test"]))
@@ -186,6 +223,7 @@ def compare(
     overrides: dict | None = None,
     peers: tuple[str, ...] = PEERS,
     seeds: int = 1,
+    as_rechub: bool = True,
 ) -> str:
     from features.store import load_manifest, read_examples
     from pipelines.train import oracle_metrics
@@ -212,6 +250,11 @@ def compare(
             training=dataclasses.replace(cfg.training, seed=cfg.training.seed + seed)
         )
         who_runs = {"recsys-moe": run_project(scfg, splits)}
+        if as_rechub:
+            print(f"[peers] {cfg.name} seed {seed}: {AS_RECHUB} ...", flush=True)
+            rcfg = load_bench_config(config, {**(overrides or {}), **AS_RECHUB_MMOE,
+                                              "training.seed": scfg.training.seed})  # fmt: skip
+            who_runs[AS_RECHUB] = run_project(rcfg, splits, "-as-rechub")
         for name in peers:
             print(f"[peers] {cfg.name} seed {seed}: torch-rechub {name} ...", flush=True)
             who_runs[f"torch-rechub {name}"] = run_peer(name, manifest, splits, cfg, out, seed)
@@ -248,7 +291,7 @@ def _std(ms: list[dict[str, float]]) -> dict[str, float]:
 def report(cfg, manifest, runs, res, spread, oracle, masks, threads, n_train, seeds) -> str:
     """Markdown: AUC per task x domain (mean ± std over ``seeds``), slices, throughput."""
     names = list(runs)
-    peers = [n for n in names if n != "recsys-moe"]
+    peers = [n for n in names if not n.startswith("recsys-moe")]
     head = "| task | domain | " + " | ".join(names) + (" | oracle |" if oracle else " |")
     lines = [head, "|---|---|" + "---:|" * (len(names) + (1 if oracle else 0))]
     verdict = []
@@ -290,13 +333,26 @@ def report(cfg, manifest, runs, res, spread, oracle, masks, threads, n_train, se
             if k.endswith("/auc") and k in res["recsys-moe"]
         ]
         gap = f" Largest gap to the oracle: {max(gaps):.4f}."
+    repro = ""
+    if AS_RECHUB in res and "torch-rechub MMOE" in res:
+        cells = []
+        for t in manifest["tasks"]:
+            key = f"{t['name']}/all/auc"
+            d = res[AS_RECHUB][key] - res["torch-rechub MMOE"][key]
+            sp = max(spread[AS_RECHUB].get(key, 0.0), spread["torch-rechub MMOE"].get(key, 0.0))
+            cells.append(f"{t['name']} {d:+.4f} (spread {sp:.4f})")
+        repro = (
+            f" Peer reproduction ({AS_RECHUB} minus torch-rechub MMoE, overall): "
+            + ", ".join(cells)
+            + "."
+        )
     summary = (
         "recsys-moe minus the best torch-rechub model, overall per task: "
         + ", ".join(f"{m:+.4f}" for m in overall)
         + "; minus that model's seed spread: "
         + ", ".join(f"{c:+.4f}" for c in clear)
         + f"; per task x domain: min {min(per_domain):+.4f}.{gap} Training samples/s "
-        f"{ratio:.2f}x torch-rechub MMoE."
+        f"{ratio:.2f}x torch-rechub MMoE." + repro
     )
     body = "\n".join([
         f"Machine: {machine()}. Config `{cfg.name}`: {n_train:,} training rows; {seeds} seed(s), "
@@ -332,6 +388,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--no-peers", action="store_true", help="recsys-moe only (a trial)")
     ap.add_argument("--seeds", type=int, default=3, help="seeds per model (mean ± std)")
+    ap.add_argument(
+        "--no-as-rechub",
+        action="store_true",
+        help=f"skip '{AS_RECHUB}' (the project's model with torch-rechub's MMoE settings)",
+    )
     args = ap.parse_args(argv)
     overrides = {}
     for item in args.set:
@@ -342,7 +403,8 @@ def main(argv: list[str] | None = None) -> int:
             overrides[key] = value
     trial = bool(overrides) or args.no_peers
     for config in args.config or ["configs/sparse.toml"]:
-        body = compare(config, args.threads, overrides, () if args.no_peers else PEERS, args.seeds)
+        body = compare(config, args.threads, overrides, () if args.no_peers else PEERS, args.seeds,
+                       as_rechub=not args.no_as_rechub)  # fmt: skip
         print(body, flush=True)
         if not trial:
             write_section(

@@ -205,7 +205,81 @@ def load_kuairand(root: Path) -> Tables:
     return inter, users, items
 
 
+def _shuffled_ts(n: int, seed: int = 0) -> pl.Series:
+    """A fixed random order as the timestamp of a file without time: the time split is
+    then a random split (the same one every run)."""
+    return pl.Series("ts", np.random.default_rng(seed).permutation(n), dtype=pl.Int64)
+
+
+def load_douban(root: Path) -> Tables:
+    """Douban book + music ratings (two domains, shared users; explicit ratings only):
+    tasks ``like`` (rating >= 4) and ``love`` (rating == 5, a funnel child of like);
+    domain = the file (book / music); user ids are shared across the files, item ids are
+    per file, so items become ``book:<id>`` / ``music:<id>`` strings. The files carry no
+    time: ``ts`` is a fixed random order (a random split, as the DTCDR papers use)."""
+    parts = []
+    for domain in ("book", "music"):
+        df = pl.read_csv(
+            _need(root / f"douban_{domain}_ratings.dat"), separator="\t", has_header=False,
+            new_columns=["user_id", "item_id", "rating"],
+            schema_overrides={"user_id": pl.Int64, "item_id": pl.String, "rating": pl.Int64},
+        )  # fmt: skip
+        parts.append(
+            df.with_columns(
+                (pl.lit(f"{domain}:") + pl.col("item_id")).alias("item_id"),
+                pl.lit(domain).alias("domain"),
+            )
+        )
+    inter = pl.concat(parts)
+    inter = inter.with_columns(
+        _shuffled_ts(inter.height),
+        (pl.col("rating") >= 4).cast(pl.Int8).alias("like"),
+        (pl.col("rating") == 5).cast(pl.Int8).alias("love"),
+    ).select("user_id", "item_id", "domain", "ts", "like", "love", "rating")
+    users = inter.select("user_id").unique().sort("user_id")
+    items = inter.select("item_id").unique().sort("item_id")  # no attributes in these files
+    return inter, users, items
+
+
+WOMENS_COLUMNS = {
+    "Clothing ID": "item_id", "Age": "age", "Rating": "rating",
+    "Recommended IND": "recommended_ind", "Positive Feedback Count": "feedback_count",
+    "Division Name": "division", "Department Name": "department", "Class Name": "class_name",
+}  # fmt: skip
+
+
+def load_womens_ecommerce(root: Path) -> Tables:
+    """Women's E-Commerce Clothing Reviews (23,486 reviews): tasks ``recommended``
+    (Recommended IND), ``rating4`` (rating >= 4) and ``helpful`` (positive feedback count
+    > 0); domain = the item's department (six; "unknown" for the 14 rows without one).
+    There are no user ids: each review is its own user (a cold user, with the reviewer's
+    age); item attributes are division and class. No time either: ``ts`` is a fixed
+    random order (a random split)."""
+    path = root / "womens_ecommerce_reviews.csv.gz"
+    with gzip.open(_need(path), "rb") as fh:
+        df = pl.read_csv(fh.read(), columns=list(WOMENS_COLUMNS), infer_schema_length=10_000)
+    df = df.rename(WOMENS_COLUMNS).with_row_index("user_id")
+    df = df.with_columns(
+        pl.col("user_id").cast(pl.Int64),
+        pl.col("item_id").cast(pl.Int64),
+        pl.col("age").cast(pl.Float64),
+        *[pl.col(c).fill_null("unknown") for c in ("division", "department", "class_name")],
+    )
+    inter = df.select(
+        "user_id", "item_id", pl.col("department").alias("domain"), _shuffled_ts(df.height),
+        pl.col("recommended_ind").cast(pl.Int8).alias("recommended"),
+        (pl.col("rating") >= 4).cast(pl.Int8).alias("rating4"),
+        (pl.col("feedback_count") > 0).cast(pl.Int8).alias("helpful"),
+    )  # fmt: skip
+    band = np.array(AGE_LABELS)[np.digitize(df["age"].fill_null(0).to_numpy(), AGE_EDGES)]
+    users = df.select("user_id", "age").with_columns(pl.Series("age_band", band, dtype=pl.String))
+    items = _first_per_key(df, "item_id", ["division", "class_name"])
+    return inter, users, items
+
+
 LOADERS: dict[str, Callable[[Path], Tables]] = {
+    "douban": load_douban,
+    "womens_ecommerce": load_womens_ecommerce,
     "movielens100k": load_movielens100k,
     "census_kdd": load_census_kdd,
     "ali_ccp": load_ali_ccp,

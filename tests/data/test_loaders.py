@@ -52,6 +52,31 @@ def test_census(tmp_path):
     assert "instance_weight" not in users.columns and "marital_stat" not in users.columns
 
 
+def test_douban(tmp_path):
+    cfg, rows, report, inter = load("douban", tmp_path)
+    # SOURCE.md counts: 96,041 book + 69,709 music ratings, 2,216 users, per-file item ids
+    assert rows == {"interactions": 96_041 + 69_709, "users": 2_216, "items": 6_777 + 5_567}
+    assert inter.group_by("domain").len().sort("domain")["len"].to_list() == [96_041, 69_709]
+    assert inter["item_id"].str.starts_with("book:").sum() == 96_041  # string ids, no clash
+    assert inter["like"].sum() == 38_975 + 30_236 + 24_805 + 27_180  # rating >= 4
+    assert inter["love"].sum() == 30_236 + 27_180
+    assert ((inter["love"] == 1) <= (inter["like"] == 1)).all()
+    assert inter["ts"].sort().to_list() == list(range(inter.height))  # a fixed random order
+    assert not inter["ts"].head(100).is_sorted()
+    assert report.unknown_users == 0 and report.rejected == {}
+
+
+def test_womens_ecommerce(tmp_path):
+    cfg, rows, report, inter = load("womens_ecommerce", tmp_path)
+    assert rows == {"interactions": 23_486, "users": 23_486, "items": 1_206}
+    assert inter["recommended"].sum() == 19_314  # SOURCE.md statistics
+    assert inter["rating4"].sum() == 5_077 + 13_131
+    assert inter["helpful"].sum() == 12_310
+    counts = dict(inter.group_by("domain").len().iter_rows())
+    assert counts["Tops"] == 10_468 and counts["Trend"] == 119 and counts["unknown"] == 14
+    assert report.rejected == {}
+
+
 @pytest.mark.parametrize(
     ("name", "n", "tasks"),
     [("ali_ccp", 200, ("click", "purchase")), ("aliexpress", 120, ("click", "conversion")), ("kuairand", 200, ("is_click", "long_view"))],
@@ -78,7 +103,7 @@ def test_missing_dataset_folder_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.ray
-@pytest.mark.parametrize("name", ["movielens", "census"])
+@pytest.mark.parametrize("name", ["movielens", "census", "douban", "womens_ecommerce"])
 def test_feature_store_from_real_data(tmp_path, name, ray_session):
     from pipelines.build_features import build_features
 
