@@ -82,11 +82,13 @@ bench: $(STAMP)  ## throughput benchmarks (after `make train`; writes bench/RESU
 	$(BIN)/python -m bench.kernels
 	$(BIN)/python -m bench.offload
 
-bench-peers: $(STAMP)  ## the model against torch-rechub's MMoE / PLE / SharedBottom (sparse, default, real data)
+bench-peers: $(STAMP)  ## the model against torch-rechub's MMoE / PLE / SharedBottom (sparse, default, real data: MovieLens, Census, Douban, Women's E-Commerce)
 	$(PIP) -e '.[peers]'
 	$(BIN)/python -m bench.quality.peers --config configs/sparse.toml --config configs/default.toml \
 		$(if $(wildcard ../shared/data/movielens_100k),--config configs/movielens.toml) \
-		$(if $(wildcard ../shared/data/census_income_kdd),--config configs/census.toml)
+		$(if $(wildcard ../shared/data/census_income_kdd),--config configs/census.toml) \
+		$(if $(wildcard ../shared/data/douban_book_music),--config configs/douban.toml) \
+		$(if $(wildcard ../shared/data/womens_ecommerce_reviews),--config configs/womens_ecommerce.toml)
 
 bench-quality: $(STAMP)  ## model-quality scripts (MMoE synthetic, Census, architectures, newest rows, extend, add experts, segment experts, routing health; ~95 min)
 	$(BIN)/python -m bench.quality.mmoe_synthetic
