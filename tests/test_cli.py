@@ -94,6 +94,8 @@ def test_generate_features_train(tmp_path):
     r = cli("train", "--config", str(cfg), "--no-progress", cwd=tmp_path, env=env)
     assert r.returncode == 0, r.stderr
     assert "oracle" in r.stdout and f"model: {tmp_path / 'models' / 'small'}" in r.stdout
+    # the shipped default builds no test split: trained on all but the validation window
+    assert "no test split (trained on every row before the validation window)" in r.stdout
     assert (tmp_path / "models" / "small" / "model.safetensors").is_file()
     assert "MLflow run: " in r.stdout and str(tmp_path / "mlflow.db") in r.stdout
 
