@@ -101,6 +101,12 @@ class SyntheticConfig:
     # share of users and of items that first appear after the log starts (at a uniform
     # time within it; they get impressions only from then on): new users and cold items
     arrival_fraction: float = 0.0
+    # how far a user's tastes differ between domains: the scale of each domain's random
+    # turn of the user vector (0 = the same tastes in every domain)
+    domain_divergence: float = 0.6
+    # popularity drift: each item's appeal and exposure follow a trend of its own across
+    # the log (its logit moves by drift * N(0, 1) from the first day to the last; 0 = none)
+    drift: float = 0.0
 
     def __post_init__(self) -> None:
         _require_positive(
@@ -114,6 +120,10 @@ class SyntheticConfig:
             _fail("synthetic", "zipf_exponent", "must be > 0")
         if not 0.0 <= self.arrival_fraction < 1.0:
             _fail("synthetic", "arrival_fraction", "must be in [0, 1)")
+        if self.domain_divergence < 0:
+            _fail("synthetic", "domain_divergence", "must be >= 0")
+        if self.drift < 0:
+            _fail("synthetic", "drift", "must be >= 0")
 
 
 @dataclass(frozen=True)

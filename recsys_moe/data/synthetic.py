@@ -9,11 +9,13 @@ Structure (so that models have something real to learn and the best AUC is known
   ``region`` also sets the time zone.
 - items: a latent vector ``v`` from the item's ``category`` and ``brand`` vectors plus an
   idiosyncratic part; Zipf popularity with per-domain multipliers; ``price`` (log-normal,
-  tied to ``v``) and multi-valued ``tags`` (drawn from ``v``).
+  tied to ``v``) and multi-valued ``tags`` (drawn from ``v``); with ``synthetic.drift``
+  each item also has a trend ``g`` (its appeal and exposure rise or fall across the log).
 - an impression in domain ``k`` at hour ``h`` on device ``dev``: for task ``t``
   ``logit = b[t,k] + s * <(M_k u) * v, w[t,k]> + pop + hour[k,h] + device[dev,t]``, where
-  ``M_k`` is a domain-specific transform and ``w[t,k] = rho_k c + sqrt(1 - rho_k^2) a[t,k]``:
-  tasks share direction ``c`` strongly in some domains (rho near 1) and weakly in others.
+  ``M_k = I + domain_divergence * N(0, 1/d)`` is the domain's turn of the user's tastes and ``w[t,k] = rho_k c + sqrt(1 - rho_k^2) a[t,k]``:
+  tasks share direction ``c`` strongly in some domains (rho near 1) and weakly in others;
+  ``+ drift * (f - 1/2) * g`` at the fraction ``f`` of the log's time (exposure likewise).
 - tasks: ``click``; ``conversion`` only after a click (``p = p_click * p_cvr``, a funnel);
   ``like`` (independent draw, correlated through ``w``).
 
@@ -61,7 +63,10 @@ class World:
     user_tz: np.ndarray  # (U,)
     item_latent: np.ndarray  # (I, d)
     item_log_pop: np.ndarray  # (I,)
-    item_domain_p: np.ndarray  # (K, I) rows sum to 1
+    item_domain_p: np.ndarray  # (K, I) rows sum to 1, at the log's middle
+    item_domain_logit: np.ndarray  # (K, I) the log-weights item_domain_p is the softmax of
+    item_trend: np.ndarray  # (I,) each item's drift direction (N(0, 1))
+    drift: float
     domain_transform: np.ndarray  # (K, d, d)
     task_weight: np.ndarray  # (T, K, d)
     task_bias: np.ndarray  # (T, K)
@@ -112,7 +117,8 @@ def build_world(cfg: SyntheticConfig) -> tuple[World, pl.DataFrame, pl.DataFrame
     rank = rng.permutation(n_i)
     log_pop = -cfg.zipf_exponent * np.log1p(rank)
     dom_mult = rng.normal(0.0, 0.7, size=(n_k, n_i))
-    item_domain_p = _softmax(log_pop[None, :] + dom_mult, axis=1)
+    item_domain_logit = log_pop[None, :] + dom_mult
+    item_domain_p = _softmax(item_domain_logit, axis=1)
     category = rng.integers(0, N_CATEGORIES, size=n_i)
     brand = rng.integers(0, N_BRANDS, size=n_i)
     cat_vec, brand_vec = rng.normal(size=(N_CATEGORIES, d)), rng.normal(size=(N_BRANDS, d))
@@ -133,7 +139,8 @@ def build_world(cfg: SyntheticConfig) -> tuple[World, pl.DataFrame, pl.DataFrame
     )
 
     n_t = len(TASKS)
-    transform = np.eye(d)[None] + 0.6 * rng.normal(size=(n_k, d, d)) / math.sqrt(d)
+    turn = cfg.domain_divergence * rng.normal(size=(n_k, d, d)) / math.sqrt(d)
+    transform = np.eye(d)[None] + turn
     rho = np.linspace(0.9, 0.2, n_k)
     common = rng.normal(size=d)
     own = rng.normal(size=(n_t, n_k, d))
@@ -168,6 +175,10 @@ def build_world(cfg: SyntheticConfig) -> tuple[World, pl.DataFrame, pl.DataFrame
         item_latent=v,
         item_log_pop=log_pop,
         item_domain_p=item_domain_p,
+        item_domain_logit=item_domain_logit,
+        # a stream of its own, so that drift = 0 draws the very same world as before
+        item_trend=np.random.default_rng([cfg.seed, 3]).normal(size=n_i),
+        drift=cfg.drift,
         domain_transform=transform,
         task_weight=w,
         task_bias=bias,
@@ -199,10 +210,14 @@ def generate_chunk(world: World, cfg: SyntheticConfig, chunk: int, start: int, n
     ts = np.sort(rng.integers(t0, max(t1, t0 + 1), size=n))
     # users and items that have arrived by the chunk's start (all, without arrivals)
     now = t0 - START_TS
+    item_p = world.item_domain_p
+    if world.drift:  # exposure follows each item's trend, at the chunk's middle
+        mid = ((t0 + t1) / 2 - START_TS) / span - 0.5
+        item_p = _softmax(world.item_domain_logit + world.drift * mid * world.item_trend, axis=1)
     users_in = world.user_activity * (world.user_arrival <= now)
-    items_in = world.item_domain_p * (world.item_arrival <= now)[None, :]
+    items_in = item_p * (world.item_arrival <= now)[None, :]
     if (world.user_arrival <= now).all() and (world.item_arrival <= now).all():
-        users_in, items_in = world.user_activity, world.item_domain_p  # sum to 1 already
+        users_in, items_in = world.user_activity, item_p  # sum to 1 already
     else:
         users_in = users_in / users_in.sum()
         items_in = items_in / items_in.sum(axis=1, keepdims=True)
@@ -230,6 +245,9 @@ def generate_chunk(world: World, cfg: SyntheticConfig, chunk: int, start: int, n
         + world.hour_effect[dom, hour][:, None]
         + world.device_effect[device]
     )
+    if world.drift:
+        trend = world.drift * ((ts - START_TS) / span - 0.5) * world.item_trend[item]
+        logits = logits + trend[:, None]
     p = _sigmoid(logits)
     p_click, p_like, p_cvr = p[:, 0], p[:, 1], p[:, 2]
     click = rng.random(n) < p_click
