@@ -12,7 +12,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export MLFLOW_DISABLE_TELEMETRY := true
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: install train features generate ui serve score extend test lint format bench bench-peers bench-quality clean help
+.PHONY: install train features generate ui serve score extend test lint format bench bench-peers bench-regimes bench-quality clean help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -89,6 +89,10 @@ bench-peers: $(STAMP)  ## the model against torch-rechub's MMoE / PLE / SharedBo
 		$(if $(wildcard ../shared/data/census_income_kdd),--config configs/census.toml) \
 		$(if $(wildcard ../shared/data/douban_book_music),--config configs/douban.toml) \
 		$(if $(wildcard ../shared/data/womens_ecommerce_reviews),--config configs/womens_ecommerce.toml)
+
+bench-regimes: $(STAMP)  ## the regime suite: default and sparse models against torch-rechub on 8 generated regimes (half held out) and the real sets; 3 seeds (~45 min)
+	$(PIP) -e '.[peers]'
+	$(BIN)/python -m bench.quality.regimes --real
 
 bench-quality: $(STAMP)  ## model-quality scripts (MMoE synthetic, Census, architectures, newest rows, extend, add experts, segment experts, routing health; ~95 min)
 	$(BIN)/python -m bench.quality.mmoe_synthetic

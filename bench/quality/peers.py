@@ -217,20 +217,34 @@ def _slices(manifest: dict, store: str, test: pl.DataFrame) -> dict[str, np.ndar
     return store_slices(store, manifest, ExampleTensors(InputSpec.from_manifest(manifest), test))
 
 
-def compare(
-    config: str,
-    threads: int,
-    overrides: dict | None = None,
+@dataclasses.dataclass
+class Measured:
+    """One config's models over seeds: test metrics (mean and seed spread), speed."""
+
+    cfg: Config
+    manifest: dict
+    res: dict[str, dict[str, float]]  # model -> metric -> mean over seeds
+    spread: dict[str, dict[str, float]]  # model -> metric -> std over seeds
+    speed: dict[str, dict[str, float]]  # model -> samples_per_s / epochs / wall (means)
+    masks: dict[str, np.ndarray]
+    oracle: dict[str, float] | None
+    n_train: int
+
+
+def measure(
+    cfg: Config,
+    variants: dict[str, Config],
     peers: tuple[str, ...] = PEERS,
     seeds: int = 1,
-    as_rechub: bool = True,
-) -> str:
+    threads: int = 2,
+) -> Measured:
+    """Train every recsys-moe variant (a config each, on ``cfg``'s store) and every
+    torch-rechub peer ``seeds`` times; score the store's test rows with each."""
     from features.store import load_manifest, read_examples
     from pipelines.train import oracle_metrics
     from recsys_moe.model.inputs import ExampleTensors, InputSpec
 
     torch.set_num_threads(threads)
-    cfg = load_bench_config(config, overrides)
     ensure_store(cfg)
     store = cfg.features.store_dir
     manifest = load_manifest(store)
@@ -246,15 +260,13 @@ def compare(
     per_seed: dict[str, list[dict[str, float]]] = {}
     runs: dict[str, list[dict[str, Any]]] = {}
     for seed in range(seeds):
-        scfg = cfg.replace(
-            training=dataclasses.replace(cfg.training, seed=cfg.training.seed + seed)
-        )
-        who_runs = {"recsys-moe": run_project(scfg, splits)}
-        if as_rechub:
-            print(f"[peers] {cfg.name} seed {seed}: {AS_RECHUB} ...", flush=True)
-            rcfg = load_bench_config(config, {**(overrides or {}), **AS_RECHUB_MMOE,
-                                              "training.seed": scfg.training.seed})  # fmt: skip
-            who_runs[AS_RECHUB] = run_project(rcfg, splits, "-as-rechub")
+        who_runs = {}
+        for i, (who, vcfg) in enumerate(variants.items()):
+            print(f"[peers] {cfg.name} seed {seed}: {who} ...", flush=True)
+            vcfg = vcfg.replace(
+                training=dataclasses.replace(vcfg.training, seed=vcfg.training.seed + seed)
+            )
+            who_runs[who] = run_project(vcfg, splits, f"-v{i}" if i else "")
         for name in peers:
             print(f"[peers] {cfg.name} seed {seed}: torch-rechub {name} ...", flush=True)
             who_runs[f"torch-rechub {name}"] = run_peer(name, manifest, splits, cfg, out, seed)
@@ -267,16 +279,35 @@ def compare(
                     m |= {f"{sl}:{k}": v for k, v in sub.items() if k.endswith("/all/auc")}
             per_seed.setdefault(who, []).append(m)
             runs.setdefault(who, []).append(r)
-    res = {who: _mean(ms) for who, ms in per_seed.items()}
-    spread = {who: _std(ms) for who, ms in per_seed.items()}
     speed = {who: {k: float(np.mean([r[k] for r in rs])) for k in ("samples_per_s", "epochs",
                                                                   "wall")}
              for who, rs in runs.items()}  # fmt: skip
     oracle = None
     if cfg.source.kind == "synthetic":
         oracle = oracle_metrics(cfg, test, ExampleTensors(spec, test), spec)
-    return report(cfg, manifest, speed, res, spread, oracle, masks, threads,
-                  len(splits["train"]), seeds)  # fmt: skip
+    return Measured(
+        cfg, manifest,
+        res={who: _mean(ms) for who, ms in per_seed.items()},
+        spread={who: _std(ms) for who, ms in per_seed.items()},
+        speed=speed, masks=masks, oracle=oracle, n_train=len(splits["train"]),
+    )  # fmt: skip
+
+
+def compare(
+    config: str,
+    threads: int,
+    overrides: dict | None = None,
+    peers: tuple[str, ...] = PEERS,
+    seeds: int = 1,
+    as_rechub: bool = True,
+) -> str:
+    cfg = load_bench_config(config, overrides)
+    variants = {"recsys-moe": cfg}
+    if as_rechub:
+        variants[AS_RECHUB] = load_bench_config(config, {**(overrides or {}), **AS_RECHUB_MMOE})
+    m = measure(cfg, variants, peers, seeds, threads)
+    return report(cfg, m.manifest, m.speed, m.res, m.spread, m.oracle, m.masks, threads,
+                  m.n_train, seeds)  # fmt: skip
 
 
 def _mean(ms: list[dict[str, float]]) -> dict[str, float]:

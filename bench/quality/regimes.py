@@ -1,0 +1,223 @@
+"""The regime suite: the shipped models against torch-rechub on eight generated logs that
+differ the way real multi-domain logs differ, and on every real dataset with a loader.
+
+    python -m bench.quality.regimes [--half tune|holdout|all] [--regime NAME ...]
+                                    [--real] [--seeds 3]
+
+Each regime is the embedded generator (``recsys_moe.data.synthetic``) with a few of its
+knobs turned: how far users' tastes differ between domains (``domain_divergence``), how
+much of a user's / item's taste its attributes explain (``idiosyncratic``), how many
+users and items arrive during the log (``arrival_fraction``), drift in item popularity
+(``drift``), how heavy-tailed user activity is (``user_activity_sigma``). Every regime has
+the sparse config's shape (string ids, click with conversion as a funnel under it, three
+domains, user / item attributes and context columns) at 250k rows, and a generator seed
+of its own.
+
+The regimes were split in two before any model ran on them (the commit that added this
+file): ``tune`` is where model and training changes may be tried; ``holdout`` is reported,
+never tuned on. The holdout half is what counts.
+
+Models, on the same train / valid / test split (the benches' own test window, the last
+10% of time) and batch, ``--seeds`` times each: the project's model with the ``[model]``
+and ``[training]`` sections of ``configs/default.toml`` (what ``make train`` runs) and of
+``configs/sparse.toml``, trained by what ``recsys-moe train`` runs; torch-rechub's MMoE,
+PLE and SharedBottom (``bench.quality.peers``). With ``--real``, the real datasets in
+``../shared/data`` with their own shipped configs are added to the table. Written to
+``bench/RESULTS.md`` as one table: regimes x models, mean ± seed spread per task.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.common import load_bench_config, machine, write_section
+from bench.quality.peers import PEERS, Measured, measure
+
+BASE = "configs/sparse.toml"
+MODELS = {"recsys-moe default": "configs/default.toml", "recsys-moe sparse": "configs/sparse.toml"}
+SHAPE = {
+    "n_rows": 250_000,
+    "n_users": 10_000,
+    "n_items": 2_500,
+    "days": 30,
+    "idiosyncratic": 0.6,
+    "zipf_exponent": 0.9,
+    "user_activity_sigma": 1.4,
+    "arrival_fraction": 0.33,
+    "domain_divergence": 0.6,
+    "drift": 0.0,
+    "string_ids": True,
+}
+REAL = {  # config -> the folder under ../shared/data it reads
+    "configs/movielens.toml": "movielens_100k",
+    "configs/census.toml": "census_income_kdd",
+    "configs/douban.toml": "douban_book_music",
+    "configs/womens_ecommerce.toml": "womens_ecommerce_reviews",
+}
+
+
+@dataclass(frozen=True)
+class Regime:
+    name: str
+    half: str  # "tune" or "holdout", fixed before any model ran
+    what: str
+    knobs: dict = field(default_factory=dict)
+
+
+REGIMES = [
+    Regime("base", "tune", "the sparse config's shape", {}),
+    Regime("divergent_tastes", "tune", "tastes differ much between domains",
+           {"domain_divergence": 1.5}),
+    Regime("weak_attributes", "tune", "attributes explain little of a taste",
+           {"idiosyncratic": 1.5}),
+    Regime("many_arrivals", "tune", "60% of users and items arrive during the log",
+           {"arrival_fraction": 0.6}),
+    Regime("shared_tastes", "holdout", "the same tastes in every domain",
+           {"domain_divergence": 0.0}),
+    Regime("drift", "holdout", "item popularity and appeal trend across the log",
+           {"drift": 1.0}),
+    Regime("strong_attributes", "holdout", "attributes explain most of a taste",
+           {"idiosyncratic": 0.25}),
+    Regime("heavy_tail", "holdout", "20k users, very heavy-tailed activity (12 events each on "
+           "average)", {"n_users": 20_000, "user_activity_sigma": 2.2}),
+]  # fmt: skip
+
+
+def _sections(path: str) -> dict:
+    raw = tomllib.loads(Path(path).read_text())
+    return {"model": raw["model"], "training": raw["training"]}
+
+
+def regime_overrides(regime: Regime, index: int) -> dict:
+    """load_config overrides that turn the base config into ``regime``'s log and store."""
+    synthetic = {**SHAPE, **regime.knobs, "seed": 101 + index, "chunk_rows": 50_000}
+    return {
+        "name": f"regime_{regime.name}",
+        **{f"synthetic.{k}": v for k, v in synthetic.items()},
+        "data.raw_dir": f"data/raw/regimes/{regime.name}",
+        "features.store_dir": f"data/features/regimes/{regime.name}",
+    }
+
+
+def run_regime(regime: Regime, index: int, seeds: int, threads: int) -> Measured:
+    over = regime_overrides(regime, index)
+    cfg = load_bench_config(BASE, over)
+    variants = {who: load_bench_config(BASE, {**over, **_sections(path)})
+                for who, path in MODELS.items()}  # fmt: skip
+    return measure(cfg, variants, PEERS, seeds, threads)
+
+
+def run_real(config: str, seeds: int, threads: int) -> Measured:
+    """A real dataset with its own shipped config (its model and training sections)."""
+    cfg = load_bench_config(config)
+    return measure(cfg, {"recsys-moe default": cfg}, PEERS, seeds, threads)
+
+
+def verdict(m: Measured, who: str) -> tuple[list[float], float]:
+    """``who`` minus the best peer's mean plus its seed spread, per task overall (>= 0: the
+    acceptance bar met), and the worst task x domain cell minus the best peer's + spread."""
+    peers = [n for n in m.res if n.startswith("torch-rechub")]
+    overall, cells = [], []
+    for t in m.manifest["tasks"]:
+        for d in [*m.manifest["domains"], "all"]:
+            key = f"{t['name']}/{d}/auc"
+            best = max(peers, key=lambda n: m.res[n].get(key, -1.0))
+            margin = m.res[who][key] - m.res[best][key]
+            (overall if d == "all" else cells).append(margin + (-1 if d == "all" else 1)
+                                                      * m.spread[best].get(key, 0.0))  # fmt: skip
+    return overall, min(cells)
+
+
+def table(rows: list[tuple[str, str, Measured]], seeds: int) -> str:
+    """One table: a row per regime (or real set) x task, a column per model."""
+    models = [*MODELS, *(f"torch-rechub {p}" for p in PEERS)]
+    head = (
+        "| regime | half | task | "
+        + " | ".join(models)
+        + " | oracle | default − best peer − spread | worst cell |"
+    )
+    lines = [head, "|---|---|---|" + "---:|" * (len(models) + 3)]
+    speed = ["| regime | " + " | ".join(models) + " | default / rechub MMoE |",
+             "|---|" + "---:|" * (len(models) + 1)]  # fmt: skip
+    summary = {"tune": [], "holdout": [], "real": []}
+    for name, half, m in rows:
+        overall, worst = verdict(m, "recsys-moe default")
+        summary[half].append(min(overall))
+        for i, t in enumerate(m.manifest["tasks"]):
+            key = f"{t['name']}/all/auc"
+            cells = [
+                f"{m.res[w][key]:.4f} ± {m.spread[w][key]:.4f}" if w in m.res else "–"
+                for w in models
+            ]
+            oracle = f"{m.oracle[key]:.4f}" if m.oracle and key in m.oracle else "–"
+            tail = f"{overall[i]:+.4f} | {worst:+.4f}" if i == 0 else f"{overall[i]:+.4f} | "
+            lines.append(f"| {name} | {half} | {t['name']} | " + " | ".join(cells)
+                         + f" | {oracle} | {tail} |")  # fmt: skip
+        sps = [f"{m.speed[w]['samples_per_s']:,.0f}" if w in m.speed else "–" for w in models]
+        ratio = (
+            m.speed["recsys-moe default"]["samples_per_s"]
+            / m.speed["torch-rechub MMOE"]["samples_per_s"]
+        )
+        speed.append(f"| {name} | " + " | ".join(sps) + f" | {ratio:.2f}x |")
+    met = {h: f"{sum(v >= 0 for v in vs)} of {len(vs)}" for h, vs in summary.items() if vs}
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()  # fmt: skip
+    return "\n".join([
+        f"Machine: {machine()}. Commit {commit}. {seeds} seed(s) per model, test AUC over all "
+        "domains as mean ± std over them, on the benches' own test window (the last 10% of "
+        "time). Regimes: the generator at the sparse config's shape (250k rows, string ids, "
+        "click + conversion funnel, 3 domains) with the knobs below, a generator seed each; "
+        "`half` was fixed before any model ran (bench/quality/regimes.py). `recsys-moe "
+        "default` / `sparse`: the [model] and [training] sections of configs/default.toml / "
+        "configs/sparse.toml, trained by what `recsys-moe train` runs (on a real set: its "
+        "own shipped config). `default − best peer − spread`: the default model's mean minus "
+        "the best torch-rechub model's mean and its seed spread (≥ 0 meets the bar); `worst "
+        "cell`: the lowest task x domain margin over the best peer's mean minus its spread "
+        "(≥ 0 means no cell is below by more than the spread).",
+        "",
+        "Regimes: " + "; ".join(f"`{r.name}` ({r.half}): {r.what}" for r in REGIMES) + ".",
+        "",
+        "Every task above the best peer by its spread (`recsys-moe default`): "
+        + ", ".join(f"{h} {v}" for h, v in met.items()) + ".",
+        "",
+        *lines,
+        "",
+        "Training samples/s (the training epochs only, same cores and batch):",
+        "",
+        *speed,
+    ])  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--half", choices=("tune", "holdout", "all"), default="all")
+    ap.add_argument("--regime", action="append", default=None, help="only these regimes (a trial)")
+    ap.add_argument("--real", action="store_true", help="add the real datasets in ../shared/data")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    rows = []
+    for i, r in enumerate(REGIMES):
+        if (args.regime and r.name not in args.regime) or args.half not in ("all", r.half):
+            continue
+        rows.append((r.name, r.half, run_regime(r, i, args.seeds, args.threads)))
+        print(f"[regimes] {r.name} done ({len(rows)} so far)", flush=True)
+    if args.real:
+        for config, folder in REAL.items():
+            if (Path("../shared/data") / folder).exists():
+                rows.append((Path(config).stem, "real", run_real(config, args.seeds, args.threads)))
+    body = table(rows, args.seeds)
+    print(body, flush=True)
+    if args.half == "all" and not args.regime:
+        write_section(
+            "Quality: the regime suite against torch-rechub (bench/quality/regimes.py)", body
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
