@@ -369,7 +369,13 @@ class TrainingConfig:
     # tables with torch's Adam (dense table gradients; data-parallel tables on several
     # workers). Dense parameters always use Adam.
     embedding_optimizer: str = "adagrad"
+    # L2 on the dense weights (Adam's weight_decay)
     weight_decay: float = 0.0
+    # L2 on the embedding tables, as torch-rechub's Adam applies it (its tables are plain
+    # parameters): every row, every step, so rows of ids seen rarely are pulled to zero.
+    # With embedding_optimizer = "adam" on CPU only (torch's Adam on dense table
+    # gradients); FBGEMM's fused kernels update only the rows a step touches
+    embedding_weight_decay: float = 0.0
     # learning rates are multiplied by this after every epoch
     lr_decay: float = 1.0
     early_stopping_patience: int = 2
@@ -417,6 +423,12 @@ class TrainingConfig:
                   "must be in [0, 1) and (0, 1]")  # fmt: skip
         if self.lr <= 0 or self.embedding_lr <= 0:
             _fail("training", "lr/embedding_lr", "must be > 0")
+        if self.weight_decay < 0 or self.embedding_weight_decay < 0:
+            _fail("training", "weight_decay/embedding_weight_decay", "must be >= 0")
+        if self.embedding_weight_decay and (self.embedding_optimizer != "adam" or self.use_gpu):
+            _fail("training", "embedding_weight_decay",
+                  "needs embedding_optimizer = \"adam\" on CPU (use_gpu = false): FBGEMM's "
+                  "fused table kernels would apply it only to the rows a step touches")  # fmt: skip
         if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
             _fail(
                 "training",

@@ -65,6 +65,8 @@ def embedding_optimizer(cfg: TrainingConfig) -> tuple[type[torch.optim.Optimizer
     kw: dict[str, Any] = {"lr": cfg.embedding_lr}
     if cfg.embedding_optimizer != "sgd":
         kw["eps"] = EMBEDDING_EPS
+    if cfg.embedding_weight_decay:  # adam on CPU only (TrainingConfig refuses the rest)
+        kw["weight_decay"] = cfg.embedding_weight_decay
     return cls, kw
 
 

@@ -58,6 +58,12 @@ def test_value_validation(tmp_path):
     )
     with pytest.raises(ConfigError, match="top_k"):
         load_config(write(tmp_path, "[model]\ntop_k = 3\n"))
+    with pytest.raises(
+        ConfigError, match='embedding_weight_decay: needs embedding_optimizer = "adam"'
+    ):
+        load_config(write(tmp_path, "[training]\nembedding_weight_decay = 1e-5\n"))
+    adam = "[training]\nembedding_optimizer = 'adam'\nembedding_weight_decay = 1e-5\n"
+    assert load_config(write(tmp_path, adam)).training.embedding_weight_decay == 1e-5
 
 
 def test_task_validation():

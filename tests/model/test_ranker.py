@@ -392,6 +392,35 @@ def test_embedding_init_std_sets_every_table(data):
             assert wide.abs().max() > 1e-2, name
 
 
+def test_embedding_weight_decay_pulls_rows_no_batch_touches_to_zero(data):
+    """training.embedding_weight_decay with Adam on the tables (torch-rechub's setting):
+    every row decays every step, so a row no batch touched shrinks; without it, Adam
+    leaves such a row exactly where it started."""
+    from recsys_moe.training import loss_of, make_optimizer
+
+    spec, _, train, _ = data
+    b = train.batch(slice(0, 64))
+    user = spec.sparse[[f.name for f in spec.sparse].index("user_id")]
+    seen = set(b.sparse["user_id"].values().tolist())
+    untouched = sorted(set(range(user.vocab_size)) - seen)[:50]
+    rows = {}
+    for wd in (0.0, 1e-2):
+        torch.manual_seed(0)
+        model = RankingModel(spec, ModelConfig(n_experts=4))
+        cfg = TrainingConfig(embedding_optimizer="adam", embedding_lr=1e-2,
+                             embedding_weight_decay=wd)  # fmt: skip
+        opt, _ = make_optimizer(model, cfg)
+        table = model.embedding.ebc.embedding_bags["t_user_id"].weight
+        start = table.detach()[untouched].clone()
+        for _ in range(5):
+            opt.zero_grad(set_to_none=True)
+            loss_of(model, model(b), b.labels)[0].backward()
+            opt.step()
+        rows[wd] = (start.norm(), table.detach()[untouched].norm())
+    assert rows[0.0][1] == rows[0.0][0]
+    assert rows[1e-2][1] < 0.9 * rows[1e-2][0], rows
+
+
 def test_tower_batch_norm_trains_on_batch_statistics_and_serves_on_running_ones(data, tmp_path):
     """model.tower_norm = "batch": training normalises each tower unit over the batch (a
     row's score depends on its batch) and updates the running statistics; evaluation and
