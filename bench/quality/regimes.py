@@ -3,6 +3,7 @@ differ the way real multi-domain logs differ, and on every real dataset with a l
 
     python -m bench.quality.regimes [--half tune|holdout|all] [--regime NAME ...]
                                     [--real] [--seeds 3]
+    python -m bench.quality.regimes --half tune --trial model.n_experts=4 [--trial ...]
 
 Each regime is the embedded generator (``recsys_moe.data.synthetic``) with a few of its
 knobs turned: how far users' tastes differ between domains (``domain_divergence``), how
@@ -24,20 +25,24 @@ and ``[training]`` sections of ``configs/default.toml`` (what ``make train`` run
 PLE and SharedBottom (``bench.quality.peers``). With ``--real``, the real datasets in
 ``../shared/data`` with their own shipped configs are added to the table. Written to
 ``bench/RESULTS.md`` as one table: regimes x models, mean ± seed spread per task.
+``--trial`` trains the default model with and without the given overrides on the tune
+half (no peers, nothing written): how a change is judged before it may become a default.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from bench.common import load_bench_config, machine, write_section
 from bench.quality.peers import PEERS, Measured, measure
 
 BASE = "configs/sparse.toml"
+OUT = Path("bench/out/regimes")
 MODELS = {"recsys-moe default": "configs/default.toml", "recsys-moe sparse": "configs/sparse.toml"}
 SHAPE = {
     "n_rows": 250_000,
@@ -103,12 +108,20 @@ def regime_overrides(regime: Regime, index: int) -> dict:
     }
 
 
-def run_regime(regime: Regime, index: int, seeds: int, threads: int) -> Measured:
+def run_regime(regime: Regime, index: int, seeds: int, threads: int, trial: dict | None = None,
+               peers: tuple[str, ...] = PEERS) -> Measured:  # fmt: skip
+    """``regime``'s log and store (made where missing), every model on it. ``trial``:
+    overrides of the default model's sections (a trial on the tune half)."""
     over = regime_overrides(regime, index)
     cfg = load_bench_config(BASE, over)
     variants = {who: load_bench_config(BASE, {**over, **_sections(path)})
                 for who, path in MODELS.items()}  # fmt: skip
-    return measure(cfg, variants, PEERS, seeds, threads)
+    if trial is not None:
+        default = load_bench_config(BASE, {**over, **_sections(MODELS["recsys-moe default"])})
+        variants = {"recsys-moe default": default,
+                    "recsys-moe trial": load_bench_config(BASE, {**over, **_sections(
+                        MODELS["recsys-moe default"]), **trial})}  # fmt: skip
+    return measure(cfg, variants, peers, seeds, threads)
 
 
 def run_real(config: str, seeds: int, threads: int) -> Measured:
@@ -117,14 +130,69 @@ def run_real(config: str, seeds: int, threads: int) -> Measured:
     return measure(cfg, {"recsys-moe default": cfg}, PEERS, seeds, threads)
 
 
-def verdict(m: Measured, who: str) -> tuple[list[float], float]:
+def _value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def trial_line(name: str, m: Measured) -> str:
+    """The trial minus the default model, per task over all domains (mean ± spread)."""
+    cells = []
+    for t in m.manifest["tasks"]:
+        key = f"{t['name']}/all/auc"
+        d, base = m.res["recsys-moe trial"][key], m.res["recsys-moe default"][key]
+        cells.append(f"{t['name']} {base:.4f} -> {d:.4f} ({d - base:+.4f}, spread "
+                     f"{m.spread['recsys-moe trial'][key]:.4f})")  # fmt: skip
+    sps = [m.speed[w]["samples_per_s"] for w in ("recsys-moe default", "recsys-moe trial")]
+    return f"[trial] {name}: " + "; ".join(cells) + f"; samples/s {sps[0]:,.0f} -> {sps[1]:,.0f}"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One regime's (or real set's) results as the table needs them; kept as JSON under
+    ``OUT`` so a table can be rebuilt (``--reuse``) without training again."""
+
+    name: str
+    half: str
+    seeds: int
+    tasks: list[str]
+    domains: list[str]
+    res: dict[str, dict[str, float]]
+    spread: dict[str, dict[str, float]]
+    speed: dict[str, dict[str, float]]
+    oracle: dict[str, float] | None
+
+    @classmethod
+    def of(cls, name: str, half: str, seeds: int, m: Measured) -> Row:
+        row = cls(name, half, seeds, [t["name"] for t in m.manifest["tasks"]],
+                  list(m.manifest["domains"]), m.res, m.spread, m.speed, m.oracle)  # fmt: skip
+        OUT.mkdir(parents=True, exist_ok=True)
+        (OUT / f"{name}.json").write_text(json.dumps(asdict(row), indent=1))
+        return row
+
+    @classmethod
+    def saved(cls, name: str, seeds: int) -> Row | None:
+        path = OUT / f"{name}.json"
+        if not path.exists():
+            return None
+        row = cls(**json.loads(path.read_text()))
+        return row if row.seeds == seeds else None
+
+
+def verdict(m: Row, who: str) -> tuple[list[float], float]:
     """``who`` minus the best peer's mean plus its seed spread, per task overall (>= 0: the
-    acceptance bar met), and the worst task x domain cell minus the best peer's + spread."""
+    acceptance bar met), and the worst task x domain cell minus the best peer's + spread.
+    A cell no model has (a domain absent from the test window, or one class only in it)
+    is left out."""
     peers = [n for n in m.res if n.startswith("torch-rechub")]
     overall, cells = [], []
-    for t in m.manifest["tasks"]:
-        for d in [*m.manifest["domains"], "all"]:
-            key = f"{t['name']}/{d}/auc"
+    for t in m.tasks:
+        for d in [*m.domains, "all"]:
+            key = f"{t}/{d}/auc"
+            if key not in m.res[who]:
+                continue
             best = max(peers, key=lambda n: m.res[n].get(key, -1.0))
             margin = m.res[who][key] - m.res[best][key]
             (overall if d == "all" else cells).append(margin + (-1 if d == "all" else 1)
@@ -132,7 +200,7 @@ def verdict(m: Measured, who: str) -> tuple[list[float], float]:
     return overall, min(cells)
 
 
-def table(rows: list[tuple[str, str, Measured]], seeds: int) -> str:
+def table(rows: list[Row], seeds: int) -> str:
     """One table: a row per regime (or real set) x task, a column per model."""
     models = [*MODELS, *(f"torch-rechub {p}" for p in PEERS)]
     head = (
@@ -144,18 +212,19 @@ def table(rows: list[tuple[str, str, Measured]], seeds: int) -> str:
     speed = ["| regime | " + " | ".join(models) + " | default / rechub MMoE |",
              "|---|" + "---:|" * (len(models) + 1)]  # fmt: skip
     summary = {"tune": [], "holdout": [], "real": []}
-    for name, half, m in rows:
+    for m in rows:
+        name, half = m.name, m.half
         overall, worst = verdict(m, "recsys-moe default")
         summary[half].append(min(overall))
-        for i, t in enumerate(m.manifest["tasks"]):
-            key = f"{t['name']}/all/auc"
+        for i, t in enumerate(m.tasks):
+            key = f"{t}/all/auc"
             cells = [
                 f"{m.res[w][key]:.4f} ± {m.spread[w][key]:.4f}" if w in m.res else "–"
                 for w in models
             ]
             oracle = f"{m.oracle[key]:.4f}" if m.oracle and key in m.oracle else "–"
             tail = f"{overall[i]:+.4f} | {worst:+.4f}" if i == 0 else f"{overall[i]:+.4f} | "
-            lines.append(f"| {name} | {half} | {t['name']} | " + " | ".join(cells)
+            lines.append(f"| {name} | {half} | {t} | " + " | ".join(cells)
                          + f" | {oracle} | {tail} |")  # fmt: skip
         sps = [f"{m.speed[w]['samples_per_s']:,.0f}" if w in m.speed else "–" for w in models]
         ratio = (
@@ -199,17 +268,39 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--real", action="store_true", help="add the real datasets in ../shared/data")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reuse", action="store_true", help=f"take a regime's results from {OUT} "
+                    "where a run with the same --seeds left them (rebuild the table)")  # fmt: skip
+    ap.add_argument("--trial", action="append", default=None, metavar="SECTION.KEY=VALUE",
+                    help="train the default model and the default model with these overrides, "
+                    "no peers, on the tune half (not written to RESULTS)")  # fmt: skip
     args = ap.parse_args(argv)
+    trial = None
+    if args.trial:
+        trial = {k: _value(v) for k, _, v in (t.partition("=") for t in args.trial)}
+        if args.half != "tune" and not args.regime:
+            ap.error("--trial runs on the tune half: add --half tune (the holdout is not tuned on)")
     rows = []
     for i, r in enumerate(REGIMES):
         if (args.regime and r.name not in args.regime) or args.half not in ("all", r.half):
             continue
-        rows.append((r.name, r.half, run_regime(r, i, args.seeds, args.threads)))
+        if trial:
+            print(trial_line(r.name, run_regime(r, i, args.seeds, args.threads, trial, ())),
+                  flush=True)  # fmt: skip
+            continue
+        row = Row.saved(r.name, args.seeds) if args.reuse else None
+        rows.append(row or Row.of(r.name, r.half, args.seeds,
+                                  run_regime(r, i, args.seeds, args.threads)))  # fmt: skip
         print(f"[regimes] {r.name} done ({len(rows)} so far)", flush=True)
-    if args.real:
+    if args.real and not trial:
         for config, folder in REAL.items():
+            name = Path(config).stem
             if (Path("../shared/data") / folder).exists():
-                rows.append((Path(config).stem, "real", run_real(config, args.seeds, args.threads)))
+                row = Row.saved(name, args.seeds) if args.reuse else None
+                rows.append(row or Row.of(name, "real", args.seeds,
+                                          run_real(config, args.seeds, args.threads)))  # fmt: skip
+                print(f"[regimes] {name} done ({len(rows)} so far)", flush=True)
+    if trial:
+        return 0
     body = table(rows, args.seeds)
     print(body, flush=True)
     if args.half == "all" and not args.regime:
