@@ -74,6 +74,7 @@ AS_RECHUB_MMOE = {
     "training.embedding_lr": 1e-3,
     "training.lr": 1e-3,
     "training.weight_decay": 1e-5,
+    "training.embedding_weight_decay": 1e-5,
     "training.lr_decay": 1.0,
     "training.early_stopping_patience": 1,
     "training.revive_after_steps": 0,
@@ -304,7 +305,11 @@ def compare(
     cfg = load_bench_config(config, overrides)
     variants = {"recsys-moe": cfg}
     if as_rechub:
-        variants[AS_RECHUB] = load_bench_config(config, {**(overrides or {}), **AS_RECHUB_MMOE})
+        # torch-rechub keeps the epoch with the best validation AUC of the first task
+        first = f"valid/{cfg.data.tasks[0].name}/all/auc"
+        variants[AS_RECHUB] = load_bench_config(
+            config, {**(overrides or {}), **AS_RECHUB_MMOE, "training.promote_metric": first}
+        )
     m = measure(cfg, variants, peers, seeds, threads)
     return report(cfg, m.manifest, m.speed, m.res, m.spread, m.oracle, m.masks, threads,
                   m.n_train, seeds)  # fmt: skip
