@@ -293,6 +293,13 @@ class ModelConfig:
     # torch-rechub's own MMoE loses 0.003-0.004 AUC on MovieLens-100K "like" and lands on
     # the project's model (bench/RESULTS.md, "reproducing torch-rechub's MMoE")
     tower_norm: Literal["none", "batch"] = "none"
+    # "batch": BatchNorm on every gate logit before routing, as torch-rechub's gates have
+    # (running statistics for evaluation and serving). Without it torch-rechub's own MMoE
+    # loses 0.004 click AUC on the sparse config and lands on the project's model as
+    # torch-rechub configures it. Not the default: on the regime suite's tune half
+    # (`regimes --trial`) it moved the default model's click AUC by +0.003, +0.002, +0.002
+    # and -0.002 (many arrivals, outside the spread); README, "Towers and gates"
+    gate_norm: Literal["none", "batch"] = "none"
     # training only: each user / item id is replaced by the out-of-vocabulary index with
     # this probability, so the OOV row learns to stand for users and items never seen
     # (cold start) and rare ids lean on attributes and history

@@ -137,7 +137,8 @@ class DomainExtension(nn.Module):
         mask[..., self.reach] = True
         mask[..., base_experts:] = True
         self.gates = GateBank(d_in=d_in, n_outputs=n_outputs, n_domains=1, n_experts=E,
-                              mask=mask, noisy=cfg.routing == "noisy_topk")  # fmt: skip
+                              mask=mask, noisy=cfg.routing == "noisy_topk",
+                              batch_norm=cfg.gate_norm == "batch")  # fmt: skip
 
 
 def fused_combine(experts: torch.Tensor) -> Callable | None:
@@ -236,6 +237,7 @@ class MoECore(ExpertCore):
             n_experts=E,
             mask=mask,
             noisy=cfg.routing == "noisy_topk",
+            batch_norm=cfg.gate_norm == "batch",
         )
         self.extension_specs = extensions
         self.extensions = nn.ModuleList(
@@ -340,7 +342,7 @@ class PLECore(ExpertCore):
         S, P, L, T = cfg.shared_experts, cfg.specific_experts, cfg.ple_levels, self.n_tasks
         H = cfg.expert_hidden[-1]
         K = n_domains if cfg.gate_by_domain else 1
-        noisy = cfg.routing == "noisy_topk"
+        noisy, bn = cfg.routing == "noisy_topk", cfg.gate_norm == "batch"
         self.shared_experts = nn.ModuleList()
         self.task_experts = nn.ModuleList()
         self.task_gates = nn.ModuleList()
@@ -351,10 +353,18 @@ class PLECore(ExpertCore):
             self.task_experts.append(GroupedExperts(n_groups=T, per_group=P, d_in=din,
                                                     hidden=cfg.expert_hidden, dropout=cfg.dropout))  # fmt: skip
             self.task_gates.append(GateBank(d_in=din, n_outputs=T, n_domains=K, n_experts=S + P,
-                                            per_output_input=level > 0, noisy=noisy))  # fmt: skip
+                                            per_output_input=level > 0, noisy=noisy,
+                                            batch_norm=bn))  # fmt: skip
             if level < L - 1:
                 self.shared_gates.append(
-                    GateBank(d_in=din, n_outputs=1, n_domains=K, n_experts=S + T * P, noisy=noisy)
+                    GateBank(
+                        d_in=din,
+                        n_outputs=1,
+                        n_domains=K,
+                        n_experts=S + T * P,
+                        noisy=noisy,
+                        batch_norm=bn,
+                    )
                 )
 
     def forward(self, x, domain, sides=None, segment=None):

@@ -104,13 +104,15 @@ def _warm_start(parent: RankingModel, child: RankingModel, sample: Batch | None,
     O, E, P = gp.O, gp.E, ext.experts.n_experts
     reach = ext.reach
     k = k if gp.K > 1 else 0
+    # a normed gate's offset is its norm's bias (the linear bias is normalised away)
+    offset = gp.norm.bias if gp.norm is not None else gp.b
     # how much the parent's gates use each expert on the domain's rows
     if sample is not None and len(sample):
         x = child.inputs(sample)
         r = child.core.gate(gp, x, torch.full_like(sample.domain, k))[0]
         use = r.weights.mean((0, 1))  # (E,)
     else:
-        use = gp.b.detach().view(gp.K, O, E)[k].mean(0)
+        use = offset.detach().view(gp.K, O, E)[k].mean(0)
     order = sorted(reach, key=lambda e: -float(use[e]))
     src = [order[j % len(order)] for j in range(P)]
     for w_new, w_old in zip(ext.experts.weights, parent.experts.weights, strict=True):
@@ -131,10 +133,8 @@ def _warm_start(parent: RankingModel, child: RankingModel, sample: Batch | None,
             own = own - shift
         return torch.cat([own, own[..., src]], dim=-1).reshape(*lead, O * (E + P))
 
-    ge.w.copy_(cols(gp.w.detach(), False))
-    ge.b.copy_(cols(gp.b.detach(), True))
-    if gp.noise is not None:
-        ge.noise.copy_(cols(gp.noise.detach(), False))
+    for (old, _), (new, _) in zip(gp.channels(), ge.channels(), strict=True):
+        new.data.copy_(cols(old.detach(), old is offset))
 
 
 EXTENSIONS = "core.extensions."  # parameter names of the added domains
@@ -209,7 +209,8 @@ def frozen_changes(
     for name, t in parent.state_dict().items():
         if _module_of(name) in unfreeze and not name.startswith(EXTENSIONS):
             continue
-        if not torch.equal(state[name][: t.shape[0]], t):
+        mine = state[name][: t.shape[0]] if t.dim() else state[name]  # norms' step counts: 0-d
+        if not torch.equal(mine, t):
             changed.append(name)
     return changed
 

@@ -177,14 +177,15 @@ def _copy_gate_columns(gates: Any, e: int, donor: int, noise: float, gen, optimi
     """Every gate's column for expert ``e`` := the donor's (bias exactly; weights and noise
     weights with the same relative jitter as the expert's, so that rows split between the
     two instead of tying, which top-k would always break the donor's way)."""
-    for p in (gates.w, gates.b, gates.noise):
-        if p is None:
-            continue
-        view = p.view(*p.shape[:-1], gates.K, gates.O, gates.E)
+    for p, kind in gates.channels():
+        view = p.data.view(*p.shape[:-1], gates.K, gates.O, gates.E)
         src = view[..., donor].clone()
-        jitter = torch.randn(src.shape, generator=gen) * (noise * float(src.float().std()))
-        view[..., e] = src if p is gates.b else src + jitter.to(src.dtype)
-        _zero_moments(optimizer, p, (..., torch.arange(e, p.shape[-1], gates.E)))
+        if kind == "w":
+            jitter = torch.randn(src.shape, generator=gen) * (noise * float(src.float().std()))
+            src = src + jitter.to(src.dtype)
+        view[..., e] = src
+        if kind != "stat":
+            _zero_moments(optimizer, p, (..., torch.arange(e, p.shape[-1], gates.E)))
 
 
 @torch.no_grad()
@@ -192,7 +193,8 @@ def collapse_router(model: RankingModel, expert: int = 0, margin: float = 20.0) 
     """Force a collapsed router (experiments and tests): every gate's logit for ``expert``
     raised by ``margin``, so under top-k routing it takes every row."""
     g = model.core.gates
-    g.b.view(*g.b.shape[:-1], g.K, g.O, g.E)[..., expert] += margin
+    b = g.norm.bias if g.norm is not None else g.b  # a normed gate's offset is its norm's
+    b.view(*b.shape[:-1], g.K, g.O, g.E)[..., expert] += margin
 
 
 __all__ = ["ExpertReviver", "collapse_router"]

@@ -75,6 +75,7 @@ class GateBank(nn.Module):
         per_output_input: bool = False,
         mask: torch.Tensor | None = None,
         noisy: bool = False,
+        batch_norm: bool = False,
     ) -> None:
         super().__init__()
         self.O, self.K, self.E = n_outputs, n_domains, n_experts
@@ -88,17 +89,61 @@ class GateBank(nn.Module):
             "mask", full if mask is None else mask.expand_as(full).clone(), persistent=False
         )
         self.per_output_input = per_output_input
+        # batch_norm: every gate logit normalised over the batch before routing (running
+        # statistics in eval mode), Linear -> BatchNorm -> softmax as torch-rechub's gates;
+        # one channel per logit, laid out as the bias (..., K*O*E)
+        self.norm = nn.BatchNorm1d(n_in * width) if batch_norm else None
+
+    def train(self, mode: bool = True) -> GateBank:
+        """A frozen norm (parameters without gradient: a grown model's parent gates) stays
+        in eval mode: its running statistics and outputs do not move."""
+        super().train(mode)
+        if self.norm is not None and not self.norm.weight.requires_grad:
+            self.norm.eval()
+        return self
+
+    def channels(self) -> list[tuple[torch.Tensor, str]]:
+        """Every tensor with one entry per logit along its last axis ``(..., K*O*E)``, and
+        its kind: "w" (weights), "b" (an offset), "scale" (the norm's gain) or "stat" (the
+        norm's running statistics); what slicing, revival and growth cut or copy."""
+        out = [(self.w, "w"), (self.b, "b")]
+        if self.noise is not None:
+            out.append((self.noise, "w"))
+        if self.norm is not None:
+            n = self.norm
+            out += [(n.weight, "scale"), (n.bias, "b"), (n.running_mean, "stat"),
+                    (n.running_var, "stat")]  # fmt: skip
+        return out
+
+    def _normed(self, z: torch.Tensor) -> torch.Tensor:
+        n = self.norm
+        if n is None:
+            return z
+        flat = z.flatten(1)
+        if n.training and z.shape[0] < 2:  # one row has no batch statistics: running ones
+            out = nn.functional.batch_norm(flat, n.running_mean, n.running_var, n.weight,
+                                           n.bias, training=False, eps=n.eps)  # fmt: skip
+        else:
+            out = n(flat)
+        return out.view(z.shape)
 
     def _project(
-        self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, domain: torch.Tensor
+        self,
+        x: torch.Tensor,
+        w: torch.Tensor,
+        b: torch.Tensor | None,
+        domain: torch.Tensor,
+        norm: bool = False,
     ) -> torch.Tensor:
         B = x.shape[0]
         if self.per_output_input:  # x: (B, O, d)
             z = torch.einsum("bod,odw->bow", x, w)  # (B, O, K*E)
             z = z if b is None else z + b
+            z = self._normed(z) if norm else z
             z = z.view(B, self.O, self.K, self.E).transpose(1, 2)  # (B, K, O, E)
         else:  # x: (B, d)
             z = x @ w[0] if b is None else x @ w[0] + b[0]  # all gates: one GEMM
+            z = self._normed(z) if norm else z
             z = z.view(B, self.K, self.O, self.E)
         idx = domain.view(B, 1, 1, 1).expand(B, 1, self.O, self.E)
         return z.gather(1, idx).squeeze(1)  # (B, O, E): the example's own domain's gates
@@ -106,7 +151,7 @@ class GateBank(nn.Module):
     def forward(
         self, x: torch.Tensor, domain: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        logits = self._project(x, self.w, self.b, domain)
+        logits = self._project(x, self.w, self.b, domain, norm=True)
         std = None
         if self.noise is not None:
             std = F.softplus(self._project(x, self.noise, None, domain))

@@ -61,10 +61,10 @@ def _slice_gates(gates: GateBank, rows: list[int] | None, keep: torch.Tensor) ->
         lead = t.shape[:-1]
         return t.detach().reshape(*lead, K, O, E)[..., idx, :, :][..., keep].reshape(*lead, -1)
 
-    out.w = nn.Parameter(cut(gates.w).clone())
-    out.b = nn.Parameter(cut(gates.b).clone())
-    if gates.noise is not None:
-        out.noise = nn.Parameter(cut(gates.noise).clone())
+    for (src, _), (dst, _) in zip(gates.channels(), out.channels(), strict=True):
+        dst.data = cut(src).clone()
+    if out.norm is not None:
+        out.norm.num_features = out.norm.weight.numel()
     out.mask = gates.mask[idx][:, :, keep].clone()
     return out
 

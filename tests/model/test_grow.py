@@ -40,7 +40,7 @@ def _train_steps(child, params, data: ExampleTensors, steps: int = 3) -> None:
     child.eval()
 
 
-@pytest.fixture(scope="module", params=["star", "mmoe"])
+@pytest.fixture(scope="module", params=["star", "mmoe", "mmoe+gate_norm"])
 def family(request, small_store):
     """(parent, child, spec, child spec, test rows) for a small trained-looking model."""
     from features.store import load_manifest, read_examples
@@ -49,12 +49,15 @@ def family(request, small_store):
     store = cfg.features.store_dir
     spec = InputSpec.from_manifest(load_manifest(store))
     torch.manual_seed(3)
-    mcfg = dataclasses.replace(cfg.model, arch=request.param, n_experts=4, shared_experts=2,
-                               specific_experts=1, expert_hidden=[16, 8])  # fmt: skip
+    arch, _, norm = request.param.partition("+")
+    mcfg = dataclasses.replace(cfg.model, arch=arch, n_experts=4, shared_experts=2,
+                               specific_experts=1, expert_hidden=[16, 8],
+                               gate_norm="batch" if norm else "none")  # fmt: skip
     parent = RankingModel(spec, mcfg).eval()
     with torch.no_grad():
-        parent.gates.w.normal_(0, 0.5)
-        parent.gates.b.normal_(0, 0.5)
+        # every per-logit tensor drawn, so that a channel copied to the wrong place shows
+        for t, kind in parent.gates.channels():
+            t.uniform_(0.5, 1.5) if kind in ("scale", "stat") else t.normal_(0, 0.5)
     test = read_examples(store, "test")
     cspec = _child_spec(spec, "live")
     # rows of the new domain: the test rows with the new domain's index and a few new items

@@ -13,8 +13,8 @@ from recsys_moe.model.offload import DomainSliceCache
 from recsys_moe.model.slicing import domain_slice
 
 
-@pytest.fixture(scope="module")
-def star(small_store):
+@pytest.fixture(scope="module", params=["none", "batch"])
+def star(request, small_store):
     from features.store import load_manifest, read_examples
     from recsys_moe.model.inputs import ExampleTensors, InputSpec
     from recsys_moe.model.ranker import RankingModel
@@ -24,10 +24,13 @@ def star(small_store):
     spec = InputSpec.from_manifest(load_manifest(store))
     torch.manual_seed(2)
     mcfg = dataclasses.replace(cfg.model, arch="star", shared_experts=2, specific_experts=2,
-                               expert_hidden=[16, 8])  # fmt: skip
+                               expert_hidden=[16, 8], gate_norm=request.param)  # fmt: skip
     model = RankingModel(spec, mcfg).eval()
     with torch.no_grad():
-        model.gates.w.normal_(0, 0.5)
+        # every per-logit tensor drawn (model.gate_norm "batch": the norm's too), so that
+        # a slice cutting a channel from the wrong place scores differently
+        for t, kind in model.gates.channels():
+            t.uniform_(0.5, 1.5) if kind in ("scale", "stat") else t.normal_(0, 0.5)
     test = read_examples(store, "test")
     return model, spec, test, ExampleTensors(spec, test)
 

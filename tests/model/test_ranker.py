@@ -421,16 +421,21 @@ def test_embedding_weight_decay_pulls_rows_no_batch_touches_to_zero(data):
     assert rows[1e-2][1] < 0.9 * rows[1e-2][0], rows
 
 
-def test_tower_batch_norm_trains_on_batch_statistics_and_serves_on_running_ones(data, tmp_path):
-    """model.tower_norm = "batch": training normalises each tower unit over the batch (a
-    row's score depends on its batch) and updates the running statistics; evaluation and
-    the bundle score with the running ones (a row's score is its own); one-row training
-    batches work; frozen towers (a grown model's parent part) keep their statistics."""
+@pytest.mark.parametrize("where", ["tower_norm", "gate_norm"])
+def test_batch_norm_trains_on_batch_statistics_and_serves_on_running_ones(data, tmp_path, where):
+    """model.tower_norm / gate_norm = "batch": training normalises each tower unit / gate
+    logit over the batch (a row's score depends on its batch) and updates the running
+    statistics; evaluation and the bundle score with the running ones (a row's score is
+    its own); one-row training batches work; frozen towers / gates (a grown model's
+    parent part) keep their statistics."""
     spec, manifest, train, valid = data
     torch.manual_seed(0)
-    model = RankingModel(spec, ModelConfig(n_experts=4, tower_norm="batch"))
-    norms = model.towers.mlp.norms
-    assert norms is not None and len(norms) == len(model.cfg.tower_hidden)
+    model = RankingModel(spec, ModelConfig(n_experts=4, **{where: "batch"}))
+    owner = model.towers if where == "tower_norm" else model.gates
+    norms = model.towers.mlp.norms if where == "tower_norm" else [model.gates.norm]
+    assert norms[0] is not None and len(norms) == (
+        len(model.cfg.tower_hidden) if where == "tower_norm" else 1
+    )
     b = train.batch(slice(0, 256))
     model.train()
     with torch.no_grad():
@@ -445,10 +450,10 @@ def test_tower_batch_norm_trains_on_batch_statistics_and_serves_on_running_ones(
                               atol=1e-6)  # fmt: skip
     write_bundle(model, tmp_path / "m", manifest)
     loaded, _ = load_model(tmp_path / "m")
-    assert loaded.cfg.tower_norm == "batch"
+    assert getattr(loaded.cfg, where) == "batch"
     np.testing.assert_array_equal(predict(model, valid), predict(loaded, valid))
     # frozen: train mode leaves them in eval mode, their statistics unchanged
-    for p in model.towers.parameters():
+    for p in owner.parameters():
         p.requires_grad_(False)
     model.train()
     before = norms[0].running_mean.clone()

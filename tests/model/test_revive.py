@@ -31,12 +31,12 @@ def data(small_store):
     return spec, train, valid
 
 
-def collapsed_model(spec: InputSpec, arch: str = "mmoe") -> RankingModel:
+def collapsed_model(spec: InputSpec, arch: str = "mmoe", gate_norm: str = "none") -> RankingModel:
     """Top-1 routing whose every gate sends every row to expert 0: the others get no
     weight, hence no gradient, and a top-1 router has no way back by itself."""
     torch.manual_seed(0)
     cfg = ModelConfig(arch=arch, routing="topk", top_k=1, n_experts=E, shared_experts=2,
-                      specific_experts=1, expert_hidden=[16, 8])  # fmt: skip
+                      specific_experts=1, expert_hidden=[16, 8], gate_norm=gate_norm)  # fmt: skip
     m = RankingModel(spec, cfg)
     collapse_router(m)
     return m
@@ -87,13 +87,15 @@ def test_collapsed_router_is_revived_and_keeps_learning(data):
     assert res.valid["auc_mean"] > start + 0.05, (start, res.history)
 
 
-def test_revival_copies_the_donor_and_resets_its_state(data):
+@pytest.mark.parametrize("gate_norm", ["none", "batch"])
+def test_revival_copies_the_donor_and_resets_its_state(data, gate_norm):
     """A revived expert is the donor plus small noise, its gate columns are the donor's
-    (bias exactly, weights plus the same small noise; every domain and output), and the optimiser's moments for it start from zero; the
-    other experts and columns are untouched. STAR: a domain's private expert gets its
-    donor among the experts that domain reaches."""
+    (bias, and a normed gate's scale and running statistics, exactly; weights plus the
+    same small noise; every domain and output), and the optimiser's moments for it start
+    from zero; the other experts and columns are untouched. STAR: a domain's private
+    expert gets its donor among the experts that domain reaches."""
     spec, train, _ = data
-    model = collapsed_model(spec, "star")
+    model = collapsed_model(spec, "star", gate_norm)
     model.train()
     opt, _ = make_optimizer(model, TrainingConfig())
     rev = ExpertReviver(model, after_steps=2, threshold=0.1, noise=0.01)
@@ -119,14 +121,16 @@ def test_revival_copies_the_donor_and_resets_its_state(data):
             assert 0 < diff <= 0.1 * float(w[d].detach().std()) + 1e-6
             st = opt.state[w]
             assert not st["exp_avg"][e].any() and not st["exp_avg_sq"][e].any()
-        for p in (g.w, g.b):
+        assert len(g.channels()) == (2 if gate_norm == "none" else 6)
+        for p, kind in g.channels():
             cols = p.view(*p.shape[:-1], g.K, g.O, g.E)
-            if p is g.b:  # the same logit offset; weights jittered like the expert's
+            if kind != "w":  # the same logit offset and scale; weights jittered like the expert's
                 torch.testing.assert_close(cols[..., e], cols[..., d], rtol=0, atol=0)
             else:
                 diff = (cols[..., e] - cols[..., d]).abs().max()
                 assert 0 < diff <= 0.1 * float(cols[..., d].std())
-            assert not opt.state[p]["exp_avg"].view_as(cols)[..., e].any()
+            if kind != "stat":
+                assert not opt.state[p]["exp_avg"].view_as(cols)[..., e].any()
     # everything else is what the optimiser step left
     now = dict(model.named_parameters())
     keep = [k for k in range(ex.n_experts) if k not in revived]
