@@ -41,6 +41,26 @@ def _init_stacked(w: torch.Tensor, b: torch.Tensor) -> None:
     nn.init.uniform_(b, -bound, bound)
 
 
+def freeze_frozen_norms(norms: nn.Module | None) -> None:
+    """Batch norms whose parameters take no gradient (a grown model's parent part) stay in
+    eval mode whatever mode their owner is put in: their running statistics and outputs do
+    not move. Call after ``super().train(mode)``."""
+    if norms is not None and not any(p.requires_grad for p in norms.parameters()):
+        norms.eval()
+
+
+def batch_norm_rows(bn: nn.BatchNorm1d, h: torch.Tensor) -> torch.Tensor:
+    """``bn`` over ``h`` (B, ...) flattened to its channels; a one-row training batch has no
+    batch statistics and is normalised with the running ones."""
+    flat = h.flatten(1)
+    if bn.training and h.shape[0] < 2:
+        out = nn.functional.batch_norm(flat, bn.running_mean, bn.running_var, bn.weight,
+                                       bn.bias, training=False, eps=bn.eps)  # fmt: skip
+    else:
+        out = bn(flat)
+    return out.view(h.shape)
+
+
 EXPERT_IMPLS = ("loop", "bmm", "concat", "blockdiag", "fused", "compiled", "auto")
 
 
@@ -445,23 +465,12 @@ class GroupedExperts(nn.Module):
         )
 
     def train(self, mode: bool = True) -> GroupedExperts:
-        """Frozen batch norms (parameters without gradient: a grown model's parent part)
-        stay in eval mode: their running statistics and outputs do not move."""
         super().train(mode)
-        if self.norms is not None and not any(p.requires_grad for p in self.norms.parameters()):
-            self.norms.eval()
+        freeze_frozen_norms(self.norms)
         return self
 
     def _norm(self, h: torch.Tensor, i: int) -> torch.Tensor:
-        if self.norms is None:
-            return h
-        bn = self.norms[i]
-        if bn.training and h.shape[0] < 2:  # one row has no batch statistics: running ones
-            return nn.functional.batch_norm(
-                h.flatten(1), bn.running_mean, bn.running_var, bn.weight, bn.bias,
-                training=False, eps=bn.eps,
-            ).view(h.shape)  # fmt: skip
-        return bn(h.flatten(1)).view(h.shape)
+        return h if self.norms is None else batch_norm_rows(self.norms[i], h)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.einsum("bgi,gpio->bgpo", x, self.weights[0]) + self.biases[0]  # (B, G, P, h1)

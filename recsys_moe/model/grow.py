@@ -104,8 +104,7 @@ def _warm_start(parent: RankingModel, child: RankingModel, sample: Batch | None,
     O, E, P = gp.O, gp.E, ext.experts.n_experts
     reach = ext.reach
     k = k if gp.K > 1 else 0
-    # a normed gate's offset is its norm's bias (the linear bias is normalised away)
-    offset = gp.norm.bias if gp.norm is not None else gp.b
+    offset = gp.offset
     # how much the parent's gates use each expert on the domain's rows
     if sample is not None and len(sample):
         x = child.inputs(sample)

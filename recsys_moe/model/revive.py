@@ -193,7 +193,7 @@ def collapse_router(model: RankingModel, expert: int = 0, margin: float = 20.0) 
     """Force a collapsed router (experiments and tests): every gate's logit for ``expert``
     raised by ``margin``, so under top-k routing it takes every row."""
     g = model.core.gates
-    b = g.norm.bias if g.norm is not None else g.b  # a normed gate's offset is its norm's
+    b = g.offset
     b.view(*b.shape[:-1], g.K, g.O, g.E)[..., expert] += margin
 
 

@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from recsys_moe.model.experts import batch_norm_rows, freeze_frozen_norms
+
 NEG_INF = float("-inf")
 
 
@@ -95,12 +97,15 @@ class GateBank(nn.Module):
         self.norm = nn.BatchNorm1d(n_in * width) if batch_norm else None
 
     def train(self, mode: bool = True) -> GateBank:
-        """A frozen norm (parameters without gradient: a grown model's parent gates) stays
-        in eval mode: its running statistics and outputs do not move."""
         super().train(mode)
-        if self.norm is not None and not self.norm.weight.requires_grad:
-            self.norm.eval()
+        freeze_frozen_norms(self.norm)
         return self
+
+    @property
+    def offset(self) -> torch.Tensor:
+        """The per-logit offset (..., K*O*E): the norm's bias where the gates are normed
+        (the linear bias is normalised away), else the linear bias."""
+        return self.norm.bias if self.norm is not None else self.b
 
     def channels(self) -> list[tuple[torch.Tensor, str]]:
         """Every tensor with one entry per logit along its last axis ``(..., K*O*E)``, and
@@ -116,16 +121,7 @@ class GateBank(nn.Module):
         return out
 
     def _normed(self, z: torch.Tensor) -> torch.Tensor:
-        n = self.norm
-        if n is None:
-            return z
-        flat = z.flatten(1)
-        if n.training and z.shape[0] < 2:  # one row has no batch statistics: running ones
-            out = nn.functional.batch_norm(flat, n.running_mean, n.running_var, n.weight,
-                                           n.bias, training=False, eps=n.eps)  # fmt: skip
-        else:
-            out = n(flat)
-        return out.view(z.shape)
+        return z if self.norm is None else batch_norm_rows(self.norm, z)
 
     def _project(
         self,
