@@ -298,7 +298,7 @@ class ModelConfig:
     # loses 0.004 click AUC on the sparse config and lands on the project's model as
     # torch-rechub configures it. Not the default: on the regime suite's tune half
     # (`regimes --trial`) it moved the default model's click AUC by +0.003, +0.002, +0.002
-    # and -0.002 (many arrivals, outside the spread); README, "Towers and gates"
+    # and -0.002 (many arrivals, outside the spread); docs/model.md, "Towers and gates"
     gate_norm: Literal["none", "batch"] = "none"
     # training only: each user / item id is replaced by the out-of-vocabulary index with
     # this probability, so the OOV row learns to stand for users and items never seen

@@ -36,7 +36,7 @@ AGE_LABELS = ["<18", "18-24", "25-34", "35-44", "45-49", "50-55", "56+"]
 
 def _need(path: Path) -> Path:
     if not path.exists():
-        raise RawLogError(f"{path}: dataset file not found (is ../shared/data present? see README 'Data')")
+        raise RawLogError(f"{path}: dataset file not found (is ../shared/data present? see docs/data.md)")
     return path
 
 
