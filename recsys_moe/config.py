@@ -300,6 +300,12 @@ class ModelConfig:
     # (`regimes --trial`) it moved the default model's click AUC by +0.003, +0.002, +0.002
     # and -0.002 (many arrivals, outside the spread); docs/model.md, "Towers and gates"
     gate_norm: Literal["none", "batch"] = "none"
+    # how a funnel child (data.tasks' funnel_parent: conversion implies click) is predicted:
+    # "product": P(parent) x its own tower's P(child | parent), trained on the product, so
+    # the child's loss also trains the parent's tower (ESMM); "independent": its own
+    # tower's P(child) with its own loss, as torch-rechub's MMoE / PLE predict every task.
+    # Both predict P(parent and child); docs/model.md, "Funnel tasks"
+    funnel: Literal["product", "independent"] = "product"
     # training only: each user / item id is replaced by the out-of-vocabulary index with
     # this probability, so the OOV row learns to stand for users and items never seen
     # (cold start) and rare ids lean on attributes and history
@@ -603,7 +609,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         _, inner = get_args(tp)
         return {str(k): _coerce(v, inner, f"{where}.{k}") for k, v in value.items()}
     if origin in (typing.Union, types.UnionType):
-        raise ConfigError(f"{where}: union types are not supported in configs")
+        inner = [a for a in get_args(tp) if a is not type(None)]
+        if len(inner) != 1 or len(get_args(tp)) != 2:
+            raise ConfigError(f"{where}: union types are not supported in configs")
+        # X | None (YAML's null; TOML has none): None, or an X
+        return None if value is None else _coerce(value, inner[0], where)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a table, got {type(value).__name__}")
@@ -638,6 +648,15 @@ def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
         return cls(**kwargs)
     except ConfigError as e:
         raise ConfigError(f"{where or 'config'}: {e}") from None
+
+
+def build_checked(cls: type, raw: Any, where: str = "") -> Any:
+    """A dataclass ``cls`` from a parsed mapping, every value checked against its field's
+    annotation (literals, numbers, lists, tables, nested dataclasses, ``X | None``) and
+    unknown keys refused: ConfigError naming the key (``where`` prefixes it)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'config'}: expected a table, got {type(raw).__name__}")
+    return _build(cls, raw, where)
 
 
 def config_from_dict(raw: dict[str, Any], origin: str = "<dict>") -> Config:

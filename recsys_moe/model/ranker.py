@@ -199,6 +199,8 @@ class RankingModel(nn.Module):
                 raise ValueError(
                     f"task {self.task_names[i]!r}: its funnel parent must be declared before it"
                 )
+        if cfg.funnel == "independent":  # every task its own probability and loss
+            self._parent = [-1] * len(self._parent)
         self._binary = [t.kind == "binary" for t in spec.tasks]
         self._ids = [f.name for f in spec.sparse if f.source == "id" and not f.multi_valued]
         self._register_load_state_dict_pre_hook(self._legacy_keys)

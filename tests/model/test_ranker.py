@@ -69,6 +69,27 @@ def test_funnel_child_never_exceeds_parent(data):
     assert (preds[:, conversion] <= preds[:, click] + 1e-7).all()
 
 
+@pytest.mark.parametrize("funnel", ["product", "independent"])
+def test_funnel_childs_loss_trains_the_parents_tower_only_as_a_product(data, funnel):
+    spec, _, train, _ = data
+    torch.manual_seed(0)
+    model = RankingModel(spec, ModelConfig(arch="mmoe", n_experts=2, funnel=funnel))
+    b = train.batch(slice(0, 256))
+    out = model(b)
+    click, conversion = spec.task_names.index("click"), spec.task_names.index("conversion")
+    task_losses(model, out, b.labels)[conversion].backward()
+    # the click tower's own output weights: moved by the conversion loss through the
+    # product P(click) x P(conversion | click), untouched when conversion is its own task
+    click_grad = model.towers.out_w.grad[click].abs().sum()
+    assert model.towers.out_w.grad[conversion].abs().sum() > 0
+    if funnel == "product":
+        assert click_grad > 0
+    else:
+        assert click_grad == 0
+        # the prediction is the conversion tower's own probability
+        assert torch.equal(out.preds[:, conversion], torch.sigmoid(out.logits[:, conversion]))
+
+
 def test_star_domain_uses_only_shared_and_own_experts(data):
     """Changing another domain's experts leaves a domain's scores bit-identical."""
     spec, _, train, _ = data
