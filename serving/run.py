@@ -23,14 +23,28 @@ DEFAULT = Path(__file__).resolve().parent / "config.yaml"
 
 
 def read_serve_config(path: str | Path) -> dict[str, Any]:
+    """The parsed serve config, its ``args`` validated (:class:`ServeSettings`); every
+    mistake a SettingsError naming the file and the key."""
     p = Path(path)
-    if not p.exists():
+    if not p.is_file():
         raise SettingsError(f"{p}: no such serve config")
-    raw = yaml.safe_load(p.read_text())
-    apps = raw.get("applications") or []
-    if len(apps) != 1 or "args" not in apps[0]:
-        raise SettingsError(f"{p}: expected one application with args")
-    ServeSettings.from_dict(apps[0]["args"])  # validate before starting anything
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise SettingsError(f"{p}: not valid YAML: {' '.join(str(e).split())}") from None
+    apps = raw.get("applications") if isinstance(raw, dict) else None
+    if not isinstance(apps, list) or len(apps) != 1 or not isinstance(apps[0], dict):
+        raise SettingsError(f"{p}: applications: expected one application with args")
+    http = raw.get("http_options") or {}
+    port = http.get("port", 8000) if isinstance(http, dict) else None
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise SettingsError(f"{p}: http_options.port: expected a port number, got {port!r}")
+    if not isinstance(apps[0].get("args"), dict):
+        raise SettingsError(f"{p}: applications[0].args: expected a table of settings")
+    try:
+        ServeSettings.from_dict(apps[0]["args"])  # validate before starting anything
+    except SettingsError as e:
+        raise SettingsError(f"{p}: applications[0].args.{e}") from None
     return raw
 
 

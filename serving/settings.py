@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from features.spec import SEGMENTS
+from recsys_moe.config import ConfigError, build_checked
 
 
-class SettingsError(ValueError):
+class SettingsError(ConfigError):
     """A bad serve config: the message names the key."""
 
 
@@ -110,18 +111,12 @@ class ServeSettings:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ServeSettings:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(raw) - known
-        if unknown:
-            raise SettingsError(f"unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
-        segs = []
-        for s in raw.get("segments", []):
-            s = dict(s)
-            extra = set(s) - {f.name for f in dataclasses.fields(Segment)}
-            if extra:
-                raise SettingsError(f"segments.{s.get('name')}: unknown key(s) {sorted(extra)}")
-            segs.append(s if isinstance(s, Segment) else Segment(**s))
-        return cls(**{**raw, "segments": segs})
+        """Settings from a serve config's ``args``: unknown keys refused and every value
+        checked against its field's type (config.py's checks), then the rules above."""
+        try:
+            return build_checked(cls, raw)
+        except ConfigError as e:
+            raise SettingsError(str(e)) from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
