@@ -22,7 +22,6 @@ Runs locally or on a cluster (``RAY_ADDRESS``); ``--use-gpu`` puts each actor on
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ import ray
 import ray.data
 
 from pipelines.cli import command_parser
+from pipelines.publish import published
 from recsys_moe.bundle import BundleError
 from recsys_moe.cluster import init_ray
 from recsys_moe.config import Config, ScoringConfig, load_config
@@ -136,14 +136,30 @@ def run_score(
 ) -> dict[str, Any]:
     """The whole job; returns the summary (also written to <output>/summary.json)."""
     started = time.perf_counter()
-    sc = cfg.scoring
     resolved, scorer = open_model(model)
     check_input(input_path, scorer)
-    out = Path(output)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    # written beside the output folder and swapped in whole once every row is accounted
+    # for: a killed run leaves the previous output (or none) and a rerun starts over
+    with published(output, "score") as out:
+        summary = _score_into(out, Path(output), cfg, resolved, scorer, input_path,
+                              top_k, use_gpu, progress, started)  # fmt: skip
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
 
+
+def _score_into(
+    out: Path,
+    final: Path,
+    cfg: Config,
+    resolved: Any,
+    scorer: Scorer,
+    input_path: str | Path,
+    top_k: int | None,
+    use_gpu: bool,
+    progress: bool,
+    started: float,
+) -> dict[str, Any]:
+    sc = cfg.scoring
     init_ray()
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress
@@ -212,7 +228,7 @@ def run_score(
         "model": resolved.uri,
         "model_version": resolved.version,
         "input": src,
-        "output": str(out.resolve()),
+        "output": str(final.resolve()),
         "rows_in": rows_in,
         "rows_out": rows_out,
         "rows_rejected": n_rejects,
@@ -223,7 +239,6 @@ def run_score(
         "actors": concurrency,
         "top_k": k,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 

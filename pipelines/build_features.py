@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -34,6 +33,7 @@ from features.store import (
     write_store,
 )
 from pipelines.cli import command_parser
+from pipelines.publish import published
 from recsys_moe.config import Config, load_config
 from recsys_moe.data.schema import (
     REJECT_REASON,
@@ -233,19 +233,22 @@ def _read_interactions(plan: Plan):  # -> ray.data.Dataset
 
 def build_features(cfg: Config, progress: bool = True) -> dict[str, Any]:
     """Run the Ray pipeline for ``cfg`` and write the feature store; returns the manifest."""
+    t0 = time.perf_counter()
+    plan = plan_features(cfg)
+    for line in plan.report.lines():
+        print(f"[features] {line}", flush=True)
+    # written beside the store and swapped in whole: a killed run leaves the previous
+    # store as it was, and two runs into one store take turns (pipelines/publish.py)
+    with published(cfg.features.store_dir, "features") as staging:
+        return _build_into(staging, cfg, plan, t0, progress)
+
+
+def _build_into(store: Path, cfg: Config, plan: Plan, t0: float, progress: bool) -> dict[str, Any]:
     import ray
     import ray.data
 
     from recsys_moe.cluster import init_ray
 
-    t0 = time.perf_counter()
-    plan = plan_features(cfg)
-    for line in plan.report.lines():
-        print(f"[features] {line}", flush=True)
-    store = Path(cfg.features.store_dir)
-    if store.exists():
-        shutil.rmtree(store)
-    store.mkdir(parents=True)
     write_rejects(plan, store)
     t_plan = time.perf_counter()
     init_ray()
