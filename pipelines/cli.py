@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 
 import recsys_moe.cluster  # noqa: F401  (first: Ray's settings are read when ray is imported)
@@ -84,11 +85,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"recsys-moe: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name][0])
+    # SIGTERM (a scheduler, `kill`, a container stop) unwinds like Ctrl-C: a job's
+    # half-written folder is removed, its MLflow run ends KILLED, the service shuts down
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         return int(module.main(rest) or 0)
     except (ConfigError, RawLogError) as e:
         print(f"recsys-moe {name}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"recsys-moe {name}: stopped before it finished; rerun the same command "
+              "(docs/operations.md, 'When a job is killed')", file=sys.stderr)  # fmt: skip
+        return 130
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

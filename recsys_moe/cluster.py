@@ -8,6 +8,8 @@ the job joins that cluster and ships this repository's code with ``working_dir``
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -93,6 +95,24 @@ def init_ray(
     """
     if ray.is_initialized():
         return
+    with _keep_sigterm_handler():
+        _init(num_cpus, dashboard, log_to_driver)
+
+
+@contextmanager
+def _keep_sigterm_handler() -> Iterator[None]:
+    """ray.init replaces a driver's SIGTERM handler with sys.exit(15); the command's own
+    (pipelines/cli.py: unwind like Ctrl-C) is put back."""
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if main and before is not None:
+            signal.signal(signal.SIGTERM, before)
+
+
+def _init(num_cpus: int | None, dashboard: bool, log_to_driver: bool) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = os.environ.get("RAY_ADDRESS")
     if address:

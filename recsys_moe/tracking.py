@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib.metadata as md
 import math
 import os
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,7 +132,12 @@ class Tracker:
             exp_id = mlflow.create_experiment(name, artifact_location=artifact_location(uri))
         else:
             exp_id = exp.experiment_id
+        for run_id in close_abandoned_runs(mlflow.MlflowClient(uri), exp_id):
+            print(f"[train] MLflow run {run_id} was left running by a killed driver; "
+                  "marked KILLED", flush=True)  # fmt: skip
         run = mlflow.start_run(experiment_id=exp_id, run_name=run_name)
+        # who drives the run: a later run can tell it was abandoned (close_abandoned_runs)
+        mlflow.set_tags({"train.host": socket.gethostname(), "train.pid": str(os.getpid())})
         return cls(uri, exp_id, run.info.run_id)
 
     def __enter__(self) -> Tracker:
@@ -140,7 +146,11 @@ class Tracker:
     def __exit__(self, exc_type, exc, tb) -> None:
         import mlflow
 
-        mlflow.end_run(status="FAILED" if exc_type else "FINISHED")
+        if exc_type is None:
+            status = "FINISHED"
+        else:  # stopped (Ctrl-C, SIGTERM) or failed
+            status = "KILLED" if issubclass(exc_type, KeyboardInterrupt | SystemExit) else "FAILED"
+        mlflow.end_run(status=status)
 
     def log_start(
         self, cfg: Config, manifest: dict[str, Any], *, workers: int, run_name: str, storage
@@ -225,6 +235,33 @@ class Tracker:
         )
         return registry.promote(name, version, alias, decide(version), run_id=self.run_id,
                                 uri=self.uri)  # fmt: skip
+
+
+def close_abandoned_runs(client: Any, experiment_id: str) -> list[str]:
+    """End as KILLED the runs of an experiment left RUNNING by a driver that no longer
+    exists on this host (killed by SIGKILL, out of memory, the machine rebooted), tagged
+    ``train.aborted``; returns their ids. A run driven from another host, or whose
+    driver's pid is alive, is left alone."""
+    host, out = socket.gethostname(), []
+    for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'"):
+        tags = run.data.tags
+        pid = tags.get("train.pid", "")
+        if tags.get("train.host") != host or not pid.isdigit() or _alive(int(pid)):
+            continue
+        client.set_tag(run.info.run_id, "train.aborted", f"driver pid {pid} on {host} gone")
+        client.set_terminated(run.info.run_id, status="KILLED")
+        out.append(run.info.run_id)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 # ------------------------------------------------------------------ plots

@@ -4,6 +4,7 @@ run does, and two writers into one folder take turns."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -18,7 +19,7 @@ import polars as pl
 import pytest
 
 from pipelines.publish import published, recover
-from tests.test_cli import ENV, small_toml
+from tests.test_cli import ENV, shrunk_toml, small_toml
 
 # a writer that stops in the middle of writing its folder until it is killed
 _HALF_WRITER = textwrap.dedent(
@@ -178,6 +179,19 @@ def test_features_killed_anywhere_keeps_the_old_store_and_a_rerun_equals_a_clean
     assert "left by a run that did not finish" in r.stdout
     assert _store_content(store) == content
     assert not list(tmp_path.glob(".store.staging-*"))
+    # SIGTERM (a scheduler's stop) unwinds: its staging folder goes with it, exit code 130
+    files = _tree(store)
+    p = _start(["features", "--config", str(cfg), "--no-progress"], tmp_path, env)
+    deadline = time.monotonic() + 120
+    while not examples() and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if p.poll() is None:  # Ray is up and writing (while ray.init runs, Ray's exit(15) rules)
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=120) == 130, p.log.read_text()[-3000:]
+        assert "stopped before it finished; rerun the same command" in p.log.read_text()
+        assert not staging() and _tree(store) == files
+    with contextlib.suppress(ProcessLookupError):  # whatever of its local Ray outlived it
+        os.killpg(p.pid, signal.SIGKILL)
 
 
 @pytest.mark.slow
@@ -208,3 +222,36 @@ def test_score_killed_mid_run_and_rerun_scores_every_row_once(scoring_model, tmp
     # every input row exactly once: scored or rejected, none twice, none missing
     both = pl.concat([scored, rejected]).sort(keys, nulls_last=True)
     assert both.equals(inp.select(keys).sort(keys, nulls_last=True))
+
+
+@pytest.mark.slow
+def test_train_driver_killed_mid_run_resumes_and_leaves_no_run_running(tmp_path):
+    import mlflow
+
+    cfg = shrunk_toml(tmp_path, "default", "small", n_rows="6000", n_users="300",
+                      n_items="100", epochs="3", batch_size="512")  # fmt: skip
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    env = {**ENV, "MLFLOW_TRACKING_URI": uri}
+    _run(["generate", "--config", str(cfg), "--no-progress"], tmp_path, env)
+    _run(["features", "--config", str(cfg), "--no-progress"], tmp_path, env)
+    # killed (the driver's whole process group) once its first epoch's checkpoint is down
+    ckpt = lambda: any(tmp_path.glob("checkpoints/*/checkpoint_*"))  # noqa: E731
+    p = _start(["train", "--config", str(cfg), "--no-progress"], tmp_path, env)
+    assert _kill_when(p, ckpt, 0.0), "training finished before its kill point"
+    client = mlflow.MlflowClient(uri)
+    (killed,) = client.search_runs(
+        [client.get_experiment_by_name("recsys-moe-small").experiment_id]
+    )
+    assert killed.info.status == "RUNNING"  # SIGKILL: nothing could end it
+    assert client.search_model_versions("name = 'recsys_moe_small'") == []
+    (run_name,) = [d.name for d in (tmp_path / "checkpoints").iterdir()]
+    r = _run(["train", "--config", str(cfg), "--no-progress", "--resume", run_name],
+             tmp_path, env)  # fmt: skip
+    assert f"MLflow run {killed.info.run_id} was left running by a killed driver" in r.stdout
+    assert "[train] resumed after epoch" in r.stdout
+    runs = {x.info.run_id: x for x in client.search_runs([killed.info.experiment_id])}
+    assert runs[killed.info.run_id].info.status == "KILLED"
+    assert "train.aborted" in runs[killed.info.run_id].data.tags
+    assert sorted(x.info.status for x in runs.values()) == ["FINISHED", "KILLED"]
+    (version,) = client.search_model_versions("name = 'recsys_moe_small'")
+    assert version.status == "READY" and runs[version.run_id].info.status == "FINISHED"
