@@ -40,6 +40,7 @@ from features.store import (
     read_vocabs,
 )
 from pipelines.cli import command_parser
+from pipelines.publish import published
 from recsys_moe.bundle import write_bundle
 from recsys_moe.config import Config, config_from_dict, load_config
 from recsys_moe.metrics import evaluate_slices
@@ -549,43 +550,47 @@ def run_training(
         model = model_from_checkpoint(best, spec, cfg)
         test_metrics, oracle, monitor, preds, test_df = evaluate_test(cfg, model, manifest)
         history, best_epoch, valid = stopping.history, stopping.best_epoch, stopping.best_valid()
-        out = write_bundle(
-            model, output, manifest, store=store,
-            extra={"config": cfg.to_dict(), "valid": valid, "test": test_metrics,
-                   "run_name": run_name, "router_load": monitor.load_shares()},
-        )  # fmt: skip
-        samples = [h["train/samples_per_s"] for h in history]
-        summary = {
-            "model_dir": str(Path(out).resolve()),
-            "run_name": run_name,
-            "workers": workers,
-            "best_epoch": best_epoch,
-            "epochs_run": len(history),
-            "seconds": round(time.perf_counter() - started, 1),
-            "samples_per_s": round(float(np.mean(samples))) if samples else 0,
-            "valid": valid,
-            # metrics of the held-out rows: test, or valid where the store has no test split
-            "evaluated_on": held_out_split(manifest),
-            "test": test_metrics,
-            "oracle": oracle,
-            "router": monitor.metrics(),
-            "history": history,
-            "checkpoint": best.path,
-        }
-        (Path(out) / "metrics.json").write_text(json.dumps(summary, indent=2, default=float))
-        tracker.log_end(summary, model, monitor, preds, test_df, out)
-        if register:
-            metric = cfg.training.promote_metric
-            score = valid.get(metric.removeprefix("valid/"), float("nan"))
-            rows = challenge_rows(out, store)
-            summary["registry"] = tracker.register_and_promote(
-                cfg,
-                {"promote_metric": metric, "valid_score": f"{score:.6f}"},
-                lambda version: registry.challenge(
-                    out, rows, name=cfg.model_name, alias=cfg.serving.model_alias,
-                    metric=metric, force=force_promote, uri=tracker.uri,
-                ),
+        # the bundle is written beside its folder, logged and registered from there, then
+        # swapped in whole: a killed run leaves the previous bundle, and two runs with one
+        # output folder take turns here instead of mixing their files (pipelines/publish.py)
+        with published(output, "train") as staging:
+            out = write_bundle(
+                model, staging, manifest, store=store,
+                extra={"config": cfg.to_dict(), "valid": valid, "test": test_metrics,
+                       "run_name": run_name, "router_load": monitor.load_shares()},
             )  # fmt: skip
+            samples = [h["train/samples_per_s"] for h in history]
+            summary = {
+                "model_dir": str(Path(output).resolve()),
+                "run_name": run_name,
+                "workers": workers,
+                "best_epoch": best_epoch,
+                "epochs_run": len(history),
+                "seconds": round(time.perf_counter() - started, 1),
+                "samples_per_s": round(float(np.mean(samples))) if samples else 0,
+                "valid": valid,
+                # metrics of the held-out rows: test, or valid where the store has no test split
+                "evaluated_on": held_out_split(manifest),
+                "test": test_metrics,
+                "oracle": oracle,
+                "router": monitor.metrics(),
+                "history": history,
+                "checkpoint": best.path,
+            }
+            (Path(out) / "metrics.json").write_text(json.dumps(summary, indent=2, default=float))
+            tracker.log_end(summary, model, monitor, preds, test_df, out)
+            if register:
+                metric = cfg.training.promote_metric
+                score = valid.get(metric.removeprefix("valid/"), float("nan"))
+                rows = challenge_rows(out, store)
+                summary["registry"] = tracker.register_and_promote(
+                    cfg,
+                    {"promote_metric": metric, "valid_score": f"{score:.6f}"},
+                    lambda version: registry.challenge(
+                        out, rows, name=cfg.model_name, alias=cfg.serving.model_alias,
+                        metric=metric, force=force_promote, uri=tracker.uri,
+                    ),
+                )  # fmt: skip
     summary["run_id"] = tracker.run_id
     summary["tracking_uri"] = tracker.uri
     print(table(spec, test_metrics, oracle), flush=True)

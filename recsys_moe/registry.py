@@ -55,13 +55,16 @@ def parse_uri(uri: str) -> tuple[str, str | None, str | None]:
 
 
 def alias_version(name: str, alias: str, uri: str | None = None):
-    """The ModelVersion behind ``name@alias``, or None where there is none."""
+    """The ModelVersion behind ``name@alias``, or None where there is none (no such model
+    or alias). A store that cannot be read raises: it is not an empty registry."""
     from mlflow.exceptions import MlflowException
 
     try:
         return client(uri).get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
+    except MlflowException as e:
+        if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
 
 
 def resolve_model(ref: str, tracking: str | None = None) -> ResolvedModel:

@@ -110,7 +110,10 @@ class ModelWatcher:
                 self.load_error = f"cannot read {self.uri}: {type(e).__name__}: {e}"
                 return
             serving = self.current.version if self.current else None
-            if version in (serving, self.failed_version):
+            if version == serving:  # reachable (again), nothing to swap
+                self.load_error, self.failed_version = None, None
+                return
+            if version == self.failed_version:
                 return
             try:
                 loaded = self._build(self._download(version), version)

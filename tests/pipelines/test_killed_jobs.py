@@ -225,7 +225,7 @@ def test_score_killed_mid_run_and_rerun_scores_every_row_once(scoring_model, tmp
 
 
 @pytest.mark.slow
-def test_train_driver_killed_mid_run_resumes_and_leaves_no_run_running(tmp_path):
+def test_train_killed_resumes_beside_a_second_run_and_leaves_no_run_running(tmp_path):
     import mlflow
 
     cfg = shrunk_toml(tmp_path, "default", "small", n_rows="6000", n_users="300",
@@ -245,13 +245,26 @@ def test_train_driver_killed_mid_run_resumes_and_leaves_no_run_running(tmp_path)
     assert killed.info.status == "RUNNING"  # SIGKILL: nothing could end it
     assert client.search_model_versions("name = 'recsys_moe_small'") == []
     (run_name,) = [d.name for d in (tmp_path / "checkpoints").iterdir()]
-    r = _run(["train", "--config", str(cfg), "--no-progress", "--resume", run_name],
-             tmp_path, env)  # fmt: skip
-    assert f"MLflow run {killed.info.run_id} was left running by a killed driver" in r.stdout
+    # the resume and a second, fresh run at once: one SQLite store, one output folder
+    train = ["train", "--config", str(cfg), "--no-progress"]
+    other = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *train], cwd=tmp_path,
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True)  # fmt: skip
+    r = _run([*train, "--resume", run_name], tmp_path, env)
+    out, _ = other.communicate(timeout=900)
+    assert other.returncode == 0, out[-3000:]
+    assert "database is locked" not in r.stderr + out
     assert "[train] resumed after epoch" in r.stdout
+    # the killed run was closed by whichever run started first
+    assert f"MLflow run {killed.info.run_id} was left running by a killed driver" in r.stdout + out
     runs = {x.info.run_id: x for x in client.search_runs([killed.info.experiment_id])}
     assert runs[killed.info.run_id].info.status == "KILLED"
     assert "train.aborted" in runs[killed.info.run_id].data.tags
-    assert sorted(x.info.status for x in runs.values()) == ["FINISHED", "KILLED"]
-    (version,) = client.search_model_versions("name = 'recsys_moe_small'")
-    assert version.status == "READY" and runs[version.run_id].info.status == "FINISHED"
+    assert sorted(x.info.status for x in runs.values()) == ["FINISHED", "FINISHED", "KILLED"]
+    versions = client.search_model_versions("name = 'recsys_moe_small'")
+    assert sorted(int(v.version) for v in versions) == [1, 2]
+    assert all(v.status == "READY" and runs[v.run_id].info.status == "FINISHED" for v in versions)
+    # the output folder holds one run's bundle whole, not a mix of the two
+    bundle = tmp_path / "models" / "small"
+    model_json = json.loads((bundle / "model.json").read_text())
+    assert json.loads((bundle / "metrics.json").read_text())["run_name"] == model_json["run_name"]
