@@ -26,6 +26,7 @@ Built by :func:`app_builder` from the ``args`` of ``serving/config.yaml``.
 # no `from __future__ import annotations`: FastAPI must see real types on a class
 # that serve.ingress pickles by value (string annotations would not resolve)
 
+import asyncio
 import copy
 import importlib
 import json
@@ -591,10 +592,20 @@ class Ingress:
             if seg.name in self.inline:
                 res = await self.inline[seg.name].rank(query)
             else:
-                res = await self.rankers[seg.name].rank.remote(query)
+                # bounded: a ranker replica that died (or hangs) costs a retryable 503, never
+                # a request waiting until Serve has started a new one
+                res = await asyncio.wait_for(
+                    self.rankers[seg.name].rank.remote(query), s.ranker_timeout_s
+                )
+        except TimeoutError:
+            raise HTTPException(
+                503, f"ranker {seg.name} did not answer within {s.ranker_timeout_s} s",
+                headers={"Retry-After": "1"},
+            ) from None  # fmt: skip
         except Exception as e:
             log.exception("ranker %s failed", seg.name)
-            raise HTTPException(503, f"ranker {seg.name} unavailable: {type(e).__name__}") from e
+            raise HTTPException(503, f"ranker {seg.name} unavailable: {type(e).__name__}",
+                                headers={"Retry-After": "1"}) from e  # fmt: skip
         if "error" in res:
             return _error(422, res["error"])
         if "unavailable" in res:

@@ -90,6 +90,9 @@ class ServeSettings:
     max_id_length: int = 64
     max_body_bytes: int = 1_000_000
     default_segment: str | None = None
+    # the longest the ingress waits for a ranker deployment's answer (a replica that died
+    # or hangs): past it the request gets a 503 with Retry-After, which clients retry
+    ranker_timeout_s: float = 5.0
     ingress_replicas: int = 1
     ingress_num_cpus: float = 0.1
     segments: list[Segment] = field(default_factory=list)
@@ -104,8 +107,8 @@ class ServeSettings:
             raise SettingsError(f"default_segment: {self.default_segment!r} is not in {names}")
         if not 1 <= self.max_candidates <= 10_000:
             raise SettingsError("max_candidates: must be in 1..10000")
-        if self.poll_s <= 0 or self.router_window_s <= 0:
-            raise SettingsError("poll_s, router_window_s: must be > 0")
+        if self.poll_s <= 0 or self.router_window_s <= 0 or self.ranker_timeout_s <= 0:
+            raise SettingsError("poll_s, router_window_s, ranker_timeout_s: must be > 0")
         if not 0 <= self.dead_threshold < 1 or not 0 < self.collapse_threshold <= 1:
             raise SettingsError("dead_threshold: in [0, 1); collapse_threshold: in (0, 1]")
 

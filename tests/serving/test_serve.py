@@ -9,6 +9,7 @@ import json
 import socket
 import threading
 import time
+from collections import Counter
 
 import numpy as np
 import polars as pl
@@ -492,3 +493,61 @@ def test_started_before_any_model_then_loads_it(service):
             assert r.status_code == 200 and r.json()["model_version"] == "1", r.text
     finally:
         serve.delete("later")
+
+
+def test_ranker_replica_killed_under_load_costs_bounded_retries(service):
+    """The feed segment's ranker replica killed while four clients rank against it: every
+    client call succeeds through its bounded retries, no request waits past the client's
+    timeout, at most a few first attempts fail (a 503 each, none a 500) and Serve starts
+    a new replica."""
+    import ray
+
+    from serving.client import RankingClient
+
+    url, _, bundle, _ = service
+    _, power, items = _users(bundle)
+
+    def replicas() -> set[str]:
+        return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                if "SegmentRanker_feed" in a["name"]}  # fmt: skip
+
+    (victim,) = replicas()
+    stop, results, statuses, slowest = threading.Event(), [], Counter(), [0.0]
+    lock = threading.Lock()
+
+    def load() -> None:
+        client = RankingClient(url, timeout_s=15, retries=6, backoff_s=0.2)
+        session_post = client.session.post
+
+        def post(*a, **kw):  # every attempt's status, retries included
+            r = session_post(*a, **kw)
+            with lock:
+                statuses[r.status_code] += 1
+            return r
+
+        client.session.post = post
+        while not stop.is_set():
+            t = time.perf_counter()
+            ranked = client.rank(power, "feed", items[:20], top_k=5)
+            with lock:
+                results.append(ranked["segment"])
+                slowest[0] = max(slowest[0], time.perf_counter() - t)
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+    deadline = time.monotonic() + 120
+    while not (replicas() - {victim}) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(2.0)  # traffic against the new replica
+    stop.set()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "a client hung"
+    assert replicas() - {victim}, "Serve did not start a new replica"
+    assert results and set(results) == {"feed"}
+    assert set(statuses) <= {200, 503}, statuses  # never a 500 for a dead replica
+    assert statuses[503] <= 20, statuses  # bounded: the attempts in flight, retried
+    assert slowest[0] < 15 * 7, slowest  # no call past its retries' timeouts
