@@ -132,13 +132,11 @@ class Decision:
 
 
 def register(model_uri: str, name: str, tags: dict[str, Any], uri: str | None = None) -> str:
-    """Register ``model_uri`` (a run's logged model) as a new version of ``name``, tagged."""
+    """Register ``model_uri`` (a run's logged model) as a new version of ``name``, tagged
+    in the same call (a process killed here leaves no version without its tags)."""
     import mlflow
 
-    mv = mlflow.register_model(model_uri, name)
-    c = client(uri)
-    for k, v in tags.items():
-        c.set_model_version_tag(name, mv.version, k, str(v))
+    mv = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in tags.items()})
     return str(mv.version)
 
 
