@@ -141,104 +141,89 @@ def run_score(
     # written beside the output folder and swapped in whole once every row is accounted
     # for: a killed run leaves the previous output (or none) and a rerun starts over
     with published(output, "score") as out:
-        summary = _score_into(out, Path(output), cfg, resolved, scorer, input_path,
-                              top_k, use_gpu, progress, started)  # fmt: skip
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+        sc = cfg.scoring
+        init_ray()
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = progress
+        # the V1 Parquet reader: V2 adds a file-listing task that asks for a whole CPU, which
+        # a cluster shared with serving replicas or busy actors may never have free
+        ctx.use_datasource_v2 = False
+        # blocks of ~16 MiB: a large Parquet file becomes many blocks, shared by every actor
+        # (one 1M-row block would keep all its batches on one actor)
+        ctx.target_max_block_size = 16 * 1024 * 1024
+        src = str(Path(input_path).resolve())
+        # what is free now (a Serve app or another job may hold part of the cluster)
+        cpus = float(ray.available_resources().get("CPU", 0.0))
+        if sc.concurrency:
+            concurrency, actor_cpus = sc.concurrency, sc.num_cpus_per_actor
+            pool: int | tuple[int, int] = concurrency
+        else:  # one actor per free CPU, leaving half a CPU to Ray Data's read and write tasks
+            concurrency = max(1, min(8, int(cpus)))
+            actor_cpus = min(
+                sc.num_cpus_per_actor, max(IO_CPUS, (cpus - 2 * IO_CPUS) / concurrency)
+            )
+            pool = concurrency  # sized to the free CPUs, so every actor can be placed
+        threads = max(1, int(actor_cpus))
 
-
-def _score_into(
-    out: Path,
-    final: Path,
-    cfg: Config,
-    resolved: Any,
-    scorer: Scorer,
-    input_path: str | Path,
-    top_k: int | None,
-    use_gpu: bool,
-    progress: bool,
-    started: float,
-) -> dict[str, Any]:
-    sc = cfg.scoring
-    init_ray()
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = progress
-    # the V1 Parquet reader: V2 adds a file-listing task that asks for a whole CPU, which
-    # a cluster shared with serving replicas or busy actors may never have free
-    ctx.use_datasource_v2 = False
-    # blocks of ~16 MiB: a large Parquet file becomes many blocks, shared by every actor
-    # (one 1M-row block would keep all its batches on one actor)
-    ctx.target_max_block_size = 16 * 1024 * 1024
-    src = str(Path(input_path).resolve())
-    # what is free now (a Serve app or another job may hold part of the cluster)
-    cpus = float(ray.available_resources().get("CPU", 0.0))
-    if sc.concurrency:
-        concurrency, actor_cpus = sc.concurrency, sc.num_cpus_per_actor
-        pool: int | tuple[int, int] = concurrency
-    else:  # one actor per free CPU, leaving half a CPU to Ray Data's read and write tasks
-        concurrency = max(1, min(8, int(cpus)))
-        actor_cpus = min(sc.num_cpus_per_actor, max(IO_CPUS, (cpus - 2 * IO_CPUS) / concurrency))
-        pool = concurrency  # sized to the free CPUs, so every actor can be placed
-    threads = max(1, int(actor_cpus))
-
-    # one pass: the actors score the good rows and write the null-key rows to rejects/
-    light = {"num_cpus": IO_CPUS}
-    rejects = (out / "rejects").resolve()
-    scored = ray.data.read_parquet(src, **light).map_batches(
-        ScoreBatch,
-        fn_constructor_kwargs={
-            "bundle": str(resolved.bundle),
-            "version": resolved.version,
-            "blend": {"blend": sc.blend, "task_weights": dict(sc.task_weights)},
-            "threads": threads,
-            "rejects": str(rejects),
-        },
-        batch_size=sc.batch_size,
-        batch_format="pyarrow",
-        concurrency=pool,
-        num_cpus=actor_cpus,
-        num_gpus=1 if use_gpu else 0,
-    )
-    scored.write_parquet(str((out / "scores").resolve()), ray_remote_args=light)
-    rows_out = _parquet_rows(out / "scores")
-    n_rejects = _parquet_rows(rejects) if rejects.exists() else 0
-    rows_in = pads.dataset(src, format="parquet").count_rows()
-    if rows_in != rows_out + n_rejects:
-        raise RuntimeError(
-            f"row accounting failed: {rows_in} rows in != {rows_out} scored + {n_rejects} rejected"
+        # one pass: the actors score the good rows and write the null-key rows to rejects/
+        light = {"num_cpus": IO_CPUS}
+        rejects = (out / "rejects").resolve()
+        scored = ray.data.read_parquet(src, **light).map_batches(
+            ScoreBatch,
+            fn_constructor_kwargs={
+                "bundle": str(resolved.bundle),
+                "version": resolved.version,
+                "blend": {"blend": sc.blend, "task_weights": dict(sc.task_weights)},
+                "threads": threads,
+                "rejects": str(rejects),
+            },
+            batch_size=sc.batch_size,
+            batch_format="pyarrow",
+            concurrency=pool,
+            num_cpus=actor_cpus,
+            num_gpus=1 if use_gpu else 0,
         )
-    cold = (
-        pl.scan_parquet(str(out / "scores" / "*.parquet"))
-        .select(pl.col("cold_user").sum(), pl.col("cold_item").sum())
-        .collect()
-    )
-    k = sc.top_k if top_k is None else top_k
-    if k:
-        user = scorer.spec.user_id
-        (
+        scored.write_parquet(str((out / "scores").resolve()), ray_remote_args=light)
+        rows_out = _parquet_rows(out / "scores")
+        n_rejects = _parquet_rows(rejects) if rejects.exists() else 0
+        rows_in = pads.dataset(src, format="parquet").count_rows()
+        if rows_in != rows_out + n_rejects:
+            raise RuntimeError(
+                f"row accounting failed: {rows_in} rows in != {rows_out} scored + {n_rejects} rejected"
+            )
+        cold = (
             pl.scan_parquet(str(out / "scores" / "*.parquet"))
-            .sort([user, "score"], descending=[False, True])
-            .group_by(user, maintain_order=True)
-            .head(k)
-            .with_columns(pl.int_range(pl.len()).over(user).add(1).alias("rank"))
-            .sink_parquet(out / "top_k.parquet")
+            .select(pl.col("cold_user").sum(), pl.col("cold_item").sum())
+            .collect()
         )
-    seconds = time.perf_counter() - started
-    summary = {
-        "model": resolved.uri,
-        "model_version": resolved.version,
-        "input": src,
-        "output": str(final.resolve()),
-        "rows_in": rows_in,
-        "rows_out": rows_out,
-        "rows_rejected": n_rejects,
-        "rows_cold_user": int(cold["cold_user"][0] or 0),
-        "rows_cold_item": int(cold["cold_item"][0] or 0),
-        "seconds": round(seconds, 2),
-        "rows_per_s": round(rows_in / max(seconds, 1e-9)),
-        "actors": concurrency,
-        "top_k": k,
-    }
+        k = sc.top_k if top_k is None else top_k
+        if k:
+            user = scorer.spec.user_id
+            (
+                pl.scan_parquet(str(out / "scores" / "*.parquet"))
+                .sort([user, "score"], descending=[False, True])
+                .group_by(user, maintain_order=True)
+                .head(k)
+                .with_columns(pl.int_range(pl.len()).over(user).add(1).alias("rank"))
+                .sink_parquet(out / "top_k.parquet")
+            )
+        seconds = time.perf_counter() - started
+        summary = {
+            "model": resolved.uri,
+            "model_version": resolved.version,
+            "input": src,
+            "output": str(Path(output).resolve()),
+            "rows_in": rows_in,
+            "rows_out": rows_out,
+            "rows_rejected": n_rejects,
+            "rows_cold_user": int(cold["cold_user"][0] or 0),
+            "rows_cold_item": int(cold["cold_item"][0] or 0),
+            "seconds": round(seconds, 2),
+            "rows_per_s": round(rows_in / max(seconds, 1e-9)),
+            "actors": concurrency,
+            "top_k": k,
+        }
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 

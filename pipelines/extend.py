@@ -486,7 +486,6 @@ def _track(cfg: Config, summary: dict, out: Path, data: ExtensionData, resolved)
             tr.model_info.model_uri, name,
             {**tags, "run_id": tr.run_id, "promote_metric": "valid/auc_mean",
              "valid_score": f"{auc:.6f}"},
-            tr.uri,
         )  # fmt: skip
         failed = [g for g, v in summary["gates"].items() if not v]
         parent_auc = summary["parent_valid"].get("auc_mean", math.nan)

@@ -35,12 +35,10 @@ def recover(final: str | Path) -> bool:
     successor not yet in place); True if it did. Call with the lock held or before any
     writer exists."""
     final = Path(final)
-    if final.exists():
-        return False
-    for old in _siblings(final, "old"):
-        old.rename(final)
-        return True
-    return False
+    olds = [] if final.exists() else _siblings(final, "old")
+    if olds:
+        olds[0].rename(final)
+    return bool(olds)
 
 
 @contextlib.contextmanager

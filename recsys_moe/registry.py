@@ -131,7 +131,7 @@ class Decision:
     reason: str
 
 
-def register(model_uri: str, name: str, tags: dict[str, Any], uri: str | None = None) -> str:
+def register(model_uri: str, name: str, tags: dict[str, Any]) -> str:
     """Register ``model_uri`` (a run's logged model) as a new version of ``name``, tagged
     in the same call (a process killed here leaves no version without its tags)."""
     import mlflow

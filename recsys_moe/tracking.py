@@ -231,7 +231,7 @@ class Tracker:
         name = cfg.model_name
         alias = alias or cfg.serving.model_alias
         version = registry.register(
-            self.model_info.model_uri, name, {"run_id": self.run_id, **tags}, self.uri
+            self.model_info.model_uri, name, {"run_id": self.run_id, **tags}
         )
         return registry.promote(name, version, alias, decide(version), run_id=self.run_id,
                                 uri=self.uri)  # fmt: skip
