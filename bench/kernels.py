@@ -242,7 +242,7 @@ def bench_model(cfg, B: int = 4096, rounds: int = 3) -> dict[str, tuple[float, f
         def step():
             b = batches[next(it) % 4]
             opt.zero_grad()
-            loss, _ = loss_of(owner or fwd, fwd(b), b.labels)
+            loss = loss_of(owner or fwd, fwd(b), b.labels)
             loss.backward()
             opt.step()
 

@@ -68,7 +68,7 @@ def _step_worker(rank, world, port, config, shard, steps, out):
             t0 = time.perf_counter()
         b = data.batch(slice(i * B, (i + 1) * B))
         d.optimizer.zero_grad()
-        total, _ = loss_of(d.module, d.model(b), b.labels)
+        total = loss_of(d.module, d.model(b), b.labels)
         total.backward()
         d.optimizer.step()
     dist.barrier()

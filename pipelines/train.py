@@ -20,6 +20,7 @@ run from its last checkpoint, and ``FailureConfig(max_failures)`` restarts worke
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import tempfile
@@ -53,7 +54,7 @@ from recsys_moe.training import (
     EarlyStopping,
     evaluate_model,
     evaluation_slices,
-    loss_of,
+    prediction_loss,
     prepare_for_training,
     revival_metrics,
     run_epochs,
@@ -137,8 +138,7 @@ def _gather_eval(d, batches, spec: InputSpec, device) -> dict[str, float] | None
         for b in batches:
             b = b.to(device)
             out = d.model(b)
-            total, _ = loss_of(d.module, out, b.labels)
-            loss_sum += float(total) * len(b)
+            loss_sum += float(prediction_loss(d.module, out, b.labels)) * len(b)
             n += len(b)
             preds.append(out.preds.cpu())
             labels.append(b.labels.cpu())
@@ -319,6 +319,29 @@ def worker_loop(config: dict[str, Any]) -> None:
                 checkpoint=Checkpoint.from_directory(tmp),
             )
 
+    if config["refit"]:
+        # the validation rows are training rows here: nothing to evaluate or decide; the
+        # epoch count was chosen by the first fit, and every epoch runs
+        def refit_epoch(epoch: int) -> dict[str, float]:
+            train = train_epoch(epoch)
+            if rank == 0:
+                print(f"[train] refit epoch {epoch}: train loss {train['train/loss']:.4f}, "
+                      f"{train['train/samples_per_s']:,.0f} samples/s", flush=True)  # fmt: skip
+            if client is not None:
+                from recsys_moe.tracking import log_metrics
+
+                log_metrics(client, config["run_id"],
+                            {f"refit/{k}": v for k, v in train.items()}, step=epoch)  # fmt: skip
+            return train
+
+        def refit_checkpoint(epoch: int, st: EarlyStopping, _: dict[str, float] | None) -> None:
+            st.epoch = epoch  # a resumed refit continues after its last epoch
+            checkpoint(epoch, st, None)
+
+        run_epochs(epochs=tcfg.epochs, stopping=stopping, train_epoch=refit_epoch,
+                   evaluate=lambda epoch: None, schedule=d.schedule, on_epoch=refit_checkpoint,
+                   log=None)  # fmt: skip
+        return
     run_epochs(
         epochs=tcfg.epochs,
         stopping=stopping,
@@ -342,15 +365,18 @@ def _shard_tensors(spec: InputSpec, it) -> ExampleTensors:
 # ------------------------------------------------------------------ the driver
 
 
-def _datasets(store: str | Path) -> dict[str, Any]:
+def _datasets(store: str | Path, refit: bool = False) -> dict[str, Any]:
+    """The workers' train and valid datasets; a refit trains on train + valid."""
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the trainer prints its own progress
     ctx.print_on_execution_start = False
+    files = {split: example_files(store, split) for split in ("train", "valid")}
+    if refit:
+        files["train"] = files["train"] + files["valid"]
     return {
-        split: ray.data.read_parquet(example_files(store, split), file_extensions=["parquet"])
-        for split in ("train", "valid")
+        split: ray.data.read_parquet(f, file_extensions=["parquet"]) for split, f in files.items()
     }
 
 
@@ -366,9 +392,11 @@ def fit_distributed(
     sharding_types: list[str] | None = None,
     max_failures: int = 2,
     progress: bool = True,
+    refit: bool = False,
 ) -> tuple[Any, EarlyStopping]:
     """Run the TorchTrainer; returns the best checkpoint and the loop's final state (the
-    best epoch and the history)."""
+    best epoch and the history). ``refit``: train on train + valid for
+    ``cfg.training.epochs`` epochs, no validation; returns the last checkpoint."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -380,7 +408,8 @@ def fit_distributed(
     workers = workers or one_each
     store = cfg.features.store_dir
     manifest = load_manifest(store)
-    train_rows = int(manifest["splits"]["rows"]["train"])
+    rows = manifest["splits"]["rows"]
+    train_rows = int(rows["train"]) + (int(rows["valid"]) if refit else 0)
     cpus = float(ray.cluster_resources().get("CPU", 1))
     # a worker reserves at most one CPU, leaving the rest to Ray Data's readers
     cpus_per_worker = max(0.25, min(1.0, (cpus - 1) / workers))
@@ -407,6 +436,7 @@ def fit_distributed(
             "train_rows": train_rows,
             "shuffle_buffer": cfg.training.shuffle_buffer,
             "progress": progress,
+            "refit": refit,
         },
         torch_config=TorchConfig(backend="nccl" if cfg.training.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
@@ -426,11 +456,13 @@ def fit_distributed(
             ),
             worker_runtime_env={"env_vars": {**omp, "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
         ),
-        datasets=_datasets(store),
+        datasets=_datasets(store, refit),
     )
     result = trainer.fit()
     if result.error is not None:
         raise result.error
+    if refit:
+        return result.checkpoint, EarlyStopping()
     scored = [(c, m) for c, m in (result.best_checkpoints or []) if "valid_score" in m]
     if not scored:
         raise RuntimeError(f"training run {run_name} reported no checkpoint")
@@ -533,23 +565,31 @@ def run_training(
     tracker = tracking.Tracker.open(cfg, run_name)
     with tracker:
         tracker.log_start(cfg, manifest, workers=workers, run_name=run_name, storage=storage)
-        best, stopping = fit_distributed(
-            cfg,
-            workers=workers,
-            run_name=run_name,
-            storage=storage,
-            run_id=tracker.run_id,
-            tracking_uri=tracker.uri,
-            expert_parallel=(
+        fit_kw = {
+            "workers": workers,
+            "storage": storage,
+            "run_id": tracker.run_id,
+            "tracking_uri": tracker.uri,
+            "expert_parallel": (
                 cfg.training.expert_parallel if expert_parallel is None else expert_parallel
             ),
-            sharding_types=sharding_types,
-            max_failures=cfg.training.max_failures if max_failures is None else max_failures,
-            progress=progress,
-        )
-        model = model_from_checkpoint(best, spec, cfg)
-        test_metrics, oracle, monitor, preds, test_df = evaluate_test(cfg, model, manifest)
+            "sharding_types": sharding_types,
+            "max_failures": cfg.training.max_failures if max_failures is None else max_failures,
+            "progress": progress,
+        }
+        best, stopping = fit_distributed(cfg, run_name=run_name, **fit_kw)
         history, best_epoch, valid = stopping.history, stopping.best_epoch, stopping.best_valid()
+        selected = model = model_from_checkpoint(best, spec, cfg)
+        if cfg.training.refit:  # a fresh model on train + valid, as many epochs as chosen
+            print(f"[train] refit on train + valid for {best_epoch + 1} epoch(s)", flush=True)
+            again = cfg.replace(training=dataclasses.replace(cfg.training, epochs=best_epoch + 1))
+            best, _ = fit_distributed(again, run_name=f"{run_name}-refit", refit=True, **fit_kw)
+            model = model_from_checkpoint(best, spec, cfg)
+        # the held-out rows' metrics come from a model that never trained on them: the
+        # refit model where the store has a test split, else the selected one (its
+        # validation rows are the refit's training rows)
+        judged = model if held_out_split(manifest) == "test" else selected
+        test_metrics, oracle, monitor, preds, test_df = evaluate_test(cfg, judged, manifest)
         # the bundle is written beside its folder, logged and registered from there, then
         # swapped in whole: a killed run leaves the previous bundle, and two runs with one
         # output folder take turns here instead of mixing their files (pipelines/publish.py)
@@ -576,6 +616,8 @@ def run_training(
                 "router": monitor.metrics(),
                 "history": history,
                 "checkpoint": best.path,
+                # the registered model trained on train + valid for best_epoch + 1 epochs
+                "refit": cfg.training.refit,
             }
             (Path(out) / "metrics.json").write_text(json.dumps(summary, indent=2, default=float))
             tracker.log_end(summary, model, monitor, preds, test_df, out)
@@ -583,14 +625,24 @@ def run_training(
                 metric = cfg.training.promote_metric
                 score = valid.get(metric.removeprefix("valid/"), float("nan"))
                 rows = challenge_rows(out, store)
-                summary["registry"] = tracker.register_and_promote(
-                    cfg,
-                    {"promote_metric": metric, "valid_score": f"{score:.6f}"},
-                    lambda version: registry.challenge(
-                        out, rows, name=cfg.model_name, alias=cfg.serving.model_alias,
-                        metric=metric, force=force_promote, uri=tracker.uri,
-                    ),
-                )  # fmt: skip
+                with tempfile.TemporaryDirectory() as tmp:
+                    # a refit model has trained on the validation rows: the gate judges the
+                    # selected model, which has not, against the champion on them
+                    challenger = (
+                        write_bundle(selected, tmp, manifest, store=store)
+                        if selected is not model
+                        else out
+                    )
+                    summary["registry"] = tracker.register_and_promote(
+                        cfg,
+                        {"promote_metric": metric, "valid_score": f"{score:.6f}",
+                         "refit": str(cfg.training.refit).lower()},
+                        lambda version: registry.challenge(
+                            challenger, rows, name=cfg.model_name,
+                            alias=cfg.serving.model_alias, metric=metric,
+                            force=force_promote, uri=tracker.uri,
+                        ),
+                    )  # fmt: skip
     summary["run_id"] = tracker.run_id
     summary["tracking_uri"] = tracker.uri
     print(table(spec, test_metrics, oracle), flush=True)

@@ -392,6 +392,12 @@ class TrainingConfig:
     # learning rates are multiplied by this after every epoch
     lr_decay: float = 1.0
     early_stopping_patience: int = 2
+    # after early stopping has chosen the epoch count on the validation window, train a
+    # fresh model on train + validation for that many epochs and register it (the newest
+    # rows then reach the served model; the promotion gate and the held-out metrics of a
+    # store without a test split use the first model, which never saw those rows).
+    # bench/quality/newest.py measures both on the rows after the log ends
+    refit: bool = False
     seed: int = 0
     # Ray Train workers; 0 = the fastest layout measured (bench/RESULTS.md, "Training
     # layouts"): one worker per node using every core of it, on CPU (one per GPU with

@@ -205,16 +205,21 @@ def fuse_tables(model: RankingModel, cfg: TrainingConfig) -> torch.optim.Optimiz
     return fused.fused_optimizer()
 
 
-def loss_of(model: RankingModel, out, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Total loss (weighted tasks + aux + z) and the per-task losses (T,)."""
-    per_task = task_losses(model, out, labels)
+def prediction_loss(model: RankingModel, out, labels: torch.Tensor) -> torch.Tensor:
+    """The task losses weighted by the tasks' weights: what validation reports as ``loss``
+    in every trainer (the routing regularisers are training terms, not quality)."""
     w = torch.tensor([t.weight for t in model.spec.tasks])
-    total = (
-        (per_task * w).sum()
+    return (task_losses(model, out, labels) * w).sum()
+
+
+def loss_of(model: RankingModel, out, labels: torch.Tensor) -> torch.Tensor:
+    """The training loss: :func:`prediction_loss` + aux and z losses times their
+    coefficients."""
+    return (
+        prediction_loss(model, out, labels)
         + model.cfg.aux_loss_coef * out.aux_loss
         + model.cfg.z_loss_coef * out.z_loss
     )
-    return total, per_task
 
 
 def train_step(
@@ -232,7 +237,7 @@ def train_step(
     forward.train()
     optimizer.zero_grad(set_to_none=True)
     out = forward(batch)
-    total, _ = loss_of(model, out, batch.labels)
+    total = loss_of(model, out, batch.labels)
     total.backward()
     optimizer.step()
     if monitor is not None:
@@ -252,15 +257,15 @@ def _predict_and_loss(
     """One pass: predictions (n, T) in row order and, with labels, the mean weighted loss."""
     model.eval()
     outs, loss_sum = [], 0.0
-    weights = torch.tensor([t.weight for t in model.spec.tasks])
     for b in data.batches(batch_size):
         out = model(b)
         if monitor is not None:
             monitor.update(out, b.domain)
         if b.labels is not None:
-            loss_sum += float((task_losses(model, out, b.labels) * weights).sum()) * len(b)
+            loss_sum += float(prediction_loss(model, out, b.labels)) * len(b)
         outs.append(out.preds)
-    preds = torch.cat(outs).numpy() if outs else np.zeros((0, len(weights)), dtype=np.float32)
+    T = len(model.spec.tasks)
+    preds = torch.cat(outs).numpy() if outs else np.zeros((0, T), dtype=np.float32)
     return preds, loss_sum / max(len(data), 1)
 
 
@@ -587,9 +592,9 @@ def train_extension(
         child.train()
         opt.zero_grad(set_to_none=True)
         if cache is not None:  # b: row indices into the cache
-            total, _ = loss_of(child, cache.output(child, b), cache.labels[b])
+            total = loss_of(child, cache.output(child, b), cache.labels[b])
         else:
-            total, _ = loss_of(child, child(b), b.labels)
+            total = loss_of(child, child(b), b.labels)
         total.backward()
         opt.step()
         return float(total.detach())

@@ -1,5 +1,6 @@
 """Which model is better on the rows after the log ends: one that held out a test window,
-or one trained on every row but the validation window (``features.test_fraction = 0``)?
+one trained on every row but the validation window (``features.test_fraction = 0``), or
+one refit on train + validation after the epoch count was chosen (``training.refit``)?
 
 For each config: its raw log is cut by time at the ``--future`` quantile. The past is the
 log a user has; the rest is what happens after it is served. Each variant builds its
@@ -26,9 +27,13 @@ from bench.quality.common import BENCH_OUT, fmt_mean_std, train_as_cli
 from recsys_moe.config import load_config
 
 OUT = Path(BENCH_OUT) / "newest"
-VARIANTS = {
-    "test window held out (test_fraction 0.1)": 0.1,
-    "no test split (test_fraction 0)": 0.0,
+VARIANTS = {  # label -> overrides
+    "test window held out (test_fraction 0.1)": {"features.test_fraction": 0.1},
+    "no test split (test_fraction 0)": {"features.test_fraction": 0.0},
+    "no test split, refit on train + valid (training.refit)": {
+        "features.test_fraction": 0.0,
+        "training.refit": True,
+    },
 }
 CONFIGS = ["configs/sparse.toml", "configs/movielens.toml"]
 
@@ -73,26 +78,21 @@ def run(config: str, seeds: int, future: float) -> tuple[str, list[str]]:
     past_dir, future_rows = cut_log(base, future)
     results: dict[str, list[dict[str, float]]] = {}
     rows: dict[str, dict[str, int]] = {}
-    for label, test_fraction in VARIANTS.items():
-        tag = f"tf{test_fraction:g}"
-        cfg = load_config(config, {
-            "source.kind": "files",
-            "data.raw_dir": str(past_dir),
-            "features.store_dir": str(OUT / base.name / f"store-{tag}"),
-            "features.test_fraction": test_fraction,
-        })  # fmt: skip
-        shutil.rmtree(cfg.features.store_dir, ignore_errors=True)
-        ensure_store(cfg)
+    built: set[str] = set()
+    for i, (label, overrides) in enumerate(VARIANTS.items()):
+        tf = overrides["features.test_fraction"]
+        store = str(OUT / base.name / f"store-tf{tf:g}")  # one store per split
+        common = {"source.kind": "files", "data.raw_dir": str(past_dir),
+                  "features.store_dir": store, **overrides}  # fmt: skip
+        cfg = load_config(config, common)
+        if store not in built:
+            shutil.rmtree(store, ignore_errors=True)
+            ensure_store(cfg)
+            built.add(store)
         for seed in range(seeds):
-            scfg = load_config(config, {
-                "source.kind": "files",
-                "data.raw_dir": str(past_dir),
-                "features.store_dir": cfg.features.store_dir,
-                "features.test_fraction": test_fraction,
-                "training.seed": base.training.seed + seed,
-            })  # fmt: skip
+            scfg = load_config(config, {**common, "training.seed": base.training.seed + seed})
             print(f"[newest] {base.name} {label} seed {seed} ...", flush=True)
-            s = train_as_cli(scfg, OUT / base.name / f"model-{tag}-{seed}", progress=False)
+            s = train_as_cli(scfg, OUT / base.name / f"model-{i}-{seed}", progress=False)
             results.setdefault(label, []).append(future_auc(Path(s["model_dir"]), future_rows))
             from features.store import load_manifest
 
@@ -105,14 +105,19 @@ def run(config: str, seeds: int, future: float) -> tuple[str, list[str]]:
         r = rows[label]
         cells = [fmt_mean_std([m[f"{t}/all/auc"] for m in rs]) for t in tasks]
         means[label] = [float(np.mean([m[f"{t}/all/auc"] for m in rs])) for t in tasks]
+        trained = r["train"] + (r["valid"] if VARIANTS[label].get("training.refit") else 0)
         lines.append(f"| {label} | " + " | ".join(cells)
-                     + f" | {r['train']:,} | {r['valid']:,} | {r['test']:,} |")  # fmt: skip
-    a, b = (means[k] for k in VARIANTS)
-    verdict = ", ".join(f"{t} {y - x:+.4f}" for t, x, y in zip(tasks, a, b, strict=True))
+                     + f" | {trained:,} | {r['valid']:,} | {r['test']:,} |")  # fmt: skip
+    held, no_test, refit = (means[k] for k in VARIANTS)
+
+    def gap(b: list[float], a: list[float]) -> str:
+        return ", ".join(f"{t} {y - x:+.4f}" for t, x, y in zip(tasks, a, b, strict=True))
+
     text = (
         f"`{config}` cut at its {1 - future:.0%} time quantile: {future_rows.height:,} future rows "
         f"scored by each bundle as served; {seeds} seed(s), AUC mean ± std. No test split "
-        f"minus held-out test window: {verdict}."
+        f"minus held-out test window: {gap(no_test, held)}; refit minus no test split: "
+        f"{gap(refit, no_test)}."
     )
     return text, lines
 

@@ -39,7 +39,7 @@ def _worker(rank: int, port: int, out: str, mcfg: dict, sharding: str, shard_exp
         d = distribute(model, TCFG, sharding_types=[sharding], expert_parallel_=shard_experts)
         d.model.train()
         o = d.model(b)
-        total, _ = loss_of(d.module, o, b.labels)
+        total = loss_of(d.module, o, b.labels)
         total.backward()
         grads = {n: p.grad.clone() for n, p in d.model.named_parameters() if p.grad is not None}
         plan = d.plan_summary()
@@ -81,7 +81,7 @@ def test_sharded_equals_single_process(tmp_path, mcfg, sharding, shard_experts):
     batch = examples(B * W).batch(slice(0, B * W))
     opt, _ = make_optimizer(ref, TCFG)
     out = ref(batch)
-    total, _ = loss_of(ref, out, batch.labels)
+    total = loss_of(ref, out, batch.labels)
     total.backward()
 
     preds = torch.cat([r["preds"] for r in ranks])

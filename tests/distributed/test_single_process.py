@@ -27,7 +27,7 @@ def _steps(model, optimizer, forward, n: int = 3) -> list[float]:
         b = data.batch(slice(i * 16, (i + 1) * 16))
         forward.train()
         optimizer.zero_grad(set_to_none=True)
-        total, _ = loss_of(model, forward(b), b.labels)
+        total = loss_of(model, forward(b), b.labels)
         total.backward()
         optimizer.step()
         losses.append(float(total))

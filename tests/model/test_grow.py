@@ -35,7 +35,7 @@ def _train_steps(child, params, data: ExampleTensors, steps: int = 3) -> None:
     b = data.batch(slice(0, len(data)))
     for _ in range(steps):
         opt.zero_grad()
-        loss_of(child, child(b), b.labels)[0].backward()
+        loss_of(child, child(b), b.labels).backward()
         opt.step()
     child.eval()
 

@@ -388,7 +388,7 @@ def test_evaluation_sees_every_training_step(data, small_store):
         b = train.batch(slice(0, 512))
         m.train()
         opt.zero_grad()
-        loss_of(m, m(b), b.labels)[0].backward()
+        loss_of(m, m(b), b.labels).backward()
         opt.step()
         got = predict(m, sub, 512)  # eval, no autograd: the cached layout
         with torch.enable_grad():
@@ -435,7 +435,7 @@ def test_embedding_weight_decay_pulls_rows_no_batch_touches_to_zero(data):
         start = table.detach()[untouched].clone()
         for _ in range(5):
             opt.zero_grad(set_to_none=True)
-            loss_of(model, model(b), b.labels)[0].backward()
+            loss_of(model, model(b), b.labels).backward()
             opt.step()
         rows[wd] = (start.norm(), table.detach()[untouched].norm())
     assert rows[0.0][1] == rows[0.0][0]
@@ -481,3 +481,90 @@ def test_batch_norm_trains_on_batch_statistics_and_serves_on_running_ones(data, 
     with torch.no_grad():
         model(b)
     assert not norms[0].training and torch.equal(norms[0].running_mean, before)
+
+
+def test_routing_regularisers_are_in_the_training_loss_and_not_the_validation_loss(data):
+    """``loss_of`` (what every trainer steps on) adds aux and z times their coefficients
+    to the weighted task losses; they move the router's gradients; the validation loss
+    (``evaluate_model``'s, and the Ray Train workers' through the same
+    ``prediction_loss``) is the weighted task losses alone."""
+    from recsys_moe.training import evaluate_model, loss_of, prediction_loss
+
+    spec, _, train, valid = data
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_experts=4, expert_hidden=[16, 8], routing="topk", top_k=2,
+                      aux_loss_coef=0.05, z_loss_coef=0.01)  # fmt: skip
+    model = RankingModel(spec, cfg)
+    b = train.batch(slice(0, 256))
+    out = model(b)
+    assert float(out.aux_loss.detach()) > 0.5 and float(out.z_loss.detach()) > 0
+    plain = prediction_loss(model, out, b.labels)
+    torch.testing.assert_close(
+        loss_of(model, out, b.labels), plain + 0.05 * out.aux_loss + 0.01 * out.z_loss
+    )
+    gates = [p for n, p in model.named_parameters() if "gate" in n]
+    assert gates
+    with_reg = torch.autograd.grad(loss_of(model, out, b.labels), gates, retain_graph=True)
+    without = torch.autograd.grad(plain, gates, retain_graph=True, allow_unused=True)
+    assert any(
+        w is None or not torch.allclose(g, w) for g, w in zip(with_reg, without, strict=True)
+    )
+    res, _ = evaluate_model(model, valid, batch_size=1024)
+    model.eval()
+    with torch.no_grad():
+        plain_sum = train_sum = 0.0
+        for x in valid.batches(1024):
+            o = model(x)
+            plain_sum += float(prediction_loss(model, o, x.labels)) * len(x)
+            train_sum += float(loss_of(model, o, x.labels)) * len(x)
+    assert res["loss"] == pytest.approx(plain_sum / len(valid), rel=1e-5)
+    assert train_sum / len(valid) > res["loss"] + 0.05 * 0.5  # the aux term left out
+
+
+def test_capacity_drops_tokens_through_the_model(data):
+    """Top-1 routing with capacity factor 0.5 in a training forward of the whole model:
+    no (gate, expert) takes more than ``ceil(0.5 * B / E)`` rows, the dropped fraction the
+    model reports is the share of rows its gates dropped, and a dropped row's experts
+    do not reach its output: every row a task's gate dropped gets that task's tower of
+    zeros, one logit."""
+    import math
+
+    spec, _, train, _ = data
+    torch.manual_seed(0)
+    E, B, cf = 4, 256, 0.5
+    cfg = ModelConfig(n_experts=E, expert_hidden=[16, 8], routing="topk", top_k=1,
+                      capacity_factor=cf, sparse_experts=True)  # fmt: skip
+    model = RankingModel(spec, cfg).train()
+    out = model(train.batch(slice(0, B)))
+    (layer,) = out.gates
+    w = layer.route.weights  # (B, T, E)
+    assert ((w > 0).sum(0) <= math.ceil(cf * B / E)).all()
+    dropped = (w > 0).sum(-1) == 0  # (B, T): top-1, so a row has one assignment per gate
+    assert float(layer.route.dropped_fraction) == pytest.approx(float(dropped.float().mean()))
+    assert dropped.float().mean() > 0.3
+    for t in range(len(spec.tasks)):
+        logits = out.logits[dropped[:, t], t]
+        assert len(logits) > 1
+        torch.testing.assert_close(logits, logits[:1].expand_as(logits))
+        assert out.logits[~dropped[:, t], t].std() > 1e-4  # the kept rows differ
+
+
+@pytest.mark.parametrize("routing", ["noisy_topk", "expert_choice"])
+def test_inference_routes_noisy_and_expert_choice_as_plain_top_k(data, routing):
+    """At inference (``eval()``) noisy top-k drops its noise and expert-choice falls back
+    to token-choice top-k on the same scores (a served score must not depend on the rest
+    of its batch): both score exactly as a ``topk`` model with the same weights, and
+    differently from it in training."""
+    spec, _, train, _ = data
+    kw = {"n_experts": 4, "expert_hidden": [16, 8], "top_k": 2}
+    torch.manual_seed(0)
+    model = RankingModel(spec, ModelConfig(routing=routing, **kw))
+    plain = RankingModel(spec, ModelConfig(routing="topk", **kw))
+    missing, _ = plain.load_state_dict(model.state_dict(), strict=False)
+    assert not missing
+    b = train.batch(slice(0, 512))
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(b).preds, plain.eval()(b).preds)
+        torch.manual_seed(1)
+        trained_like = model.train()(b).preds
+        assert not torch.allclose(trained_like, plain.train()(b).preds)

@@ -104,7 +104,7 @@ def test_revival_copies_the_donor_and_resets_its_state(data, gate_norm):
         b = train.batch(slice(i * 512, (i + 1) * 512))
         opt.zero_grad()
         out = model(b)
-        loss_of(model, out, b.labels)[0].backward()
+        loss_of(model, out, b.labels).backward()
         opt.step()
         stepped = {n: p.detach().clone() for n, p in model.named_parameters()}
         events += rev.observe(out, b.domain, opt)

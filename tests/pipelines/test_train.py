@@ -289,3 +289,52 @@ def test_store_without_test_split_trains_on_all_but_the_validation_window(small_
     assert s["registry"]["version"] == 1 and s["registry"]["promoted"]
     metrics = mlflow.MlflowClient().get_run(s["run_id"]).data.metrics
     assert "best/valid/auc_mean" in metrics and not any(k.startswith("test/") for k in metrics)
+
+
+def test_refit_registers_a_model_trained_on_train_and_valid(
+    two_runs, small_store, tracked, monkeypatch
+):
+    """training.refit: after the first fit chose the epoch count, a fresh model trains on
+    train + valid for that many epochs and is the one registered; the promotion gate
+    judges the selected model, which never saw the validation rows it is scored on."""
+    from recsys_moe import registry
+
+    _, manifest = small_store
+    cfg = _cfg(small_store, tracked, refit=True)  # the two_runs' model name: a champion
+    judged = {}
+    challenge = registry.challenge
+
+    def spy(challenger, rows, **kw):
+        judged["rows"], judged["scores"] = rows, Scorer.from_dir(challenger).score(rows)
+        return challenge(challenger, rows, **kw)
+
+    monkeypatch.setattr(registry, "challenge", spy)
+    s = run_training(cfg, workers=0, output=tracked / "refit", progress=False)
+    rows = manifest["splits"]["rows"]
+    samples = mlflow.MlflowClient().get_metric_history(s["run_id"], "refit/train/samples")
+    # every refit epoch saw every train and valid row, for as many epochs as were chosen
+    assert [m.value for m in samples] == [rows["train"] + rows["valid"]] * (s["best_epoch"] + 1)
+    assert s["refit"] and "promote" in s["registry"]["decision"]
+    # the gate scored the selected model (the first fit's best epoch), not the refit one
+    from ray.train import Checkpoint
+
+    from pipelines.train import model_from_checkpoint
+    from recsys_moe.bundle import write_bundle
+    from recsys_moe.model.inputs import InputSpec
+
+    run_dir = Path(cfg.training.checkpoint_dir) / s["run_name"]
+    best = next(
+        p.parent
+        for p in run_dir.glob("checkpoint_*/meta.json")
+        if json.loads(p.read_text())["stopping"]["epoch"] == s["best_epoch"]
+    )
+    selected = model_from_checkpoint(
+        Checkpoint.from_directory(str(best)), InputSpec.from_manifest(manifest), cfg
+    )
+    bundle = write_bundle(selected, tracked / "refit-selected", manifest,
+                          store=cfg.features.store_dir)  # fmt: skip
+    np.testing.assert_allclose(
+        judged["scores"], Scorer.from_dir(bundle).score(judged["rows"]), rtol=1e-5, atol=1e-6
+    )
+    registered = Scorer.from_dir(s["model_dir"]).score(judged["rows"])
+    assert np.abs(registered - judged["scores"]).max() > 1e-3
