@@ -236,7 +236,13 @@ def worker_loop(config: dict[str, Any]) -> None:
     valid_it = ray.train.get_dataset_shard("valid")
     held: dict[str, ExampleTensors] = {}
     if tcfg.in_memory:  # this rank's rows, read once (training.in_memory)
-        held = {s: _shard_tensors(spec, it) for s, it in (("train", train_it), ("valid", valid_it))}
+        # (a refit's train shard holds the valid rows; it never validates)
+        splits = (
+            (("train", train_it),)
+            if config["refit"]
+            else (("train", train_it), ("valid", valid_it))
+        )
+        held = {s: _shard_tensors(spec, it) for s, it in splits}
     rows_per_rank = len(held["train"]) if held else config["train_rows"] // world
     # training.batch_size is the global batch: W workers on B/W rows each take the same
     # steps as one process on B rows (and the sharded model computes the same gradients)
@@ -630,7 +636,7 @@ def run_training(
                     # selected model, which has not, against the champion on them
                     challenger = (
                         write_bundle(selected, tmp, manifest, store=store)
-                        if selected is not model
+                        if cfg.training.refit
                         else out
                     )
                     summary["registry"] = tracker.register_and_promote(
