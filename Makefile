@@ -107,5 +107,5 @@ bench-quality: $(STAMP)  ## model-quality scripts (MMoE synthetic, Census, archi
 	$(BIN)/python -m bench.quality.routing
 
 clean:  ## remove generated data, runs and the virtualenv
-	rm -rf $(VENV) data mlruns mlflow.db checkpoints models .pytest_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) data mlruns mlflow.db checkpoints models logs .pytest_cache .ruff_cache build *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -8,6 +8,7 @@ import signal
 import sys
 
 import recsys_moe.cluster  # noqa: F401  (first: Ray's settings are read when ray is imported)
+from recsys_moe import console
 from recsys_moe.config import ConfigError
 from recsys_moe.data.schema import RawLogError
 
@@ -66,7 +67,11 @@ def command_parser(name: str, doc: str | None, *, model: bool = False) -> argpar
 
 def usage() -> str:
     lines = [
-        "usage: recsys-moe <command> [--config configs/default.toml] [options]",
+        "usage: recsys-moe <command> [--config configs/default.toml] [-v] [options]",
+        "",
+        "Each command shows its own progress and summary; library logs and known-harmless",
+        "warnings go to logs/<command>-<time>.log (RECSYS_MOE_LOG_DIR), named at the end.",
+        "-v / --verbose shows everything on the terminal instead.",
         "",
         "commands:",
     ]
@@ -80,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0
-    name, rest = argv[0], argv[1:]
+    name, rest = argv[0], [a for a in argv[1:] if a not in ("-v", "--verbose")]
+    verbose = len(rest) < len(argv) - 1
     if name not in COMMANDS:
         print(f"recsys-moe: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
@@ -89,7 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     # half-written folder is removed, its MLflow run ends KILLED, the service shuts down
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        return int(module.main(rest) or 0)
+        with console.session(name, verbose) as log:
+            code = int(module.main(rest) or 0)
+        if log is not None:
+            print(f"library logs: {log} (-v shows them here)")
+        return code
     except (ConfigError, RawLogError) as e:
         print(f"recsys-moe {name}: error: {e}", file=sys.stderr)
         return 2

@@ -254,13 +254,15 @@ def worker_loop(config: dict[str, Any]) -> None:
     def train_epoch(epoch: int) -> dict[str, float]:
         monitor.reset()
         before = len(reviver.events)
-        next_report = [0.1]
+        next_report = [0.25]
 
         def report(seen: int, losses: list[float]) -> None:
-            if rank == 0 and config["progress"] and seen >= next_report[0] * rows_per_rank:
+            # at a quarter, a half, three quarters (the epoch's own line says the end)
+            due = next_report[0] < 1 and seen >= next_report[0] * rows_per_rank
+            if rank == 0 and config["progress"] and due:
                 print(f"[train] epoch {epoch} {min(seen / rows_per_rank, 1):4.0%} "
                       f"loss {np.mean(losses[-50:]):.4f}", flush=True)  # fmt: skip
-                next_report[0] += 0.1
+                next_report[0] += 0.25
 
         seed = tcfg.seed + 1000 * epoch + rank  # per epoch: a resumed run shuffles alike
         if held:
@@ -639,7 +641,8 @@ def run_training(
                         if cfg.training.refit
                         else out
                     )
-                    summary["registry"] = tracker.register_and_promote(
+                    summary["registry"] = registry.register_and_promote(
+                        tracker,
                         cfg,
                         {"promote_metric": metric, "valid_score": f"{score:.6f}",
                          "refit": str(cfg.training.refit).lower()},

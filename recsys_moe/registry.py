@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from recsys_moe.bundle import META, BundleError, is_bundle
-from recsys_moe.tracking import tracking_uri
+from recsys_moe.config import Config
+from recsys_moe.tracking import Tracker, tracking_uri
 
 
 class ModelNotFound(LookupError):
@@ -138,6 +139,18 @@ def register(model_uri: str, name: str, tags: dict[str, Any]) -> str:
 
     mv = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in tags.items()})
     return str(mv.version)
+
+
+def register_and_promote(
+    tracker: Tracker, cfg: Config, tags: dict[str, Any], decide: Any, alias: str | None = None
+) -> dict[str, Any]:
+    """Register the model ``tracker``'s run logged under the config's model name, tagged;
+    then ``decide(version) -> Decision`` says whether it takes the alias."""
+    name = cfg.model_name
+    alias = alias or cfg.serving.model_alias
+    version = register(tracker.model_info.model_uri, name, {"run_id": tracker.run_id, **tags})
+    return promote(name, version, alias, decide(version), run_id=tracker.run_id,
+                   uri=tracker.uri)  # fmt: skip
 
 
 def promote(

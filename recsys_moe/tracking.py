@@ -21,6 +21,7 @@ import importlib.metadata as md
 import math
 import os
 import socket
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,6 +147,16 @@ class Tracker:
     def __exit__(self, exc_type, exc, tb) -> None:
         import mlflow
 
+        from recsys_moe import console
+
+        log = console.log_path()  # the command's library logs so far (recsys_moe.console)
+        if log is not None and log.is_file():
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                mlflow.log_artifact(str(log), "logs")
+            except Exception as e:  # the run's end must still be recorded
+                print(f"[train] the log file could not be attached to the run: {e}")
         if exc_type is None:
             status = "FINISHED"
         else:  # stopped (Ctrl-C, SIGTERM) or failed
@@ -220,21 +231,6 @@ class Tracker:
             input_example=pd.DataFrame(example.to_pandas()),
             pip_requirements=_pip_requirements(),
         )
-
-    def register_and_promote(
-        self, cfg: Config, tags: dict[str, Any], decide: Any, alias: str | None = None
-    ) -> dict[str, Any]:
-        """Register the run's logged model under the config's model name, tagged; then
-        ``decide(version) -> registry.Decision`` says whether it takes the alias."""
-        from recsys_moe import registry
-
-        name = cfg.model_name
-        alias = alias or cfg.serving.model_alias
-        version = registry.register(
-            self.model_info.model_uri, name, {"run_id": self.run_id, **tags}
-        )
-        return registry.promote(name, version, alias, decide(version), run_id=self.run_id,
-                                uri=self.uri)  # fmt: skip
 
 
 def close_abandoned_runs(client: Any, experiment_id: str) -> list[str]:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 
+from recsys_moe import console
 from recsys_moe import metrics as M
 from recsys_moe.config import ExtendConfig, TrainingConfig
 from recsys_moe.model.inputs import Batch, ExampleTensors, InputSpec
@@ -413,7 +414,8 @@ def train_batches(
 
     losses: list[float] = []
     seen, t0 = 0, time.perf_counter()
-    bar = tqdm(batches, total=total, desc=desc, disable=not progress, leave=False)
+    bar = tqdm(batches, total=total, desc=desc, disable=not progress, leave=False,
+               file=console.terminal())  # fmt: skip
     for b in bar:
         losses.append(step(b))
         seen += size(b)

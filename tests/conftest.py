@@ -17,13 +17,18 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")
 # (triton.language's helpers are decorated at import). The compiled kernels are tested on
 # CUDA tensors by the `gpu` test, in a process of its own without the interpreter.
 os.environ["TRITON_INTERPRET"] = "1"
+# the commands' log files (recsys_moe.console) go to a temporary folder, not logs/
+if "RECSYS_MOE_LOG_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["RECSYS_MOE_LOG_DIR"] = tempfile.mkdtemp(prefix="recsys-moe-test-logs-")
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("RECSYS_MOE_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
 # the user's own state in the repository: the suite must leave it exactly as it found it
-USER_STATE = ("mlruns", "models", "checkpoints", "data", "mlflow.db")
+USER_STATE = ("mlruns", "models", "checkpoints", "data", "mlflow.db", "logs")
 
 
 def _user_state() -> dict[str, tuple[int, int]]:
@@ -200,7 +205,8 @@ def register_bundle(
         with tracking.Tracker.open(cfg, run_name) as tracker:
             tracker.log_model(bundle, read_examples(cfg.features.store_dir, "test").head(5))
             rows = challenge_rows(bundle, cfg.features.store_dir)
-            return tracker.register_and_promote(
+            return registry.register_and_promote(
+                tracker,
                 cfg,
                 {"promote_metric": "valid/auc_mean", "valid_score": f"{metric:.6f}"},
                 lambda version: registry.challenge(

@@ -98,6 +98,19 @@ def test_generate_features_train(tmp_path):
     assert "no test split (trained on every row before the validation window)" in r.stdout
     assert (tmp_path / "models" / "small" / "model.safetensors").is_file()
     assert "MLflow run: " in r.stdout and str(tmp_path / "mlflow.db") in r.stdout
+    # quiet by default: the command's lines on the terminal, the libraries' in the log file
+    # it names at the end, which its MLflow run holds too
+    shown = r.stdout + r.stderr
+    log = Path(re.search(r"library logs: (\S+)", r.stdout).group(1))
+    text = log.read_text()
+    assert "Started a local Ray instance" in text and "Started a local Ray" not in shown
+    assert "[train] epoch 0:" in shown and "[train] epoch 0:" in text
+    assert len(shown.splitlines()) <= 40, shown
+    import mlflow
+
+    run_id = re.search(r"MLflow run: (\w+)", r.stdout).group(1)
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    assert [a.path for a in client.list_artifacts(run_id, "logs")] == [f"logs/{log.name}"]
 
 
 def _string_id_toml(tmp_path: Path) -> Path:

@@ -37,6 +37,7 @@ import numpy as np
 import polars as pl
 from tqdm import tqdm
 
+from recsys_moe import console
 from recsys_moe.config import SyntheticConfig
 
 TASKS = ("click", "like", "conversion")
@@ -334,7 +335,8 @@ def generate(cfg: SyntheticConfig, out_dir: str | Path, progress: bool = True) -
     label_sums = np.zeros((len(TASKS), len(domains)))
     domain_rows = np.zeros(len(domains), dtype=np.int64)
     n_chunks = math.ceil(cfg.n_rows / cfg.chunk_rows)
-    bar = tqdm(total=cfg.n_rows, unit="rows", desc="generate", disable=not progress, unit_scale=True)
+    bar = tqdm(total=cfg.n_rows, unit="rows", desc="generate", disable=not progress,
+               unit_scale=True, file=console.terminal())  # fmt: skip
     for c in range(n_chunks):
         start = c * cfg.chunk_rows
         n = min(cfg.chunk_rows, cfg.n_rows - start)

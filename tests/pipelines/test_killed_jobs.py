@@ -261,7 +261,8 @@ def test_train_killed_resumes_beside_a_second_run_and_leaves_no_run_running(job_
     assert client.search_model_versions("name = 'recsys_moe_small'") == []
     (run_name,) = [d.name for d in (tmp_path / "checkpoints").iterdir()]
     # the resume and a second, fresh run at once: one SQLite store, one output folder
-    train = ["train", "--config", str(cfg), "--no-progress"]
+    # -v: every library line on the pipes, where a locked database would show
+    train = ["train", "--config", str(cfg), "--no-progress", "-v"]
     other = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *train], cwd=tmp_path,
                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True)  # fmt: skip
