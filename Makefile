@@ -12,7 +12,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export MLFLOW_DISABLE_TELEMETRY := true
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: install train features generate ui serve score extend test lint format bench bench-peers bench-regimes bench-quality clean help
+.PHONY: install train features generate ui serve score extend test lint format docs bench bench-peers bench-regimes bench-quality clean help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -68,6 +68,9 @@ lint: $(STAMP)  ## ruff check + format check + import contracts (layers, pyproje
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports --no-cache
+
+docs: $(STAMP)  ## regenerate docs/configuration.md from the config dataclasses
+	$(BIN)/python -m recsys_moe.config_reference
 
 format: $(STAMP)  ## ruff format + autofix
 	$(BIN)/ruff format .

@@ -50,9 +50,13 @@ class TaskSpec:
         weight: loss weight of the task.
     """
 
+    # the label column (and the task's name in metrics and responses)
     name: str
+    # binary (0/1 labels, BCE loss) or regression (float, MSE)
     kind: TaskKind = "binary"
+    # a funnel task's parent (conversion implies click): see model.funnel
     funnel_parent: str = ""
+    # the task's weight in the training loss
     weight: float = 1.0
 
     def __post_init__(self) -> None:
@@ -72,7 +76,11 @@ class SourceConfig:
     ignored for ``synthetic`` and ``files`` (a raw log the user already has in ``data.raw_dir``).
     """
 
+    # the loader: the synthetic generator, files already in data.raw_dir, or a public
+    # dataset's
     kind: SourceKind = "synthetic"
+    # the loader's input folder (e.g. ../shared/data/movielens_100k); unused by
+    # synthetic and files
     path: str = ""
 
     def __post_init__(self) -> None:
@@ -84,17 +92,27 @@ class SourceConfig:
 class SyntheticConfig:
     """The embedded synthetic generator (multi-domain, multi-task impressions with true probabilities)."""
 
+    # impressions to generate
     n_rows: int = 600_000
+    # users, with attributes (age band, gender, region, tenure)
     n_users: int = 20_000
+    # items, with attributes (category, brand, tags, price)
     n_items: int = 5_000
+    # the surfaces impressions happen on, each with tastes of its own
     domains: list[str] = field(default_factory=lambda: ["feed", "search", "video"])
+    # dimension of the users' and items' true preference vectors
     latent_dim: int = 8
     # share of a user's / item's preference vector not explained by its attributes
     idiosyncratic: float = 0.6
+    # item popularity: exposure follows a Zipf law with this exponent
     zipf_exponent: float = 1.05
+    # spread of user activity: events per user are log-normal with this sigma
     user_activity_sigma: float = 1.2
+    # the time span of the log
     days: int = 30
+    # rows generated and written per Parquet part (memory while generating)
     chunk_rows: int = 500_000
+    # the generator's seed: the same config writes the same log
     seed: int = 7
     # ids as strings ("u17", "i4"), as most real logs have them, instead of integers
     string_ids: bool = False
@@ -133,24 +151,41 @@ class DataConfig:
     Column names are the user's: nothing downstream hard-codes them.
     """
 
+    # the raw log's folder: interactions/ (or interactions.parquet / .csv), users, items
     raw_dir: str = "data/raw/default"
+    # file format of the raw tables; auto: from the file names
     format: Literal["auto", "parquet", "csv"] = "auto"
+    # column of the user id (integers or strings)
     user_id: str = "user_id"
+    # column of the item id (integers or strings)
     item_id: str = "item_id"
+    # column of the domain (the surface an impression happened on)
     domain: str = "domain"
+    # column of the event time (the splits and history features are by time)
     timestamp: str = "ts"
+    # the prediction tasks, one [[data.tasks]] table each (below)
     tasks: list[TaskSpec] = field(default_factory=lambda: [TaskSpec("click")])
+    # categorical columns of the users table
     user_categorical: list[str] = field(default_factory=list)
+    # numeric columns of the users table (standardised)
     user_numeric: list[str] = field(default_factory=list)
+    # categorical columns of the items table
     item_categorical: list[str] = field(default_factory=list)
+    # numeric columns of the items table (standardised)
     item_numeric: list[str] = field(default_factory=list)
+    # categorical columns of the interactions (hour, device, ...)
     context_categorical: list[str] = field(default_factory=list)
+    # numeric columns of the interactions (standardised)
     context_numeric: list[str] = field(default_factory=list)
     # multi-valued categoricals (list columns, or strings split on `list_separator`)
     multi_valued: list[str] = field(default_factory=list)
+    # separator of multi-valued strings ("a|b|c")
     list_separator: str = "|"
     # columns carried through to the examples untouched (e.g. an event id for joins)
     passthrough: list[str] = field(default_factory=list)
+    # a row breaking the contract (a null id, a bad label or time): "error" stops the
+    # run naming the rows; "reject" leaves them out, counted per reason, and writes them
+    # to the store's rejects/ folder
     on_bad_rows: BadRowPolicy = "error"
 
     def __post_init__(self) -> None:
@@ -205,18 +240,29 @@ class FeaturesConfig:
     rows"); the benchmarks carve their own test window (bench/common.load_bench_config).
     """
 
+    # where the feature store is written (examples, lookup tables, vocabularies,
+    # manifest)
     store_dir: str = "data/features/default"
+    # the newest share of time before the test window: validation (early stopping, the
+    # promotion gate)
     valid_fraction: float = 0.1
+    # the newest share of time: the test split; 0 builds none and trains on every row
+    # but the validation window
     test_fraction: float = 0.0
     # categorical vocabularies come from the training window; rarer values map to OOV (index 0)
     min_count: int = 1
+    # at most this many values per categorical vocabulary (the most frequent)
     max_vocab: int = 1_000_000
+    # user and item ids as features (false: attributes and history only)
     use_id_features: bool = True
+    # point-in-time history features (counts, smoothed label rates, recency, user
+    # segment)
     history_features: bool = True
     # additive smoothing of label rates: (sum + prior * strength) / (count + strength)
     smoothing_strength: float = 20.0
     # user segment from the user's event count so far: cold < casual_min <= casual < power_min <= power
     casual_min: int = 5
+    # (see casual_min) a user with at least this many events so far is a power user
     power_min: int = 50
     # hash partitions for the per-key (user / item) feature stages
     partitions: int = 8
@@ -242,13 +288,19 @@ class FeaturesConfig:
 class ModelConfig:
     """The ranking model (see ``recsys_moe.model``)."""
 
+    # the expert core: shared_bottom, mmoe, ple (CGC levels) or star (shared + per-
+    # domain experts)
     arch: Literal["shared_bottom", "mmoe", "ple", "star"] = "mmoe"
+    # D, the dimension of every embedding table
     embedding_dim: int = 16
     # embedding rows start N(0, embedding_init_std); 0: torchrec's default, uniform in
     # +-1/sqrt(rows) (up to +-0.7 on a table of a few rows). torch-rechub: N(0, 1e-4)
     embedding_init_std: float = 0.0
+    # E, the experts of mmoe (without expert_groups)
     n_experts: int = 8
+    # each expert's MLP widths; the last is the experts' output width
     expert_hidden: list[int] = field(default_factory=lambda: [128, 64])
+    # each task tower's MLP widths, before its output
     tower_hidden: list[int] = field(default_factory=lambda: [32])
     # feature crosses appended to the expert input: "a+b*c+d" is the elementwise product of
     # (e_a + e_b) and (e_c + e_d), pooled embeddings; e.g. a user side times an item side,
@@ -256,7 +308,10 @@ class ModelConfig:
     interactions: list[str] = field(default_factory=list)
     # gates: one per task ("task", MMoE) or one shared by all tasks ("one", OMoE); per domain too
     gates: Literal["task", "one"] = "task"
+    # a gate per domain as well as per task (false: one per task for all domains)
     gate_by_domain: bool = True
+    # how gates weigh experts: softmax (every expert), topk, noisy_topk or expert_choice
+    # (sparse)
     routing: Literal["softmax", "topk", "noisy_topk", "expert_choice"] = "softmax"
     # how the stacked experts are computed (recsys_moe/model/experts.py); same results
     expert_impl: Literal["loop", "bmm", "concat", "blockdiag", "fused", "compiled", "auto"] = (
@@ -267,12 +322,24 @@ class ModelConfig:
     # of every row with the unrouted outputs masked; same results, faster at every E and
     # k bench/kernels.py measures
     sparse_experts: bool = True
+    # experts per row under topk and noisy_topk (and expert_choice's fallback at
+    # inference): 1 or 2
     top_k: int = 2
+    # topk / noisy_topk, in training: each expert takes at most ceil(capacity_factor x B
+    # x k / E) rows of a batch per gate, the lowest-scored beyond it dropped (token
+    # dropping); expert_choice: each expert picks ceil(capacity_factor x B / E) rows
     capacity_factor: float = 1.25
+    # weight of the Switch-Transformer load-balancing loss E x sum_e f_e x P_e in the
+    # training loss
     aux_loss_coef: float = 0.0
+    # weight of the router z-loss (the gate logits' log-sum-exp squared), in training
+    # only
     z_loss_coef: float = 0.0
+    # ple: the number of CGC levels
     ple_levels: int = 2
+    # ple / star / expert_groups: experts every task or routing key reaches
     shared_experts: int = 4
+    # ple: experts per task; star / expert_groups: experts per routing key value
     specific_experts: int = 2
     # experts private to a routing key besides the shared ones (mmoe / star): "domain"
     # (specific_experts per domain: STAR), "user_segment" (per cold / casual / power user,
@@ -281,6 +348,7 @@ class ModelConfig:
     # and its own. [] means ["domain"] for arch "star" and no private experts (n_experts
     # shared) for "mmoe"
     expert_groups: list[str] = field(default_factory=list)
+    # dropout between expert layers, in training only
     dropout: float = 0.0
     # normalisation of the expert input x = [embeddings | crosses | dense] before experts
     # and gates: "layer" (LayerNorm over x, learned scale and shift) or "none".
@@ -360,9 +428,11 @@ EMBEDDING_OPTIMIZERS = ("adagrad", "rowwise_adagrad", "sgd", "adam")
 class TrainingConfig:
     """Optimisation and evaluation settings."""
 
+    # at most this many epochs (early stopping may stop sooner)
     epochs: int = 3
     # the global batch: each of W distributed workers takes batch_size // W rows a step
     batch_size: int = 4096
+    # Adam's learning rate for the dense parameters (experts, gates, towers)
     lr: float = 3e-3
     # mixed precision of training steps: "bf16" computes experts, gates and towers in
     # bfloat16 under autocast (parameters, embeddings, routing, losses stay float32);
@@ -376,6 +446,7 @@ class TrainingConfig:
     expert_impl: Literal[
         "model", "loop", "bmm", "concat", "blockdiag", "fused", "compiled", "auto"
     ] = "model"
+    # the embedding tables' learning rate
     embedding_lr: float = 0.05
     # the embedding tables' optimiser, fused into FBGEMM's backward where FBGEMM has it:
     # adagrad, rowwise_adagrad and sgd on CPU, adam too on GPU. adam on CPU trains the
@@ -391,6 +462,7 @@ class TrainingConfig:
     embedding_weight_decay: float = 0.0
     # learning rates are multiplied by this after every epoch
     lr_decay: float = 1.0
+    # stop after this many epochs without a better validation score
     early_stopping_patience: int = 2
     # after early stopping has chosen the epoch count on the validation window, train a
     # fresh model on train + validation for that many epochs and register it (the newest
@@ -398,11 +470,13 @@ class TrainingConfig:
     # store without a test split use the first model, which never saw those rows).
     # bench/quality/newest.py measures both on the rows after the log ends
     refit: bool = False
+    # seed of initialisation and shuffling
     seed: int = 0
     # Ray Train workers; 0 = the fastest layout measured (bench/RESULTS.md, "Training
     # layouts"): one worker per node using every core of it, on CPU (one per GPU with
     # use_gpu). `recsys-moe train --workers N` overrides
     workers: int = 0
+    # GPU workers with NCCL (recsys-moe train --use-gpu)
     use_gpu: bool = False
     # each worker holds its share of the training and validation rows in memory as tensors
     # (read once, shuffled by the loop every epoch); false streams them from Ray Data with
@@ -418,17 +492,23 @@ class TrainingConfig:
     checkpoint_dir: str = "checkpoints"
     # Ray Train restarts the worker group from the last checkpoint up to this many times
     max_failures: int = 2
+    # the validation metric early stopping and the promotion gate compare (higher is
+    # better)
     promote_metric: str = "valid/auc_mean"
     # the router monitor of training and test (metrics in MLflow): an expert under
     # dead_expert_threshold / (its gate's experts) of the load counts as dead, a gate
     # whose top expert takes more than collapse_threshold of it as collapsed
     dead_expert_threshold: float = 0.1
+    # router health: a gate whose top expert takes more than this share of the load
+    # raises the collapse alarm
     collapse_threshold: float = 0.9
     # dying experts treated (MMoE / STAR; recsys_moe/model/revive.py): every this many
     # steps, an expert dead by dead_expert_threshold in every gate that may use it is
     # re-initialised from its domain's busiest expert (+ revive_noise x its weights' std)
     # and given that expert's gate columns; 0 = never
     revive_after_steps: int = 0
+    # revival: Gaussian noise, this times each weight's standard deviation, added to the
+    # donor's weights a dead expert copies, so the two separate
     revive_noise: float = 0.01
 
     def __post_init__(self) -> None:
@@ -473,6 +553,7 @@ class ServingConfig:
     # "" = recsys_moe_<config name>: a model trained on other data never competes with
     # (or replaces) another config's champion
     model_name: str = ""
+    # the registry alias of the served version; training promotes to it through the gate
     model_alias: str = "champion"
 
     def __post_init__(self) -> None:
@@ -486,8 +567,11 @@ class ExtendConfig:
 
     # experts of the new domain (its gates also reach the parent's shared experts)
     experts: int = 3
+    # at most this many epochs training the new parameters
     epochs: int = 3
+    # rows per training step
     batch_size: int = 2048
+    # Adam's learning rate for the new parameters
     lr: float = 3e-3
     # learning rate x this after every epoch (as [training] lr_decay)
     lr_decay: float = 0.3
@@ -513,8 +597,11 @@ class ExtendConfig:
     # own scores for the domain (an unknown domain to it); existing domains may move at most
     # existing_tolerance (0: bit-identical) on probe rows
     min_auc: float = 0.55
+    # the most an existing domain's scores may move on the probe rows (0: bit-identical)
     existing_tolerance: float = 0.0
+    # existing domains' rows scored by parent and child to check the tolerance
     probe_rows: int = 2000
+    # seed of the new parameters' initialisation and shuffling
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -537,12 +624,17 @@ class ScoringConfig:
     task name to its weight (a task left out weighs 1.0).
     """
 
+    # rows per scoring batch
     batch_size: int = 16384
     # scoring actors (each loads the model once); 0 = one per CPU of the cluster (at most
     # 8), sized to leave half a CPU to Ray Data's readers and writers
     concurrency: int = 0
+    # CPUs each scoring actor reserves
     num_cpus_per_actor: float = 1.0
+    # how task probabilities combine into one ranking score: sum (weighted sum) or
+    # product (weighted geometric)
     blend: Literal["sum", "product"] = "sum"
+    # task name -> weight in the blend (a task left out weighs 1.0)
     task_weights: dict[str, float] = field(default_factory=dict)
     # keep the K best candidates per user in <output>/top_k (0 = off)
     top_k: int = 0
