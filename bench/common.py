@@ -28,8 +28,30 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores{mem}, {platform.system()} {platform.release()}, Python {platform.python_version()}"
 
 
+def commit() -> str:
+    """The checked-out commit (short), "+ uncommitted changes" when the tree differs from
+    it outside bench/RESULTS.md; "unknown" outside a git checkout."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        here = Path(__file__).resolve().parent  # the checkout this bench runs from
+        r = subprocess.run(["git", *args], capture_output=True, text=True, cwd=here)
+        return r.stdout.strip() if r.returncode == 0 else ""
+
+    sha = git("rev-parse", "--short", "HEAD")
+    if not sha:
+        return "unknown"
+    dirty = [line for line in git("status", "--porcelain", "--untracked-files=no").splitlines()
+             if not line.endswith("bench/RESULTS.md")]  # fmt: skip
+    return sha + (" + uncommitted changes" if dirty else "")
+
+
 def write_section(name: str, body: str) -> None:
-    """Replace (or append) the section ``## name`` of bench/RESULTS.md, and say where."""
+    """Replace (or append) the section ``## name`` of bench/RESULTS.md, and say where. A
+    body that names no commit gets the checked-out one (:func:`commit`) as its last line;
+    every section names its machine (:func:`machine`) in its body."""
+    if not re.search(r"\bCommit [0-9a-f]{7}", body):
+        body = body.rstrip() + f"\n\nCommit {commit()}."
     text = (
         RESULTS.read_text()
         if RESULTS.exists()

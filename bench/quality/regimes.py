@@ -33,12 +33,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from bench.common import load_bench_config, machine, write_section
+from bench.common import commit, load_bench_config, machine, write_section
 from bench.quality.peers import PEERS, Measured, measure
 
 BASE = "configs/sparse.toml"
@@ -233,10 +232,8 @@ def table(rows: list[Row], seeds: int) -> str:
         )
         speed.append(f"| {name} | " + " | ".join(sps) + f" | {ratio:.2f}x |")
     met = {h: f"{sum(v >= 0 for v in vs)} of {len(vs)}" for h, vs in summary.items() if vs}
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()  # fmt: skip
     return "\n".join([
-        f"Machine: {machine()}. Commit {commit}. {seeds} seed(s) per model, test AUC over all "
+        f"Machine: {machine()}. Commit {commit()}. {seeds} seed(s) per model, test AUC over all "
         "domains as mean ± std over them, on the benches' own test window (the last 10% of "
         "time). Regimes: the generator at the sparse config's shape (250k rows, string ids, "
         "click + conversion funnel, 3 domains) with the knobs below, a generator seed each; "
