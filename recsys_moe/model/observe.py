@@ -19,15 +19,37 @@ import torch
 from recsys_moe.model.ranker import ModelOutput
 
 
+def add_load(load: torch.Tensor, tokens: torch.Tensor, weights: torch.Tensor,
+             keys: torch.Tensor) -> None:  # fmt: skip
+    """The router-load accumulator of the monitor and the reviver: each row's combine
+    ``weights`` (B, O, E) added to ``load`` (K, O, E) at its routing key (B,), and the
+    rows counted per key in ``tokens`` (K,)."""
+    load.index_add_(0, keys, weights)
+    tokens += torch.bincount(keys, minlength=tokens.shape[0]).float()
+
+
+def load_shares(load: torch.Tensor) -> torch.Tensor:
+    """Each expert's share of a gate's accumulated load (..., E); rows sum to 1."""
+    return load / load.sum(-1, keepdim=True).clamp_min(1e-12)
+
+
+def dead_experts(share: torch.Tensor, allowed: torch.Tensor, threshold: float) -> torch.Tensor:
+    """The dead-expert rule (monitor and reviver): an expert a gate may use (``allowed``,
+    (..., E) bool) is dead for it when its load ``share`` is below ``threshold /
+    n_allowed``. Returns (..., E) bool."""
+    n_allowed = allowed.sum(-1, keepdim=True).clamp_min(1)
+    return (share < threshold / n_allowed) & allowed
+
+
 @dataclass
 class _Acc:
     outputs: list[str]
     n_experts: int
     tokens: torch.Tensor  # (K,)
-    load: torch.Tensor  # (O, K, E) sum of combine weights
-    prob: torch.Tensor  # (O, K, E) sum of router probabilities
-    entropy: torch.Tensor  # (O, K) sum of per-token gate entropy
-    allowed: torch.Tensor | None = None  # (O, K, E) bool, experts a gate may use
+    load: torch.Tensor  # (K, O, E) sum of combine weights (add_load)
+    prob: torch.Tensor  # (K, O, E) sum of router probabilities
+    entropy: torch.Tensor  # (K, O) sum of per-token gate entropy
+    allowed: torch.Tensor | None = None  # (K, O, E) bool, experts a gate may use
     dropped: list[float] = field(default_factory=list)
     # per update: the layer's load-balancing and z losses, when the model computes them
     # (model.aux_loss_coef / z_loss_coef > 0)
@@ -59,10 +81,6 @@ class RouterMonitor:
         ``collapse_threshold``)."""
         return cls(domain_names, cfg.dead_expert_threshold, cfg.collapse_threshold)
 
-    def dead_below(self, n_allowed: int) -> float:
-        """The load share under which one of a gate's ``n_allowed`` experts counts as dead."""
-        return self.dead_threshold / max(n_allowed, 1)
-
     def reset(self) -> None:
         self.acc.clear()
 
@@ -78,31 +96,16 @@ class RouterMonitor:
             B, O, E = w.shape
             a = self.acc.get(layer.name)
             if a is None:
-                a = _Acc(
-                    layer.outputs,
-                    E,
-                    torch.zeros(K),
-                    torch.zeros(O, K, E),
-                    torch.zeros(O, K, E),
-                    torch.zeros(O, K),
-                )
+                a = _Acc(layer.outputs, E, torch.zeros(K), torch.zeros(K, O, E),
+                         torch.zeros(K, O, E), torch.zeros(K, O))  # fmt: skip
                 self.acc[layer.name] = a
             d = d.clamp(0, K - 1)
-            a.tokens += torch.bincount(d, minlength=K).float()
-            idx = d.view(B, 1, 1).expand(B, O, E)
-            load = torch.zeros(K, O, E).scatter_add_(0, idx, w)
-            prob = torch.zeros(K, O, E).scatter_add_(0, idx, p)
-            a.load += load.transpose(0, 1)
-            a.prob += prob.transpose(0, 1)
-            ent = -(p.clamp_min(1e-12).log() * p).sum(-1)  # (B, O)
-            a.entropy += torch.zeros(K, O).scatter_add_(0, d.view(B, 1).expand(B, O), ent).T
+            add_load(a.load, a.tokens, w, d)
+            a.prob.index_add_(0, d, p)
+            a.entropy.index_add_(0, d, -(p.clamp_min(1e-12).log() * p).sum(-1))  # (B, O)
             # experts with non-zero probability (masked ones have exactly 0)
             per_dom = torch.zeros(K, O, E).index_add_(0, d, (p > 0).float()) > 0
-            a.allowed = (
-                per_dom.transpose(0, 1)
-                if a.allowed is None
-                else a.allowed | per_dom.transpose(0, 1)
-            )
+            a.allowed = per_dom if a.allowed is None else a.allowed | per_dom
             a.dropped.append(float(layer.route.dropped_fraction))
             aux, z = float(layer.route.aux_loss), float(layer.route.z_loss)
             if aux or z:  # computed (their coefficients are not both 0)
@@ -116,36 +119,35 @@ class RouterMonitor:
 
     def load_table(self, layer: str) -> torch.Tensor:
         """(O, K, E) load share per gate output, domain and expert (rows sum to 1)."""
-        a = self.acc[layer]
-        return a.load / a.load.sum(-1, keepdim=True).clamp_min(1e-12)
+        return load_shares(self.acc[layer].load).transpose(0, 1)
 
     def metrics(self) -> dict[str, float]:
         out: dict[str, float] = {}
         dead_total, collapsed_total = 0, 0
         aux_total, z_total, has_losses = 0.0, 0.0, False
         for name, a in self.acc.items():
-            share = self.load_table(name)  # (O, K, E)
-            mean_p = a.prob / a.tokens.view(1, -1, 1).clamp_min(1)
+            share = load_shares(a.load)  # (K, O, E)
+            mean_p = a.prob / a.tokens.view(-1, 1, 1).clamp_min(1)
+            allowed_all = (
+                a.allowed if a.allowed is not None else torch.ones_like(share, dtype=torch.bool)
+            )
+            dead_all = dead_experts(share, allowed_all, self.dead_threshold)  # (K, O, E)
             for o, gate in enumerate(a.outputs):
                 for k, dom in enumerate(self.domains):
                     if a.tokens[k] == 0:
                         continue
-                    allowed = (
-                        a.allowed[o, k]
-                        if a.allowed is not None
-                        else torch.ones(a.n_experts, dtype=torch.bool)
-                    )
+                    allowed = allowed_all[k, o]
                     n_allowed = int(allowed.sum())
-                    s = share[o, k]
+                    s = share[k, o]
                     key = f"router/{name}/{gate}/{dom}"
-                    dead = int(((s < self.dead_below(n_allowed)) & allowed).sum())
+                    dead = int(dead_all[k, o].sum())
                     top = float(s.max())
                     collapsed = n_allowed > 1 and top > self.collapse_threshold
                     for e in range(a.n_experts):
                         if allowed[e]:
                             out[f"{key}/load_e{e}"] = float(s[e])
-                            out[f"{key}/prob_e{e}"] = float(mean_p[o, k, e])
-                    out[f"{key}/entropy"] = float(a.entropy[o, k] / a.tokens[k])
+                            out[f"{key}/prob_e{e}"] = float(mean_p[k, o, e])
+                    out[f"{key}/entropy"] = float(a.entropy[k, o] / a.tokens[k])
                     out[f"{key}/entropy_max"] = math.log(max(n_allowed, 1))
                     out[f"{key}/dead_experts"] = float(dead)
                     out[f"{key}/top_load"] = top

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from recsys_moe.model.observe import add_load, dead_experts, load_shares
 from recsys_moe.model.ranker import ModelOutput, RankingModel
 
 
@@ -73,7 +74,7 @@ class ExpertReviver:
         self.events: list[dict[str, Any]] = []
         if self.enabled:
             g = core.gates
-            self.load = torch.zeros(g.K, g.E)
+            self.load = torch.zeros(g.K, g.O, g.E)  # (observe.add_load)
             self.tokens = torch.zeros(g.K)
 
     @classmethod
@@ -93,14 +94,13 @@ class ExpertReviver:
             return []
         layer = next(layer for layer in out.gates if layer.name == "gates")
         g = self.model.core.gates
-        w = layer.route.weights.detach().float().sum(1)  # (B, E)
+        w = layer.route.weights.detach().float().cpu()  # (B, O, E)
         key = layer.keys if layer.keys is not None else domain  # the gate row each row used
         d = key.long().cpu() if g.K > 1 else torch.zeros(w.shape[0], dtype=torch.long)
         if layer.rows is not None:  # rows of extensions were not routed by these gates
             keep = layer.rows.cpu()
             w, d = w[keep], d[keep]
-        self.load.index_add_(0, d, w.cpu())
-        self.tokens += torch.bincount(d, minlength=g.K).float()
+        add_load(self.load, self.tokens, w, d)
         self.steps += 1
         self.total_steps += 1
         if self.steps < self.after:
@@ -118,14 +118,14 @@ class ExpertReviver:
         return done
 
     def dead(self, load: torch.Tensor, tokens: torch.Tensor) -> list[tuple[int, int, float]]:
-        """(expert, donor, load share) for each dead expert of a window's (K, E) load."""
+        """(expert, donor, load share) for each dead expert of a window's (K, O, E) load,
+        every output of a routing key's gates together."""
         allowed = self.model.core.gates.mask.any(1)  # (K, E)
         seen = tokens > 0
-        share = load / load.sum(1, keepdim=True).clamp_min(1e-12)
-        n_allowed = allowed.sum(1).clamp_min(1)
-        low = share < (self.threshold / n_allowed).unsqueeze(1)  # (K, E)
+        share = load_shares(load.sum(1))  # (K, E)
+        low = dead_experts(share, allowed, self.threshold)  # (K, E)
         out = []
-        for e in range(load.shape[1]):
+        for e in range(share.shape[1]):
             gates = allowed[:, e] & seen
             if not bool(gates.any()) or not bool(low[gates, e].all()):
                 continue
