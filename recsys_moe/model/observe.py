@@ -93,7 +93,7 @@ class RouterMonitor:
             if layer.rows is not None:  # rows of extensions were not routed by this layer
                 keep = layer.rows.cpu()
                 w, p, d = w[keep], p[keep], d[keep]
-            B, O, E = w.shape
+            _, O, E = w.shape  # (B, O, E)
             a = self.acc.get(layer.name)
             if a is None:
                 a = _Acc(layer.outputs, E, torch.zeros(K), torch.zeros(K, O, E),
