@@ -58,6 +58,13 @@ def assemble(
 # ------------------------------------------------------------- pre-encoded arrays
 
 
+def user_segment(spec: FeatureSpec) -> pl.Expr:
+    """A user's serving segment (cold / casual / power) from the users lookup table's
+    event count (never seen: cold); the request encoder and the service's router both
+    read it from here."""
+    return segment_expr(pl.col(f"{AGG}user_n").fill_null(0), spec).alias(SEGMENT)
+
+
 def caster(dtype: pl.DataType, what: str) -> Callable[[Any], Any]:
     """A function reading one request value as ``dtype`` the way a strict Polars cast
     reads it (``"17"`` -> 17 for an integer column, 17 -> ``"17"`` for a string column);
@@ -180,7 +187,7 @@ class OnlineFeatures:
             seg_vocab = vocabs[SEGMENT]
             u_steps += [
                 [*_named(grain_features(s, "user")),
-                 segment_expr(pl.col(f"{AGG}user_n").fill_null(0), s).alias(SEGMENT),
+                 user_segment(s),
                  pl.col(f"{AGG}user_last")],
                 [encode_categorical(pl.DataFrame({SEGMENT: ["cold"]}), SEGMENT, seg_vocab)],
             ]  # fmt: skip

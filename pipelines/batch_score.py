@@ -33,11 +33,11 @@ import pyarrow.dataset as pads
 import ray
 import ray.data
 
-from pipelines.cli import command_parser
+from pipelines.cli import command_parser, parse_model_command
 from pipelines.publish import published
 from recsys_moe.bundle import BundleError
 from recsys_moe.cluster import init_ray
-from recsys_moe.config import Config, ScoringConfig, load_config
+from recsys_moe.config import Config, ScoringConfig
 from recsys_moe.registry import ModelNotFound, open_model
 from recsys_moe.scorer import RequestError, Scorer
 
@@ -233,9 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output", required=True, help="output folder (replaced)")
     ap.add_argument("--top-k", type=int, default=None, help="also write the K best per user")
     ap.add_argument("--use-gpu", action="store_true")
-    args = ap.parse_args(argv)
-    cfg = load_config(args.config)
-    model = args.model or cfg.model_uri
+    args, cfg, model = parse_model_command(ap, argv)
     try:
         s = run_score(
             cfg, model=model, input_path=args.input, output=args.output, top_k=args.top_k,

@@ -6,6 +6,7 @@ import argparse
 import importlib
 import signal
 import sys
+from typing import Any
 
 import recsys_moe.cluster  # noqa: F401  (first: Ray's settings are read when ray is imported)
 from recsys_moe import console
@@ -65,6 +66,18 @@ def command_parser(name: str, doc: str | None, *, model: bool = False) -> argpar
     return ap
 
 
+def parse_model_command(
+    ap: argparse.ArgumentParser, argv: list[str] | None
+) -> tuple[Any, Any, str]:
+    """A model command's arguments, the config they name, and the model it works on:
+    ``--model``, or the config's registered model at its alias."""
+    from recsys_moe.config import load_config
+
+    args = ap.parse_args(argv)
+    cfg = load_config(args.config)
+    return args, cfg, args.model or cfg.model_uri
+
+
 def usage() -> str:
     lines = [
         "usage: recsys-moe <command> [--config configs/default.toml] [-v] [options]",
@@ -96,7 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         with console.session(name, verbose) as log:
-            code = int(module.main(rest) or 0)
+            ray_before = _ray_up()
+            try:
+                code = int(module.main(rest) or 0)
+            finally:
+                if _ray_up() and not ray_before:  # the Ray this command started, stopped
+                    _stop_ray()  # here: its last lines reach the log, not the terminal
         if log is not None:
             print(f"library logs: {log} (-v shows them here)")
         return code
@@ -107,6 +125,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"recsys-moe {name}: stopped before it finished; rerun the same command "
               "(docs/operations.md, 'When a job is killed')", file=sys.stderr)  # fmt: skip
         return 130
+
+
+def _ray_up() -> bool:
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
+def _stop_ray() -> None:
+    import ray
+
+    ray.shutdown()
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -59,9 +59,9 @@ from features import examples as ex
 from features.history import merge_snapshots, snapshot_aggregates
 from features.spec import GRAINS, SPLIT
 from features.store import child_manifest, grow_table, grow_vocab
-from pipelines.cli import command_parser
+from pipelines.cli import command_parser, parse_model_command
 from recsys_moe.bundle import BundleError, write_bundle
-from recsys_moe.config import Config, ExtendConfig, config_from_dict, load_config
+from recsys_moe.config import Config, ExtendConfig, config_from_dict
 from recsys_moe.data.schema import (
     RawLogError,
     TableFiles,
@@ -101,7 +101,9 @@ def _read_interactions(paths: list[Path], cfg: Config) -> pl.DataFrame:
 def extension_data(
     parent: Scorer, data_dir: str | Path, domain: str, ecfg: ExtendConfig, history: bool = True
 ) -> ExtensionData:
-    """Examples, grown vocabularies and tables for ``domain`` from the raw log in ``data_dir``."""
+    """Examples, grown vocabularies and tables for ``domain`` from the raw log in ``data_dir``:
+    the feature pipeline's own transforms (``features.examples``: prepare, user stage, item
+    stage, vocabulary counts, encode) over the parent's log and the new rows, in steps."""
     from pipelines.build_features import plan_features
 
     man = parent.manifest
@@ -115,7 +117,57 @@ def extension_data(
     base = config_from_dict({k: man["config"][k] for k in ("source", "data", "features")})
     cfg = base.replace(data=dataclasses.replace(base.data, raw_dir=str(data_dir)))
     plan = plan_features(cfg)  # validates the new log (missing files / columns, dtypes)
-    spec, d = parent.spec, cfg.data
+    spec = parent.spec
+    events, sources = _events(parent, plan, cfg, data_dir, domain, history)
+    parent_b = ex.Boundaries(man["splits"]["valid_start"], man["splits"]["test_start"])
+    df = ex.prepare(events, spec, plan.schema, parent_b)
+    is_new = pl.col(spec.domain).cast(pl.String) == domain
+    df, b = _split_new_domain(df, is_new, spec, cfg)
+    attr = _attributes(parent, plan, cfg)
+    df = ex.item_stage(ex.user_stage(df, attr["users"], spec), attr["items"], spec)
+    rows = df.filter(is_new)
+    vocabs, grown = _grown_vocabs(parent, rows, cfg, ecfg, domain)
+    enc = ex.encode(rows, spec, vocabs, parent.stats)
+    examples = {s: enc.filter(pl.col(SPLIT) == s).drop(SPLIT) for s in ("train", "valid", "test")}
+    if examples["train"].height == 0 or examples["valid"].height == 0:
+        raise ExtendError(f"domain {domain!r}: too few timestamps for a train / valid split")
+    raw = {s: rows.filter(pl.col(SPLIT) == s).select(_raw_columns(spec)) for s in examples}
+    tables = _grown_tables(parent, df, attr, is_new)
+    old_rows = df.filter(~is_new)
+    probe = _probe_rows(parent, old_rows, cfg, ecfg, parent_b)
+    replay = None
+    if ecfg.replay_fraction > 0 and old_rows.height:
+        train_old = old_rows.filter(pl.col(SPLIT) == "train")
+        replay = ex.encode(
+            train_old.sample(fraction=ecfg.replay_fraction, seed=ecfg.seed), spec, vocabs,
+            parent.stats,
+        ).drop(SPLIT)  # fmt: skip
+    manifest = child_manifest(man, vocabs, tables, domain, {
+        "inputs": sources,
+        "splits": {"valid_start": b.valid_start, "test_start": b.test_start,
+                   "rows": {s: e.height for s, e in examples.items()}},
+        "vocab_growth": grown,
+    })  # fmt: skip
+    return ExtensionData(
+        manifest, vocabs, tables, examples, raw, probe, replay, sources, grown
+    )  # fmt: skip
+
+
+def _raw_columns(spec: InputSpec) -> list[str]:
+    """What a request row holds, with its labels."""
+    return [
+        spec.user_id, spec.item_id, spec.domain, spec.timestamp,
+        *spec.context_categorical, *spec.context_numeric, *spec.tasks,
+    ]  # fmt: skip
+
+
+def _events(
+    parent: Scorer, plan, cfg: Config, data_dir: str | Path, domain: str, history: bool
+) -> tuple[pl.DataFrame, list[str]]:
+    """The new domain's interactions from ``data_dir``, after the parent's own raw log's
+    (when ``history`` and it is still on disk: history features then count every domain,
+    as a full rebuild would); and the files they came from."""
+    man, d = parent.manifest, cfg.data
     new = _read_interactions(plan.tables["interactions"].paths, cfg)
     in_domain = pl.col(d.domain).cast(pl.String) == domain
     others = new.filter(~in_domain).height
@@ -139,30 +191,43 @@ def extension_data(
             "domain's events only, and no replay or real probe rows are available",
             flush=True,
         )
-    parent_b = ex.Boundaries(man["splits"]["valid_start"], man["splits"]["test_start"])
-    df = ex.prepare(pl.concat(parts, how="vertical_relaxed"), spec, plan.schema, parent_b)
-    is_new = pl.col(spec.domain).cast(pl.String) == domain
+    return pl.concat(parts, how="vertical_relaxed"), sources
+
+
+def _split_new_domain(
+    df: pl.DataFrame, is_new: pl.Expr, spec: InputSpec, cfg: Config
+) -> tuple[pl.DataFrame, ex.Boundaries]:
+    """The new domain's rows get a time split of their own; the parent's keep theirs."""
     b = ex.compute_boundaries(
         df.filter(is_new).select(spec.timestamp),
         spec.timestamp,
         cfg.features.valid_fraction,
         cfg.features.test_fraction,
     )
-    df = df.with_columns(
-        pl.when(is_new).then(ex.split_expr(spec.timestamp, b)).otherwise(pl.col(SPLIT)).alias(SPLIT)
-    )
-    # attributes: the parent's rows for known keys, the new log's for new keys
+    split = pl.when(is_new).then(ex.split_expr(spec.timestamp, b)).otherwise(pl.col(SPLIT))
+    return df.with_columns(split.alias(SPLIT)), b
+
+
+def _attributes(parent: Scorer, plan, cfg: Config) -> dict[str, pl.DataFrame]:
+    """Users' and items' attributes: the parent's rows for known keys, the new log's for
+    new keys."""
+    spec, d = parent.spec, cfg.data
     attr = {}
     for name, key, cat, num, new_attr in (
         ("users", spec.user_id, d.user_categorical, d.user_numeric, plan.users),
         ("items", spec.item_id, d.item_categorical, d.item_numeric, plan.items),
     ):
         cols = [key, *cat, *num]
-        old_attr = parent.tables[name].select(cols)
-        attr[name] = grow_table(old_attr, new_attr.select(cols), [key])
-    df = ex.item_stage(ex.user_stage(df, attr["users"], spec), attr["items"], spec)
-    rows = df.filter(is_new)
-    # vocabularies: append-only
+        attr[name] = grow_table(parent.tables[name].select(cols), new_attr.select(cols), [key])
+    return attr
+
+
+def _grown_vocabs(
+    parent: Scorer, rows: pl.DataFrame, cfg: Config, ecfg: ExtendConfig, domain: str
+) -> tuple[dict[str, pl.DataFrame], dict[str, int]]:
+    """Append-only vocabularies (every existing index keeps its meaning) and how many
+    values each gained."""
+    spec = parent.spec
     counts = ex.vocab_counts(rows, spec)
     min_count = cfg.features.min_count
     vocabs = {
@@ -176,17 +241,15 @@ def extension_data(
         raise ExtendError(
             f"domain {domain!r} has fewer than features.min_count={min_count} training rows"
         )
-    stats = parent.stats
-    enc = ex.encode(rows, spec, vocabs, stats)
-    examples = {s: enc.filter(pl.col(SPLIT) == s).drop(SPLIT) for s in ("train", "valid", "test")}
-    if examples["train"].height == 0 or examples["valid"].height == 0:
-        raise ExtendError(f"domain {domain!r}: too few timestamps for a train / valid split")
-    raw_cols = [
-        spec.user_id, spec.item_id, spec.domain, spec.timestamp,
-        *spec.context_categorical, *spec.context_numeric, *spec.tasks,
-    ]  # fmt: skip
-    raw = {s: rows.filter(pl.col(SPLIT) == s).select(raw_cols) for s in examples}
-    # lookup tables: every existing key's row unchanged; new keys and new-domain rows added
+    return vocabs, grown
+
+
+def _grown_tables(
+    parent: Scorer, df: pl.DataFrame, attr: dict[str, pl.DataFrame], is_new: pl.Expr
+) -> dict[str, pl.DataFrame]:
+    """The lookup tables: every existing key's row unchanged; new keys and new-domain rows
+    added."""
+    spec = parent.spec
     tables = dict(parent.tables)
     if spec.history_features:
         snaps = {g: merge_snapshots([snapshot_aggregates(df, spec, g)], spec, g) for g in GRAINS}
@@ -202,43 +265,34 @@ def extension_data(
     else:
         for name, key in (("users", spec.user_id), ("items", spec.item_id)):
             tables[name] = grow_table(parent.tables[name], attr[name], [key])
-    # probe rows of the existing domains (their test window) and the replay sample
-    old_rows = df.filter(~is_new)
+    return tables
+
+
+def _probe_rows(
+    parent: Scorer, old_rows: pl.DataFrame, cfg: Config, ecfg: ExtendConfig, parent_b
+) -> pl.DataFrame:
+    """Raw rows of the existing domains for the unchanged check: their held-out window,
+    or, without the parent's log, known users x known items in every existing domain."""
+    spec, man = parent.spec, parent.manifest
     if old_rows.height:
         held = "test" if cfg.features.test_fraction > 0 else "valid"  # no test split: valid
-        probe = (
+        return (
             old_rows.filter(pl.col(SPLIT) == held)
             .group_by(spec.domain, maintain_order=True)
             .head(ecfg.probe_rows)
-            .select(raw_cols)
+            .select(_raw_columns(spec))
         )
-    else:  # no parent log: known users x known items in every existing domain
-        rng = np.random.default_rng(ecfg.seed)
-        n = ecfg.probe_rows * len(man["domains"])
-        users, items = parent.tables["users"][spec.user_id], parent.tables["items"][spec.item_id]
-        probe = pl.DataFrame(
-            {
-                spec.user_id: users.gather(rng.integers(0, users.len(), n)),
-                spec.item_id: items.gather(rng.integers(0, items.len(), n)),
-                spec.domain: np.repeat(man["domains"], ecfg.probe_rows),
-                spec.timestamp: np.full(n, int(parent_b.test_start), dtype=np.int64),
-            }
-        )
-    replay = None
-    if ecfg.replay_fraction > 0 and old_rows.height:
-        train_old = old_rows.filter(pl.col(SPLIT) == "train")
-        replay = ex.encode(
-            train_old.sample(fraction=ecfg.replay_fraction, seed=ecfg.seed), spec, vocabs, stats
-        ).drop(SPLIT)
-    manifest = child_manifest(man, vocabs, tables, domain, {
-        "inputs": sources,
-        "splits": {"valid_start": b.valid_start, "test_start": b.test_start,
-                   "rows": {s: e.height for s, e in examples.items()}},
-        "vocab_growth": grown,
-    })  # fmt: skip
-    return ExtensionData(
-        manifest, vocabs, tables, examples, raw, probe, replay, sources, grown
-    )  # fmt: skip
+    rng = np.random.default_rng(ecfg.seed)
+    n = ecfg.probe_rows * len(man["domains"])
+    users, items = parent.tables["users"][spec.user_id], parent.tables["items"][spec.item_id]
+    return pl.DataFrame(
+        {
+            spec.user_id: users.gather(rng.integers(0, users.len(), n)),
+            spec.item_id: items.gather(rng.integers(0, items.len(), n)),
+            spec.domain: np.repeat(man["domains"], ecfg.probe_rows),
+            spec.timestamp: np.full(n, int(parent_b.test_start), dtype=np.int64),
+        }
+    )
 
 
 def grown_domain_data(
@@ -337,16 +391,8 @@ def run_extend(
         raise ExtendError(f"--add-experts {add_experts}: must be >= 1")
     if not grows and data_dir is None:
         raise ExtendError("a new domain needs its raw log (--data); or --add-experts N")
-    resolved, parent = open_model(model)
+    resolved, parent = _open_parent(model, domain, grows)
     pm = parent.model
-    try:  # before any data work
-        core = pm.require_extendable()
-        again = grows and core.extension_of(parent.domain_index(domain)) is not None
-        if again:
-            raise ValueError(f"domain {domain!r} was added or grown by an earlier extension; "
-                             "growing it again is not supported")  # fmt: skip
-    except ValueError as e:
-        raise ExtendError(str(e)) from None
     what = f"domain {domain!r} gains {add_experts} experts" if grows else f"new domain {domain!r}"
     print(f"extend: parent {resolved.uri} (version {resolved.version}); {what}")
     if grows:
@@ -355,13 +401,7 @@ def run_extend(
         data = extension_data(parent, data_dir, domain, ecfg)
     t_data = time.perf_counter() - t0
     spec = InputSpec.from_manifest(data.manifest)
-    train_rows = data.examples["train"]
-    if data.replay is not None:
-        train_rows = pl.concat([train_rows, data.replay.select(train_rows.columns)])
-    train = ExampleTensors(spec, train_rows)
-    valid = ExampleTensors(spec, data.examples["valid"])
-    # None: the store or features.test_fraction = 0 made no test split
-    test = ExampleTensors(spec, data.examples["test"]) if data.examples["test"].height else None
+    train, valid, test = _tensors(data, spec)
     torch.manual_seed(ecfg.seed)
     child = grow(pm, spec, add_experts or ecfg.experts, train.batch(slice(0, 4096)),
                  cross=ecfg.cross, existing=domain if grows else None)  # fmt: skip
@@ -391,12 +431,7 @@ def run_extend(
     # the parent's training-time routing stays the reference for its gates in serving
     write_bundle(child, out, data.manifest, vocabs=data.vocabs, tables=data.tables,
                  extra={"parent": parent_info, "router_load": parent.router_reference})  # fmt: skip
-    # existing domains: the same probe rows through the parent's and the child's bundles
-    ext_scorer = Scorer.from_dir(out)
-    diff = np.abs(ext_scorer.score(data.probe) - parent.score(data.probe)).max(axis=1)
-    new_vals = _new_values(ext_scorer, pm, data.probe)
-    max_diff = float(diff[~new_vals].max()) if (~new_vals).any() else 0.0
-    max_diff_new = float(diff[new_vals].max()) if new_vals.any() else 0.0
+    max_diff, max_diff_new, new_vals = _existing_domains_moved(out, parent, data.probe)
     gates = {
         "existing_unchanged": max_diff <= ecfg.existing_tolerance and not changed,
         "reaches_min_auc": val.get("auc_mean", 0.0) >= ecfg.min_auc,
@@ -439,6 +474,48 @@ def run_extend(
     summary["seconds"]["total"] = round(time.perf_counter() - t0, 2)
     (out / "extend_summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
+
+
+def _open_parent(model: str, domain: str, grows: bool) -> tuple[Any, Scorer]:
+    """The registered (or bundled) parent, checked extendable before any data work."""
+    resolved, parent = open_model(model)
+    try:
+        core = parent.model.require_extendable()
+        if grows and core.extension_of(parent.domain_index(domain)) is not None:
+            raise ValueError(f"domain {domain!r} was added or grown by an earlier extension; "
+                             "growing it again is not supported")  # fmt: skip
+    except ValueError as e:
+        raise ExtendError(str(e)) from None
+    return resolved, parent
+
+
+def _tensors(
+    data: ExtensionData, spec: InputSpec
+) -> tuple[ExampleTensors, ExampleTensors, ExampleTensors | None]:
+    """Train (with the replayed rows), valid and test (None: no test split) tensors."""
+    train_rows = data.examples["train"]
+    if data.replay is not None:
+        train_rows = pl.concat([train_rows, data.replay.select(train_rows.columns)])
+    test = data.examples["test"]
+    return (
+        ExampleTensors(spec, train_rows),
+        ExampleTensors(spec, data.examples["valid"]),
+        ExampleTensors(spec, test) if test.height else None,
+    )
+
+
+def _existing_domains_moved(
+    out: Path, parent: Scorer, probe: pl.DataFrame
+) -> tuple[float, float, np.ndarray]:
+    """The same probe rows of the existing domains through the parent's and the child's
+    bundles: the largest score difference on rows the parent fully knew, the largest on
+    rows carrying a value it had no embedding for, and which rows those are."""
+    child = Scorer.from_dir(out)
+    diff = np.abs(child.score(probe) - parent.score(probe)).max(axis=1)
+    new_vals = _new_values(child, parent.model, probe)
+    max_diff = float(diff[~new_vals].max()) if (~new_vals).any() else 0.0
+    max_diff_new = float(diff[new_vals].max()) if new_vals.any() else 0.0
+    return max_diff, max_diff_new, new_vals
 
 
 def _track(cfg: Config, summary: dict, out: Path, data: ExtensionData, resolved) -> dict:
@@ -515,9 +592,7 @@ def main(argv: list[str] | None = None) -> int:
         "--output", default=None, help="bundle folder (default models/extend-<domain>[-experts])"
     )
     ap.add_argument("--no-register", action="store_true", help="no MLflow run / registry")
-    args = ap.parse_args(argv)
-    cfg = load_config(args.config)
-    model = args.model or cfg.model_uri
+    args, cfg, model = parse_model_command(ap, argv)
     try:
         s = run_extend(
             cfg, model=model, domain=args.domain, data_dir=args.data, output=args.output,

@@ -50,7 +50,7 @@ def _locked(final: Path, what: str) -> Iterator[None]:
         except BlockingIOError:
             fh.seek(0)
             holder = fh.read().strip() or "another process"
-            print(f"{what}: {final} is being written by {holder}; waiting for it to finish",
+            print(f"[{what}] {final} is being written by {holder}; waiting for it to finish",
                   file=sys.stderr, flush=True)  # fmt: skip
             fcntl.flock(fh, fcntl.LOCK_EX)
         fh.seek(0)
@@ -75,9 +75,9 @@ def published(final: str | Path, what: str) -> Iterator[Path]:
     final.parent.mkdir(parents=True, exist_ok=True)
     with _locked(final, what):
         if recover(final):
-            print(f"{what}: put back {final}, which a killed run had moved aside", flush=True)
+            print(f"[{what}] put back {final}, which a killed run had moved aside", flush=True)
         for stale in [*_siblings(final, "staging"), *_siblings(final, "old")]:
-            print(f"{what}: removing {stale.name}, left by a run that did not finish", flush=True)
+            print(f"[{what}] removing {stale.name}, left by a run that did not finish", flush=True)
             shutil.rmtree(stale, ignore_errors=True)
         staging = final.parent / f".{final.name}.staging-{os.getpid()}"
         staging.mkdir()

@@ -166,48 +166,110 @@ def _gather_eval(d, batches, spec: InputSpec, device) -> dict[str, float] | None
 def worker_loop(config: dict[str, Any]) -> None:
     """One Ray Train worker: shard the model, then the library's epoch loop
     (:func:`recsys_moe.training.run_epochs`) with this rank's shard of the data; rank 0
-    evaluates and decides, every rank checkpoints."""
-    import ray
-    import ray.train
-    import torch.distributed as dist
-    from ray.train import Checkpoint
-
-    from recsys_moe.distributed.sharding import (
-        distribute,
-        load_checkpoint,
-        reduce_monitor,
-        save_checkpoint,
+    evaluates and decides, every rank checkpoints. A refit (``config["refit"]``) trains
+    every epoch on train + valid without validating."""
+    w = _Worker(config)
+    if config["refit"]:
+        # the validation rows are training rows here: nothing to evaluate or decide; the
+        # epoch count was chosen by the first fit, and every epoch runs
+        run_epochs(epochs=w.tcfg.epochs, stopping=w.stopping, train_epoch=w.refit_epoch,
+                   evaluate=lambda epoch: None, schedule=w.d.schedule,
+                   on_epoch=w.refit_checkpoint, log=None)  # fmt: skip
+        return
+    run_epochs(
+        epochs=w.tcfg.epochs,
+        stopping=w.stopping,
+        train_epoch=w.train_epoch,
+        evaluate=lambda epoch: _gather_eval(w.d, w.valid_batches(), w.spec, w.device),
+        schedule=w.d.schedule,
+        sync=_broadcast_from_rank0,
+        on_epoch=w.checkpoint,
+        log=(lambda line: print(f"[train] {line}", flush=True)) if w.rank == 0 else None,
     )
 
-    torch.set_num_threads(config["threads"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    cfg = config_from_dict(config["cfg"])
-    tcfg = cfg.training
-    spec = InputSpec.from_manifest(config["manifest"])
-    device = ray.train.torch.get_device() if tcfg.use_gpu else torch.device("cpu")
-    torch.manual_seed(tcfg.seed)
-    model = RankingModel(spec, cfg.model)
-    prepare_for_training(model, tcfg, device)  # bf16 / fused experts for training steps
-    d = distribute(
-        model, tcfg, device,
-        expert_parallel_=config["expert_parallel"], sharding_types=config.get("sharding_types"),
-    )  # fmt: skip
-    client = None
-    if rank == 0 and config.get("run_id"):
+
+def _broadcast_from_rank0(st: EarlyStopping) -> EarlyStopping:
+    """Rank 0 decides (early stopping), every rank follows."""
+    import torch.distributed as dist
+
+    box = [st]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class _Worker:
+    """A Ray Train worker's state, set up in steps: the model and its distribution, the
+    MLflow client (rank 0), the resumed early-stopping state, this rank's rows; then one
+    method per thing the epoch loop asks of it."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        import ray.train
+
+        from recsys_moe.distributed.sharding import distribute
+
+        torch.set_num_threads(config["threads"])
+        ctx = ray.train.get_context()
+        self.config = config
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.cfg = cfg = config_from_dict(config["cfg"])
+        self.tcfg = tcfg = cfg.training
+        self.spec = InputSpec.from_manifest(config["manifest"])
+        self.device = ray.train.torch.get_device() if tcfg.use_gpu else torch.device("cpu")
+        torch.manual_seed(tcfg.seed)
+        model = RankingModel(self.spec, cfg.model)
+        prepare_for_training(model, tcfg, self.device)  # bf16 / fused experts for steps
+        self.d = distribute(
+            model, tcfg, self.device,
+            expert_parallel_=config["expert_parallel"],
+            sharding_types=config.get("sharding_types"),
+        )  # fmt: skip
+        self.client = self._mlflow_client()
+        self._announce_layout()
+        self.stopping = self._resumed_stopping()
+        self.held = self._held_rows()
+        self.rows_per_rank = (
+            len(self.held["train"]) if self.held else config["train_rows"] // self.world
+        )
+        # training.batch_size is the global batch: W workers on B/W rows each take the same
+        # steps as one process on B rows (and the sharded model computes the same gradients)
+        self.batch_size = max(1, tcfg.batch_size // self.world)
+        self.monitor = RouterMonitor.for_training(self.spec.domains, tcfg)
+        # decisions from the load summed over workers: every rank revives the same experts
+        import torch.distributed as dist
+
+        self.reviver = ExpertReviver.for_training(self.d.module, tcfg, all_reduce=dist.all_reduce)
+
+    # ---------------------------------------------------------------- set-up steps
+
+    def _mlflow_client(self):
+        """Rank 0's MLflow client, which logs the sharding plan now and epochs later."""
+        config = self.config
+        if self.rank != 0 or not config.get("run_id"):
+            return None
         from mlflow import MlflowClient
 
         client = MlflowClient(config["tracking_uri"])
-        client.log_dict(config["run_id"], d.plan_summary(), "sharding_plan.json")
-        client.log_param(config["run_id"], "train.expert_parallel", d.expert_parallel)
-    nodes = [None] * world
-    dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
-    if rank == 0:
+        client.log_dict(config["run_id"], self.d.plan_summary(), "sharding_plan.json")
+        client.log_param(config["run_id"], "train.expert_parallel", self.d.expert_parallel)
+        return client
+
+    def _announce_layout(self) -> None:
+        """Rank 0 says how many workers on how many nodes, and how the model is laid out."""
+        import ray
+        import torch.distributed as dist
+
+        d = self.d
+        nodes = [None] * self.world
+        dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+        if self.rank != 0:
+            return
         plan = ", ".join(
             f"{t}:{p['sharding']}@{','.join(map(str, p['ranks']))}"
             for t, p in d.plan_summary().items()
         )
-        experts = f"{world} x {d.module.experts.n_local}" if d.expert_parallel else "replicated"
+        experts = (
+            f"{self.world} x {d.module.experts.n_local}" if d.expert_parallel else "replicated"
+        )
         layout = (
             f"tables {plan}; experts {experts}"
             if d.plan is not None
@@ -215,151 +277,146 @@ def worker_loop(config: dict[str, Any]) -> None:
             f"{next(iter(d.plan_summary().values()))['kernel']} kernels)"
         )
         print(
-            f"[train] {world} worker(s) on {len(set(nodes))} node(s), {torch.get_num_threads()} "
-            f"threads each; {layout}",
+            f"[train] {self.world} worker(s) on {len(set(nodes))} node(s), "
+            f"{torch.get_num_threads()} threads each; {layout}",
             flush=True,
         )
-        if client is not None:
-            client.log_param(config["run_id"], "train.nodes", len(set(nodes)))
+        if self.client is not None:
+            self.client.log_param(self.config["run_id"], "train.nodes", len(set(nodes)))
 
-    stopping = EarlyStopping(
-        tcfg.promote_metric.removeprefix("valid/"), tcfg.early_stopping_patience
-    )
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as path:
-            stopping = EarlyStopping.from_state(load_checkpoint(d, path)["stopping"])
-        if rank == 0:
-            print(f"[train] resumed after epoch {stopping.epoch} from {ckpt.path}", flush=True)
+    def _resumed_stopping(self) -> EarlyStopping:
+        """Early stopping from the last checkpoint (a resumed or restarted run), else new."""
+        import ray.train
 
-    train_it = ray.train.get_dataset_shard("train")
-    valid_it = ray.train.get_dataset_shard("valid")
-    held: dict[str, ExampleTensors] = {}
-    if tcfg.in_memory:  # this rank's rows, read once (training.in_memory)
-        # (a refit's train shard holds the valid rows; it never validates)
-        splits = (
-            (("train", train_it),)
-            if config["refit"]
-            else (("train", train_it), ("valid", valid_it))
+        from recsys_moe.distributed.sharding import load_checkpoint
+
+        stopping = EarlyStopping(
+            self.tcfg.promote_metric.removeprefix("valid/"), self.tcfg.early_stopping_patience
         )
-        held = {s: _shard_tensors(spec, it) for s, it in splits}
-    rows_per_rank = len(held["train"]) if held else config["train_rows"] // world
-    # training.batch_size is the global batch: W workers on B/W rows each take the same
-    # steps as one process on B rows (and the sharded model computes the same gradients)
-    batch_size = max(1, tcfg.batch_size // world)
-    monitor = RouterMonitor.for_training(spec.domains, tcfg)
-    # decisions from the load summed over workers: every rank revives the same experts
-    reviver = ExpertReviver.for_training(d.module, tcfg, all_reduce=dist.all_reduce)
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is not None:
+            with ckpt.as_directory() as path:
+                stopping = EarlyStopping.from_state(load_checkpoint(self.d, path)["stopping"])
+            if self.rank == 0:
+                print(f"[train] resumed after epoch {stopping.epoch} from {ckpt.path}", flush=True)
+        return stopping
 
-    def train_epoch(epoch: int) -> dict[str, float]:
-        monitor.reset()
-        before = len(reviver.events)
+    def _held_rows(self) -> dict[str, ExampleTensors]:
+        """This rank's rows as tensors, read once (training.in_memory); {} when streamed.
+        A refit's train shard holds the valid rows; it never validates."""
+        import ray.train
+
+        self.train_it = ray.train.get_dataset_shard("train")
+        self.valid_it = ray.train.get_dataset_shard("valid")
+        if not self.tcfg.in_memory:
+            return {}
+        splits = [("train", self.train_it)]
+        if not self.config["refit"]:
+            splits.append(("valid", self.valid_it))
+        return {s: _shard_tensors(self.spec, it) for s, it in splits}
+
+    # ---------------------------------------------------------------- the epoch loop's
+
+    def _batches(self, epoch: int):
+        """This rank's training batches of ``epoch``, shuffled by a seed of the epoch (a
+        resumed run shuffles alike)."""
+        seed = self.tcfg.seed + 1000 * epoch + self.rank
+        if self.held:
+            gen = torch.Generator().manual_seed(seed)
+            batches = self.held["train"].batches(self.batch_size, shuffle=True, generator=gen)
+            return (b.to(self.device) for b in batches)
+        return (
+            ExampleTensors(self.spec, tbl).batch(slice(None)).to(self.device)
+            for tbl in self.train_it.iter_batches(
+                batch_size=self.batch_size,
+                batch_format="pyarrow",
+                local_shuffle_buffer_size=self.config["shuffle_buffer"],
+                local_shuffle_seed=seed,
+            )
+        )
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        """One epoch on this rank's rows; the epoch's global figures (summed over ranks)."""
+        import torch.distributed as dist
+
+        from recsys_moe.distributed.sharding import reduce_monitor
+
+        self.monitor.reset()
+        before = len(self.reviver.events)
         next_report = [0.25]
 
         def report(seen: int, losses: list[float]) -> None:
             # at a quarter, a half, three quarters (the epoch's own line says the end)
-            due = next_report[0] < 1 and seen >= next_report[0] * rows_per_rank
-            if rank == 0 and config["progress"] and due:
-                print(f"[train] epoch {epoch} {min(seen / rows_per_rank, 1):4.0%} "
+            due = next_report[0] < 1 and seen >= next_report[0] * self.rows_per_rank
+            if self.rank == 0 and self.config["progress"] and due:
+                print(f"[train] epoch {epoch} {min(seen / self.rows_per_rank, 1):4.0%} "
                       f"loss {np.mean(losses[-50:]):.4f}", flush=True)  # fmt: skip
                 next_report[0] += 0.25
 
-        seed = tcfg.seed + 1000 * epoch + rank  # per epoch: a resumed run shuffles alike
-        if held:
-            gen = torch.Generator().manual_seed(seed)
-            batches = (
-                b.to(device) for b in held["train"].batches(batch_size, shuffle=True, generator=gen)
-            )
-        else:
-            batches = (
-                ExampleTensors(spec, tbl).batch(slice(None)).to(device)
-                for tbl in train_it.iter_batches(
-                    batch_size=batch_size,
-                    batch_format="pyarrow",
-                    local_shuffle_buffer_size=config["shuffle_buffer"],
-                    local_shuffle_seed=seed,
-                )
-            )
+        d = self.d
         mine = train_batches(
-            lambda b: train_step(d.module, b, d.optimizer, monitor, forward=d.model,
-                                 reviver=reviver),
-            batches, progress=False, on_step=report,
+            lambda b: train_step(d.module, b, d.optimizer, self.monitor, forward=d.model,
+                                 reviver=self.reviver),
+            self._batches(epoch), progress=False, on_step=report,
         )  # fmt: skip
-        if client is not None:
-            log_revivals(client, config["run_id"], reviver.events[before:], epoch)
+        if self.client is not None:
+            log_revivals(self.client, self.config["run_id"], self.reviver.events[before:], epoch)
         # every rank's loss sum, steps and samples -> the epoch's global figures
         steps = mine["train/steps"]
         sums = torch.tensor([mine["train/loss"] * steps if steps else 0.0, steps,
                              mine["train/samples"]])  # fmt: skip
         dist.all_reduce(sums)
-        reduce_monitor(monitor)
+        reduce_monitor(self.monitor)
         return {
             "train/loss": float(sums[0] / sums[1]),
             "train/samples": float(sums[2]),
             "train/seconds": mine["train/seconds"],
             "train/samples_per_s": float(sums[2]) / mine["train/seconds"],
-            **{f"train/{k}": v for k, v in monitor.metrics().items()},
-            **revival_metrics(reviver, before),
+            **{f"train/{k}": v for k, v in self.monitor.metrics().items()},
+            **revival_metrics(self.reviver, before),
         }
 
-    def valid_batches():
-        if held:
-            return held["valid"].batches(8192)
+    def valid_batches(self):
+        if self.held:
+            return self.held["valid"].batches(8192)
         return (
-            ExampleTensors(spec, tbl).batch(slice(None))
-            for tbl in valid_it.iter_batches(batch_size=8192, batch_format="pyarrow")
+            ExampleTensors(self.spec, tbl).batch(slice(None))
+            for tbl in self.valid_it.iter_batches(batch_size=8192, batch_format="pyarrow")
         )
 
-    def sync(st: EarlyStopping) -> EarlyStopping:
-        box = [st]
-        dist.broadcast_object_list(box, src=0)  # rank 0 decides, everyone follows
-        return box[0]
+    def checkpoint(self, epoch: int, st: EarlyStopping, record: dict[str, float] | None) -> None:
+        """Log the epoch (rank 0) and report every rank's checkpoint to Ray Train."""
+        import ray.train
+        from ray.train import Checkpoint
 
-    def checkpoint(epoch: int, st: EarlyStopping, record: dict[str, float] | None) -> None:
-        if client is not None and record is not None:
+        from recsys_moe.distributed.sharding import save_checkpoint
+
+        if self.client is not None and record is not None:
             from recsys_moe.tracking import log_metrics
 
-            log_metrics(client, config["run_id"], record, step=epoch)
+            log_metrics(self.client, self.config["run_id"], record, step=epoch)
         with tempfile.TemporaryDirectory() as tmp:
-            save_checkpoint(d, tmp, {"stopping": st.state()})
+            save_checkpoint(self.d, tmp, {"stopping": st.state()})
             ray.train.report(
                 {"epoch": epoch, "valid_score": st.last_score},
                 checkpoint=Checkpoint.from_directory(tmp),
             )
 
-    if config["refit"]:
-        # the validation rows are training rows here: nothing to evaluate or decide; the
-        # epoch count was chosen by the first fit, and every epoch runs
-        def refit_epoch(epoch: int) -> dict[str, float]:
-            train = train_epoch(epoch)
-            if rank == 0:
-                print(f"[train] refit epoch {epoch}: train loss {train['train/loss']:.4f}, "
-                      f"{train['train/samples_per_s']:,.0f} samples/s", flush=True)  # fmt: skip
-            if client is not None:
-                from recsys_moe.tracking import log_metrics
+    def refit_epoch(self, epoch: int) -> dict[str, float]:
+        train = self.train_epoch(epoch)
+        if self.rank == 0:
+            print(f"[train] refit epoch {epoch}: train loss {train['train/loss']:.4f}, "
+                  f"{train['train/samples_per_s']:,.0f} samples/s", flush=True)  # fmt: skip
+        if self.client is not None:
+            from recsys_moe.tracking import log_metrics
 
-                log_metrics(client, config["run_id"],
-                            {f"refit/{k}": v for k, v in train.items()}, step=epoch)  # fmt: skip
-            return train
+            log_metrics(self.client, self.config["run_id"],
+                        {f"refit/{k}": v for k, v in train.items()}, step=epoch)  # fmt: skip
+        return train
 
-        def refit_checkpoint(epoch: int, st: EarlyStopping, _: dict[str, float] | None) -> None:
-            st.epoch = epoch  # a resumed refit continues after its last epoch
-            checkpoint(epoch, st, None)
-
-        run_epochs(epochs=tcfg.epochs, stopping=stopping, train_epoch=refit_epoch,
-                   evaluate=lambda epoch: None, schedule=d.schedule, on_epoch=refit_checkpoint,
-                   log=None)  # fmt: skip
-        return
-    run_epochs(
-        epochs=tcfg.epochs,
-        stopping=stopping,
-        train_epoch=train_epoch,
-        evaluate=lambda epoch: _gather_eval(d, valid_batches(), spec, device),
-        schedule=d.schedule,
-        sync=sync,
-        on_epoch=checkpoint,
-        log=(lambda line: print(f"[train] {line}", flush=True)) if rank == 0 else None,
-    )
+    def refit_checkpoint(self, epoch: int, st: EarlyStopping, _: dict[str, float] | None) -> None:
+        st.epoch = epoch  # a resumed refit continues after its last epoch
+        self.checkpoint(epoch, st, None)
 
 
 def _shard_tensors(spec: InputSpec, it) -> ExampleTensors:

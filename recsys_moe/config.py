@@ -765,6 +765,20 @@ def config_from_dict(raw: dict[str, Any], origin: str = "<dict>") -> Config:
         raise ConfigError(f"{origin}: {e}") from None
 
 
+def read_config_file(
+    path: Path, parse: Any, language: str, error: type[Exception], *, missing: str
+) -> Any:
+    """``parse(text)`` of the file at ``path``; a missing file or one ``parse`` refuses is
+    an ``error`` naming the file (``missing``; "not valid <language>: <why>", on one
+    line). Every config file (TOML configs, the YAML serve config) is read through it."""
+    if not path.is_file():
+        raise error(f"{path}: {missing}")
+    try:
+        return parse(path.read_text())
+    except Exception as e:  # the parser's own error type (tomllib's, yaml's)
+        raise error(f"{path}: not valid {language}: {' '.join(str(e).split())}") from None
+
+
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Config:
     """Load ``path`` (TOML), apply ``overrides`` ({"section.key": value}) and validate.
 
@@ -772,12 +786,7 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Co
         ConfigError: the file is missing or unparsable, a key is unknown or a value is invalid.
     """
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{p}: config file not found")
-    try:
-        raw = tomllib.loads(p.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{p}: not valid TOML: {e}") from None
+    raw = read_config_file(p, tomllib.loads, "TOML", ConfigError, missing="config file not found")
     for dotted, value in (overrides or {}).items():
         node = raw
         *parents, leaf = dotted.split(".")

@@ -55,11 +55,28 @@ HARMLESS = [
         r"Ray cluster currently does not have any available CPUs",
         # the raylet, when Ray Data and Ray Train start workers on a node of few CPUs
         r"PYTHON worker processes have been started on node",
+        # Ray Train's placement-group cleaner thread, at the end of a run on a machine
+        # with another local Ray instance (a service, a test session): the run is done
+        r"^Exception in thread PlacementGroupCleanerMonitor",
     )
 ]
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # a line Ray relays from a worker: "(<name> pid=N[, ip=...]) <line>"
 _RELAYED = re.compile(r"^\((?:[^()]*\s)?pid=[^)]*\)\s?(.*)$")
+# the first line of a traceback block (Python's, or a thread's that ended with one)
+_TRACEBACK = re.compile(r"^(Traceback \(most recent call last\):|Exception in thread \S+)")
+
+
+def _text(line: str) -> str:
+    """A captured line as the user would read it: no colours, no Ray worker prefix."""
+    return _RELAYED.sub(r"\1", _ANSI.sub("", line))
+
+
+def block_shown(block: list[str]) -> bool:
+    """A whole traceback block (its first line, frames, exception line) is shown unless a
+    line of it is known to be harmless (:data:`HARMLESS`): a library's harmless thread
+    exception goes to the log only, every other traceback reaches the user in full."""
+    return not any(p.search(_text(line)) for line in block for p in HARMLESS)
 
 
 def shown(line: str, stream: str, after_shown: bool = False) -> bool:
@@ -88,6 +105,7 @@ class _Filtered(io.TextIOBase):
         self.name, self._term, self._log, self._fd = name, term, log, fd
         self._pending = ""
         self._last_shown = False
+        self._block: list[str] | None = None  # the traceback being read, until it ends
         self._lock = threading.Lock()
 
     @property
@@ -112,9 +130,24 @@ class _Filtered(io.TextIOBase):
 
     def _emit(self, line: str) -> None:
         self._log.write(line + "\n")
+        text = _text(line)
+        if self._block is not None:  # a traceback ends with its first unindented line
+            self._block.append(line)
+            if text.strip() and not text[:1].isspace() and not _TRACEBACK.match(text):
+                self._end_block()
+            return
+        if _TRACEBACK.match(text):
+            self._block = [line]
+            return
         self._last_shown = shown(line, self.name, self._last_shown)
         if self._last_shown:
-            self._term.write(_RELAYED.sub(r"\1", _ANSI.sub("", line)) + "\n")
+            self._term.write(text + "\n")
+
+    def _end_block(self) -> None:
+        block, self._block = self._block or [], None
+        self._last_shown = block_shown(block)
+        if self._last_shown:
+            self._term.write("".join(_text(line) + "\n" for line in block))
 
     def flush(self) -> None:
         with self._lock:
@@ -126,6 +159,8 @@ class _Filtered(io.TextIOBase):
             if self._pending:
                 self._emit(self._pending)
                 self._pending = ""
+            if self._block is not None:  # a traceback cut short: shown as far as it got
+                self._end_block()
         self.flush()
 
 

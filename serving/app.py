@@ -40,7 +40,6 @@ from collections import Counter
 from typing import Any
 
 import numpy as np
-import polars as pl
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -428,18 +427,14 @@ async def _invalid(request: Request, exc: RequestValidationError) -> JSONRespons
 
 def _routing_tables(bundle: str, version: str) -> dict[str, Any]:
     """What the router needs from the bundle: known domains, user -> segment."""
-    from features.history import segment_expr
-    from features.online import caster
-    from features.spec import AGG
+    from features.online import caster, user_segment
     from features.store import spec_from_manifest
     from recsys_moe.bundle import read_meta, read_tables
 
     meta = read_meta(bundle)
     spec = spec_from_manifest(meta["manifest"])
     users = read_tables(bundle)["users"]
-    seg = users.select(
-        spec.user_id, segment_expr(pl.col(f"{AGG}user_n").fill_null(0), spec).alias("segment")
-    )
+    seg = users.select(spec.user_id, user_segment(spec).alias("segment"))
     return {
         "segments": dict(zip(seg[spec.user_id].to_list(), seg["segment"].to_list(), strict=True)),
         "user_key": caster(users.schema[spec.user_id], "user_id"),

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from recsys_moe.config import read_config_file
 from serving.settings import ServeSettings, SettingsError
 
 DEFAULT = Path(__file__).resolve().parent / "config.yaml"
@@ -26,12 +27,7 @@ def read_serve_config(path: str | Path) -> dict[str, Any]:
     """The parsed serve config, its ``args`` validated (:class:`ServeSettings`); every
     mistake a SettingsError naming the file and the key."""
     p = Path(path)
-    if not p.is_file():
-        raise SettingsError(f"{p}: no such serve config")
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise SettingsError(f"{p}: not valid YAML: {' '.join(str(e).split())}") from None
+    raw = read_config_file(p, yaml.safe_load, "YAML", SettingsError, missing="no such serve config")
     apps = raw.get("applications") if isinstance(raw, dict) else None
     if not isinstance(apps, list) or len(apps) != 1 or not isinstance(apps[0], dict):
         raise SettingsError(f"{p}: applications: expected one application with args")

@@ -31,3 +31,12 @@ def test_write_section_stamps_the_checked_out_commit(tmp_path, monkeypatch):
     assert re.fullmatch(r"[0-9a-f]{7,}( \+ uncommitted changes)?", sha), sha
     assert sections["Demo (bench/demo.py)"].rstrip().endswith(f"Commit {sha}.")
     assert sections["Other"].count("Commit ") == 1
+
+
+def test_the_readme_quotes_only_figures_results_holds():
+    """Every measured figure in README.md (a decimal number) stands in bench/RESULTS.md."""
+    readme = (REPO / "README.md").read_text().replace("127.0.0.1", "")
+    results = (REPO / "bench" / "RESULTS.md").read_text()
+    figures = set(re.findall(r"(?<![\w.])\d+\.\d+(?![\w.])", readme))
+    assert figures
+    assert not sorted(f for f in figures if f not in results)

@@ -106,3 +106,28 @@ def test_verbose_captures_nothing(tmp_path):
     assert "library info line" in r.stderr and "C-level library line" in r.stderr
     assert "Inferred schema" in r.stderr and "LOG=None" in r.stdout
     assert not list(tmp_path.glob("demo-*.log"))
+
+
+def test_a_traceback_is_shown_whole_unless_it_is_a_known_harmless_one():
+    import io
+
+    from recsys_moe.console import _Filtered
+
+    term, log = io.StringIO(), io.StringIO()
+    err = _Filtered("stderr", term, log, 2)
+    harmless = [
+        "Exception in thread PlacementGroupCleanerMonitor:",
+        "Traceback (most recent call last):",
+        '  File "ray/train/v2/placement_group_cleaner.py", line 80, in _monitor_loop',
+        "    alive = is_actor_alive(",
+        "ConnectionError: Found multiple active Ray instances: {'a', 'b'}.",
+    ]
+    real = [
+        "Traceback (most recent call last):",
+        '  File "pipelines/train.py", line 3, in <module>',
+        "ValueError: the store has no rows",
+    ]
+    err.write("\n".join([*harmless, "a library's info line", *real]) + "\n")
+    err.close_pending()
+    assert term.getvalue().splitlines() == real
+    assert log.getvalue().splitlines() == [*harmless, "a library's info line", *real]

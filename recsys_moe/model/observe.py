@@ -81,6 +81,11 @@ class RouterMonitor:
         ``collapse_threshold``)."""
         return cls(domain_names, cfg.dead_expert_threshold, cfg.collapse_threshold)
 
+    def dead_below(self, n_allowed: int) -> float:
+        """The load share under which one of a gate's ``n_allowed`` experts counts as dead
+        (:func:`dead_experts`'s bound, for a gate whose load is a dict: serving)."""
+        return self.dead_threshold / max(n_allowed, 1)
+
     def reset(self) -> None:
         self.acc.clear()
 
