@@ -422,6 +422,12 @@ EXPERT_GROUPS = ("domain", "user_segment")
 
 
 EMBEDDING_OPTIMIZERS = ("adagrad", "rowwise_adagrad", "sgd", "adam")
+# routing health, the same defaults wherever the rule is applied (training's monitor and
+# reviver, serving's windows): an expert under DEAD_EXPERT_THRESHOLD / (its gate's
+# experts) of the load is dead; a gate whose top expert takes more than
+# COLLAPSE_THRESHOLD of it has collapsed
+DEAD_EXPERT_THRESHOLD = 0.1
+COLLAPSE_THRESHOLD = 0.9
 
 
 @dataclass(frozen=True)
@@ -498,10 +504,10 @@ class TrainingConfig:
     # the router monitor of training and test (metrics in MLflow): an expert under
     # dead_expert_threshold / (its gate's experts) of the load counts as dead, a gate
     # whose top expert takes more than collapse_threshold of it as collapsed
-    dead_expert_threshold: float = 0.1
+    dead_expert_threshold: float = DEAD_EXPERT_THRESHOLD
     # router health: a gate whose top expert takes more than this share of the load
     # raises the collapse alarm
-    collapse_threshold: float = 0.9
+    collapse_threshold: float = COLLAPSE_THRESHOLD
     # dying experts treated (MMoE / STAR; recsys_moe/model/revive.py): every this many
     # steps, an expert dead by dead_expert_threshold in every gate that may use it is
     # re-initialised from its domain's busiest expert (+ revive_noise x its weights' std)

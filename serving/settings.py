@@ -15,7 +15,12 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from features.spec import SEGMENTS
-from recsys_moe.config import ConfigError, build_checked
+from recsys_moe.config import (
+    COLLAPSE_THRESHOLD,
+    DEAD_EXPERT_THRESHOLD,
+    ConfigError,
+    build_checked,
+)
 
 
 class SettingsError(ConfigError):
@@ -73,22 +78,28 @@ class Segment:
 
 @dataclass(frozen=True)
 class ServeSettings:
+    # the registered model served, at this alias (`make train` registers
+    # recsys_moe_<config name> and promotes to champion)
     model_name: str = "recsys_moe_default"
     model_alias: str = "champion"
     # None: MLFLOW_TRACKING_URI or the repository's mlruns/ store (recsys_moe.tracking)
     tracking_uri: str | None = None
     # a model bundle folder instead of the registry (tests, air-gapped use); no polling
     model_dir: str | None = None
+    # seconds between looks at the alias: a moved alias is hot-swapped in
     poll_s: float = 10.0
-    # routing health: each ranker's window (metrics, /readyz "routing", collapse warning);
-    # an expert under dead_threshold / (its gate's experts) of the load counts as dead, a
-    # gate whose top expert takes more than collapse_threshold of it as collapsed
+    # routing health: each ranker's window (metrics, /readyz "routing", collapse warning),
+    # judged by the rule and thresholds of training's router monitor
+    # (recsys_moe.config.DEAD_EXPERT_THRESHOLD, COLLAPSE_THRESHOLD)
     router_window_s: float = 10.0
-    dead_threshold: float = 0.1
-    collapse_threshold: float = 0.9
+    dead_threshold: float = DEAD_EXPERT_THRESHOLD
+    collapse_threshold: float = COLLAPSE_THRESHOLD
+    # request limits (a larger request gets a 4xx naming the limit; the OpenAPI schema
+    # states them): candidates per request, characters per id, bytes per body
     max_candidates: int = 1000
     max_id_length: int = 64
     max_body_bytes: int = 1_000_000
+    # the segment that answers a domain no segment names (None: such a request gets a 422)
     default_segment: str | None = None
     # the longest the ingress waits for a ranker deployment's answer (a replica that died
     # or hangs): past it the request gets a 503 with Retry-After, which clients retry

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from recsys_moe.config import COLLAPSE_THRESHOLD, DEAD_EXPERT_THRESHOLD
 from recsys_moe.model.ranker import ModelOutput
 
 
@@ -69,7 +70,10 @@ class RouterMonitor:
     """
 
     def __init__(
-        self, domain_names: list[str], dead_threshold: float = 0.1, collapse_threshold: float = 0.9
+        self,
+        domain_names: list[str],
+        dead_threshold: float = DEAD_EXPERT_THRESHOLD,
+        collapse_threshold: float = COLLAPSE_THRESHOLD,
     ) -> None:
         self.domains = ["oov", *domain_names]
         self.dead_threshold, self.collapse_threshold = dead_threshold, collapse_threshold
