@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
                 code = int(module.main(rest) or 0)
             finally:
                 if _ray_up() and not ray_before:  # the Ray this command started, stopped
-                    _stop_ray()  # here: its last lines reach the log, not the terminal
+                    sys.modules["ray"].shutdown()  # here: its last lines reach the log
         if log is not None:
             print(f"library logs: {log} (-v shows them here)")
         return code
@@ -130,12 +130,6 @@ def main(argv: list[str] | None = None) -> int:
 def _ray_up() -> bool:
     ray = sys.modules.get("ray")
     return ray is not None and ray.is_initialized()
-
-
-def _stop_ray() -> None:
-    import ray
-
-    ray.shutdown()
 
 
 def _interrupt(signum: int, frame: object) -> None:

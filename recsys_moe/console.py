@@ -72,11 +72,15 @@ def _text(line: str) -> str:
     return _RELAYED.sub(r"\1", _ANSI.sub("", line))
 
 
+def _harmless(text: str) -> bool:
+    return any(p.search(text) for p in HARMLESS)
+
+
 def block_shown(block: list[str]) -> bool:
     """A whole traceback block (its first line, frames, exception line) is shown unless a
     line of it is known to be harmless (:data:`HARMLESS`): a library's harmless thread
     exception goes to the log only, every other traceback reaches the user in full."""
-    return not any(p.search(_text(line)) for line in block for p in HARMLESS)
+    return not any(_harmless(_text(line)) for line in block)
 
 
 def shown(line: str, stream: str, after_shown: bool = False) -> bool:
@@ -92,7 +96,7 @@ def shown(line: str, stream: str, after_shown: bool = False) -> bool:
         text, stream = relayed.group(1), "stderr"
     if OURS.match(text) or (after_shown and text[:1].isspace()):
         return True
-    if any(p.search(text) for p in HARMLESS):
+    if _harmless(text):
         return False
     return stream == "stdout" or bool(ALARM.search(text))
 

@@ -74,7 +74,8 @@ class ExpertReviver:
         self.events: list[dict[str, Any]] = []
         if self.enabled:
             g = core.gates
-            self.load = torch.zeros(g.K, g.O, g.E)  # (observe.add_load)
+            # (observe.add_load) every gate output summed: the rule is per routing key
+            self.load = torch.zeros(g.K, 1, g.E)
             self.tokens = torch.zeros(g.K)
 
     @classmethod
@@ -94,7 +95,7 @@ class ExpertReviver:
             return []
         layer = next(layer for layer in out.gates if layer.name == "gates")
         g = self.model.core.gates
-        w = layer.route.weights.detach().float().cpu()  # (B, O, E)
+        w = layer.route.weights.detach().float().sum(1, keepdim=True).cpu()  # (B, 1, E)
         key = layer.keys if layer.keys is not None else domain  # the gate row each row used
         d = key.long().cpu() if g.K > 1 else torch.zeros(w.shape[0], dtype=torch.long)
         if layer.rows is not None:  # rows of extensions were not routed by these gates
@@ -118,8 +119,8 @@ class ExpertReviver:
         return done
 
     def dead(self, load: torch.Tensor, tokens: torch.Tensor) -> list[tuple[int, int, float]]:
-        """(expert, donor, load share) for each dead expert of a window's (K, O, E) load,
-        every output of a routing key's gates together."""
+        """(expert, donor, load share) for each dead expert of a window's (K, 1, E) load
+        (every output of a routing key's gates together)."""
         allowed = self.model.core.gates.mask.any(1)  # (K, E)
         seen = tokens > 0
         share = load_shares(load.sum(1))  # (K, E)
