@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from features import store
@@ -75,11 +76,36 @@ def _model_from_meta(meta: dict[str, Any]) -> RankingModel:
     )
 
 
-def load_model(bundle: str | Path) -> tuple[RankingModel, dict[str, Any]]:
-    """The bundle's model in eval mode, and its ``model.json``."""
+def load_model(
+    bundle: str | Path, pool_on_disk: bool = False
+) -> tuple[RankingModel, dict[str, Any]]:
+    """The bundle's model in eval mode, and its ``model.json``. ``pool_on_disk``: an MoE
+    model's expert pool stays on the meta device, never read (a scorer that reads each
+    domain's experts from the bundle, :mod:`recsys_moe.model.offload`); a model that
+    needs its whole pool (domains added by ``extend`` read every parent expert, PLE and
+    shared-bottom have no slices) is read whole."""
+    from recsys_moe.model.cores import experts_on_meta
+    from recsys_moe.model.offload import expert_prefix
+
     meta = read_meta(bundle)
-    model = _model_from_meta(meta)
-    model.load_state_dict(load_file(str(bundle_file(bundle, WEIGHTS))))
+    weights = str(bundle_file(bundle, WEIGHTS))
+    if not (pool_on_disk and not meta.get("extensions")):
+        model = _model_from_meta(meta)
+        model.load_state_dict(load_file(weights))
+        return model.eval(), meta
+    with experts_on_meta():
+        model = _model_from_meta(meta)
+    on_meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if not on_meta:  # no MoE pool
+        model.load_state_dict(load_file(weights))
+        return model.eval(), meta
+    prefix = expert_prefix(model)
+    with safe_open(weights, framework="pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys() if not k.startswith(prefix)}  # noqa: SIM118
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or sorted(missing) != sorted(on_meta):
+        raise BundleError(f"{weights}: weights do not match the model (missing {missing}, "
+                          f"unexpected {unexpected})")  # fmt: skip
     return model.eval(), meta
 
 

@@ -26,7 +26,7 @@ from features.examples import encode
 from features.online import OnlineFeatures, RequestFeatures, assemble, concat_columns
 from features.spec import CAT, NUM, SEGMENT
 from features.store import numeric_stats, spec_from_manifest
-from recsys_moe.bundle import load_model, read_tables, read_vocabs
+from recsys_moe.bundle import WEIGHTS, bundle_file, load_model, read_tables, read_vocabs
 from recsys_moe.config import ScoringConfig
 from recsys_moe.model.inputs import ExampleTensors
 from recsys_moe.model.observe import RouterMonitor
@@ -74,12 +74,30 @@ class Scorer:
         self._online: OnlineFeatures | None = None
 
     @classmethod
-    def from_dir(cls, path: str | Path) -> Scorer:
-        model, meta = load_model(path)
+    def from_dir(cls, path: str | Path, offload: int = 0) -> Scorer:
+        """The bundle at ``path``. ``offload``: serve every domain from its slice, at most
+        that many slices in memory, their experts read from the bundle's weights when a
+        domain is asked for; the whole expert pool is never in memory (a model without
+        domain slices, or with domains added by ``extend``, loads whole)."""
+        model, meta = load_model(path, pool_on_disk=offload > 0)
         manifest = meta["manifest"]
         scorer = cls(model, manifest, read_vocabs(path, manifest), read_tables(path))
         scorer.router_reference = dict(meta.get("router_load") or {})
+        if offload and any(p.is_meta for p in model.experts.parameters()):
+            from recsys_moe.model.offload import DomainSliceCache
+
+            cache = DomainSliceCache(model, None, offload, weights=bundle_file(path, WEIGHTS))
+            scorer.slices = cache  # type: ignore[assignment]
+            scorer.model = cache.model_without_experts()
         return scorer
+
+    @property
+    def offloaded(self):
+        """The :class:`~recsys_moe.model.offload.DomainSliceCache` serving the domains,
+        or None when the experts are in memory."""
+        from recsys_moe.model.offload import DomainSliceCache
+
+        return self.slices if isinstance(self.slices, DomainSliceCache) else None
 
     def input_columns(self) -> list[str]:
         return [*self.required, *self.optional]

@@ -182,12 +182,17 @@ class Ranker:
         from recsys_moe.model.observe import RouterMonitor
         from recsys_moe.scorer import Scorer
 
-        scorer = Scorer.from_dir(bundle)
-        if self.segment.offload_capacity and scorer.model.supports_domain_slices:
-            # one folder per loaded version: a swap never reads another version's slices
+        # with offloading, each domain's experts are read from this version's own bundle
+        capacity = self.segment.offload_capacity
+        scorer = Scorer.from_dir(bundle, offload=capacity)
+        cache = scorer.offloaded
+        if capacity and cache is None and scorer.model.supports_domain_slices:
+            # domains added by `extend` need the whole pool in memory: the base domains'
+            # experts go to a folder of this version's own (a swap never reads another's)
             where = tempfile.mkdtemp(prefix=f"recsys-moe-{self.segment.name}-v{version}-")
-            cache = scorer.offload_experts(where, self.segment.offload_capacity)
+            cache = scorer.offload_experts(where, capacity)
             weakref.finalize(cache, shutil.rmtree, where, True)  # gone with its version
+        if cache is not None:
             mine = {scorer.domain_index(d) for d in self.segment.domains} - {0}
             active = {k: cache.active(k) for k in sorted(mine) if k in cache}
         else:

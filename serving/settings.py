@@ -46,9 +46,10 @@ class Segment:
     batch_wait_timeout_s: float = 0.0
     # Ray's logical CPUs per replica (scheduling only; torch runs one thread per replica)
     num_cpus: float = 0.25
-    # > 0: the segment's domain slices live memory-mapped on disk and at most this many
-    # stay resident (LRU; recsys_moe/model/offload.py) - for segments serving many
-    # domains of a STAR / MMoE model; 0: every slice of the segment's domains resident
+    # > 0: the segment's expert pool is never loaded whole: a domain's experts are read
+    # from the bundle when asked for and at most this many domains stay resident (LRU;
+    # recsys_moe/model/offload.py) - for segments serving many domains of a STAR / MMoE
+    # model; 0: every slice of the segment's domains resident
     offload_capacity: int = 0
 
     def __post_init__(self) -> None:

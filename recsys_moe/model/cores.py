@@ -18,7 +18,9 @@ never read from ``model.arch`` elsewhere.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +32,22 @@ from recsys_moe.model.experts import GroupedExperts, StackedExperts
 from recsys_moe.model.routing import GateBank, GateLayer, RouteOut, route
 
 SHARED = "shared"
+
+
+# set by experts_on_meta(): MoE cores build their expert pool without storage
+_POOL_ON_META: contextvars.ContextVar[bool] = contextvars.ContextVar("pool_on_meta", default=False)
+
+
+@contextlib.contextmanager
+def experts_on_meta() -> Iterator[None]:
+    """Models built inside hold their MoE expert pool on the meta device (shapes, no
+    storage): a scorer that reads each domain's experts from the bundle on demand
+    (recsys_moe.model.offload) never has the whole pool in memory."""
+    token = _POOL_ON_META.set(True)
+    try:
+        yield
+    finally:
+        _POOL_ON_META.reset(token)
 
 
 def _experts(cfg: ModelConfig, n: int, d_in: int) -> StackedExperts:
@@ -229,7 +247,8 @@ class MoECore(ExpertCore):
                         off += sizes[g] * P
         else:
             E = cfg.n_experts
-        self.experts: nn.Module = _experts(cfg, E, d_in)
+        with torch.device("meta") if _POOL_ON_META.get() else contextlib.nullcontext():
+            self.experts: nn.Module = _experts(cfg, E, d_in)
         self.gates = GateBank(
             d_in=d_in,
             n_outputs=self.outputs,

@@ -1,12 +1,15 @@
-"""Expert offloading: domain slices kept on disk, memory-mapped on demand, LRU-cached.
+"""Expert offloading: each domain's experts read from disk on demand, LRU-cached.
 
 A multi-domain model serves traffic whose domain mix is skewed; with domain-specific
 experts (STAR) most of the expert weights belong to domains that are rarely asked for.
-:class:`DomainSliceCache` writes every domain's slice (its experts and gate rows, see
-:mod:`recsys_moe.model.slicing`) to ``<dir>/domain_<k>.safetensors`` once, drops them from
-memory, and brings a domain's slice back (``safetensors`` memory-maps the file) when a
-request for it arrives, keeping at most ``capacity`` slices resident (least recently used
-evicted). Embeddings, towers and everything shared stay resident. Offloaded and resident
+:class:`DomainSliceCache` keeps the expert pool out of memory: a domain's slice (its
+experts and gate rows, see :mod:`recsys_moe.model.slicing`) is built when a request for
+it arrives, its expert rows read straight from a safetensors file holding the whole pool,
+and at most ``capacity`` slices stay resident (least recently used evicted). The file is
+the bundle's own ``model.safetensors`` for a scorer loaded with offloading on
+(:meth:`recsys_moe.scorer.Scorer.from_dir`, whose model then holds its pool on the meta
+device and never in memory), or one the cache writes for a model already in memory.
+Embeddings, towers, gates and everything shared stay resident. Offloaded and resident
 slices hold the same tensors, so they give identical scores.
 
 On a GPU the same cache would hold device copies and page host -> device; on CPU the
@@ -15,76 +18,116 @@ saving is resident memory (the page cache may still hold the file).
 
 from __future__ import annotations
 
-import copy
 from collections import OrderedDict
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
 
 from recsys_moe.model.ranker import RankingModel
-from recsys_moe.model.slicing import domain_slice, with_experts
+from recsys_moe.model.slicing import pool_like, slice_gates, slice_plan, with_experts
 
 
-def _slice_state(m: RankingModel) -> dict[str, torch.Tensor]:
-    state = {f"experts.{k}": v for k, v in m.experts.state_dict().items()}
-    state |= {f"gates.{k}": v for k, v in m.gates.state_dict().items()}
-    state["mask"] = m.gates.mask  # a non-persistent buffer: not in state_dict
-    return {k: v.detach().contiguous() for k, v in state.items()}
+def expert_prefix(model: RankingModel) -> str:
+    """The state-dict prefix of ``model``'s expert pool (``"core.experts."``)."""
+    return next(f"{n}." for n, m in model.named_modules() if m is model.experts)
+
+
+def _runs(keep: list[int]) -> list[tuple[int, int]]:
+    """Sorted ids as half-open contiguous ranges: [0, 1, 5, 6] -> [(0, 2), (5, 7)]."""
+    runs: list[tuple[int, int]] = []
+    for k in keep:
+        if runs and runs[-1][1] == k:
+            runs[-1] = (runs[-1][0], k + 1)
+        else:
+            runs.append((k, k + 1))
+    return runs
 
 
 class DomainSliceCache:
     """Domain index -> its slice, at most ``capacity`` resident, the rest on disk.
 
     Args:
-        model: a trained :class:`RankingModel` (``mmoe`` or ``star``).
-        directory: where the slices are written (one safetensors file per domain).
+        model: a trained :class:`RankingModel` (``mmoe`` or ``star``); its pool may be on
+            the meta device when ``weights`` holds it.
+        directory: where the pool is written when ``weights`` is None.
         capacity: how many domain slices stay in memory.
+        weights: a safetensors file holding ``model``'s state (a bundle's
+            ``model.safetensors``): the expert rows are read from it, nothing is written.
     """
 
-    def __init__(self, model: RankingModel, directory: str | Path, capacity: int = 2) -> None:
+    def __init__(
+        self,
+        model: RankingModel,
+        directory: str | Path | None = None,
+        capacity: int = 2,
+        weights: str | Path | None = None,
+    ) -> None:
         if capacity < 1:
             raise ValueError("capacity must be >= 1")
-        self.dir = Path(directory)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        if not model.supports_domain_slices:
+            raise ValueError(f"model.arch {model.cfg.arch!r} has no domain slices to offload")
         self.capacity = capacity
         self.hits = self.misses = self.evictions = 0
         self._resident: OrderedDict[int, RankingModel] = OrderedDict()
-        self._active: dict[int, list[int]] = {}
-        if not model.supports_domain_slices:
-            raise ValueError(f"model.arch {model.cfg.arch!r} has no domain slices to offload")
+        pool = model.experts
+        n_layers = len(pool.weights)
+        if weights is None:
+            if directory is None:
+                raise ValueError("give the directory to write the experts to, or their weights")
+            Path(directory).mkdir(parents=True, exist_ok=True)
+            weights, prefix = Path(directory) / "experts.safetensors", ""
+            save_file({f"{kind}.{i}": p.detach().contiguous() for kind in ("weights", "biases")
+                       for i, p in enumerate(getattr(pool, kind))}, str(weights))  # fmt: skip
+        else:
+            prefix = expert_prefix(model)
+        self.weights = Path(weights)
+        self._names = [[f"{prefix}{kind}.{i}" for i in range(n_layers)]
+                       for kind in ("weights", "biases")]  # fmt: skip
+        # what each base domain's slice keeps (domains added by `extend` are not sliced)
+        self._plans = {}
         for k in range(model.base_domains):
-            if model.core.extension_of(k) is not None:
-                continue  # extended domains stay with the full model
-            s = domain_slice(model, k)
-            save_file(_slice_state(s), str(self.dir / f"domain_{k}.safetensors"))
-            self._active[k] = list(s.active)
-            del s
+            plan = slice_plan(model, k)
+            if plan is not None:
+                self._plans[k] = plan
         self.full_expert_bytes = sum(
-            p.numel() * p.element_size()
-            for p in [*model.experts.parameters(), *model.gates.parameters()]
+            p.numel() * p.element_size() for p in [*pool.parameters(), *model.gates.parameters()]
         )
-        # the template: the model with a slice-shaped expert pool and gates that hold no
-        # storage (meta tensors); a slice is the template with its tensors assigned
-        shape = domain_slice(model, 0)
+        # the template: the model with a storage-less pool (meta tensors) and its gates,
+        # which are small and stay resident; a slice is the template with its own pool
+        meta = [nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+                for p in [*pool.weights, *pool.biases]]  # fmt: skip
         self._template = with_experts(
-            model, copy.deepcopy(shape.experts).to("meta"), copy.deepcopy(shape.gates).to("meta"),
-            [],
-        )  # fmt: skip
-        del shape
+            model, pool_like(pool, meta[:n_layers], meta[n_layers:]), model.gates, []
+        )
 
     def model_without_experts(self) -> RankingModel:
-        """The model with no expert or gate weights in memory (the template): what a scorer
-        keeps once every domain it serves is offloaded."""
+        """The model with no expert weights in memory (the template): what a scorer keeps
+        once every domain it serves is offloaded."""
         return self._template
 
     def __contains__(self, k: int) -> bool:
-        return k in self._active
+        return k in self._plans
+
+    def _read(self, keep: list[int]) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """The experts ``keep``'s rows of every layer, read run by run from the file (the
+        file is mapped only while reading)."""
+        runs = _runs(keep)
+        out: tuple[list[nn.Parameter], list[nn.Parameter]] = ([], [])
+        with safe_open(str(self.weights), framework="pt") as f:
+            for names, params in zip(self._names, out, strict=True):
+                for name in names:
+                    part = f.get_slice(name)
+                    rows = torch.cat([part[a:b] for a, b in runs])
+                    params.append(nn.Parameter(rows, requires_grad=False))
+        return out
 
     def get(self, k: int, default: RankingModel | None = None) -> RankingModel | None:
-        """Domain ``k``'s slice (loaded from disk if not resident); ``default`` for a
-        domain the model does not have."""
-        if k not in self._active:
+        """Domain ``k``'s slice (read from disk if not resident); ``default`` for a domain
+        the model does not have."""
+        if k not in self._plans:
             return default
         m = self._resident.get(k)
         if m is not None:
@@ -92,17 +135,11 @@ class DomainSliceCache:
             self._resident.move_to_end(k)
             return m
         self.misses += 1
-        state = load_file(str(self.dir / f"domain_{k}.safetensors"))
-        experts = copy.deepcopy(self._template.experts)
-        experts.load_state_dict(
-            {n[8:]: v for n, v in state.items() if n.startswith("experts.")}, assign=True
-        )
-        gates = copy.deepcopy(self._template.gates)
-        gates.load_state_dict(
-            {n[6:]: v for n, v in state.items() if n.startswith("gates.")}, assign=True
-        )
-        gates.mask = state["mask"]
-        m = with_experts(self._template, experts, gates, self._active[k])
+        keep, rows = self._plans[k]
+        weights, biases = self._read(keep.tolist())
+        t = self._template
+        m = with_experts(t, pool_like(t.experts, weights, biases), slice_gates(t.gates, rows, keep),
+                         keep.tolist())  # fmt: skip
         self._resident[k] = m
         while len(self._resident) > self.capacity:
             self._resident.popitem(last=False)
@@ -111,7 +148,7 @@ class DomainSliceCache:
 
     def active(self, k: int) -> list[int]:
         """The global expert ids domain ``k``'s slice computes."""
-        return list(self._active[k])
+        return self._plans[k][0].tolist()
 
     def resident(self) -> list[int]:
         return list(self._resident)
@@ -124,4 +161,4 @@ class DomainSliceCache:
         )
 
 
-__all__ = ["DomainSliceCache"]
+__all__ = ["DomainSliceCache", "expert_prefix"]

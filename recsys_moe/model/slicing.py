@@ -38,17 +38,34 @@ def active_experts(
     return model.core.reachable_experts(domain, segments)
 
 
-def _slice_experts(experts: StackedExperts, keep: torch.Tensor) -> StackedExperts:
-    out = copy.deepcopy(experts)
-    out.n_experts = len(keep)
-    out.weights = nn.ParameterList(
-        [nn.Parameter(w.detach()[keep].clone()) for w in experts.weights]
-    )
-    out.biases = nn.ParameterList([nn.Parameter(b.detach()[keep].clone()) for b in experts.biases])
+def pool_like(experts: StackedExperts, weights: list, biases: list) -> StackedExperts:
+    """An expert pool computed as ``experts`` is (implementation, flags) over the given
+    per-layer parameters (leading dimension: the experts). Parameters are registered as
+    given, so a pool built from another's own parameters shares their storage."""
+    out = copy.copy(experts)
+    out._parameters, out._buffers = dict(experts._parameters), dict(experts._buffers)
+    out._modules = dict(experts._modules)
+    out.weights, out.biases = nn.ParameterList(weights), nn.ParameterList(biases)
+    out.n_experts = int(weights[0].shape[0])
+    # the inference caches belong to the pool they were made from
+    out._layout, out._layout_key, out._split, out._auto_choice = None, None, {}, {}
     return out
 
 
-def _slice_gates(gates: GateBank, rows: list[int] | None, keep: torch.Tensor) -> GateBank:
+def _slice_experts(experts: StackedExperts, keep: torch.Tensor) -> StackedExperts:
+    """The experts ``keep`` of ``experts``: the pool's own parameters where it keeps them
+    all (an MMoE domain reaches every expert: its slices share one pool), else copies of
+    the kept rows."""
+    if keep.tolist() == list(range(experts.n_experts)):
+        return pool_like(experts, list(experts.weights), list(experts.biases))
+    return pool_like(
+        experts,
+        [nn.Parameter(w.detach()[keep].clone()) for w in experts.weights],
+        [nn.Parameter(b.detach()[keep].clone()) for b in experts.biases],
+    )
+
+
+def slice_gates(gates: GateBank, rows: list[int] | None, keep: torch.Tensor) -> GateBank:
     """Gate rows ``rows`` (routing keys; None: all, indexed as before) over the kept
     experts; one row makes a one-domain GateBank."""
     O, K, E = gates.O, gates.K, gates.E
@@ -79,19 +96,32 @@ def domain_slice(
     indices; None: all) narrows it to the routing keys of those users: shared experts,
     the domain's and those segments' own; it keeps every key's gate row, and must only
     score rows of those segments (its ``segment_scope``)."""
+    plan = slice_plan(model, domain, segments)
+    if plan is None:
+        return model
+    keep, rows = plan
+    out = with_experts(
+        model, _slice_experts(model.experts, keep), slice_gates(model.gates, rows, keep),
+        keep.tolist(),
+    )  # fmt: skip
+    out.segment_scope = (
+        None if segments is None or not model.core.segment_keyed else sorted(segments)
+    )
+    return out
+
+
+def slice_plan(
+    model: RankingModel, domain: int, segments: list[int] | None = None
+) -> tuple[torch.Tensor, list[int] | None] | None:
+    """What :func:`domain_slice` keeps: the experts (global ids) and the gate rows (None:
+    all); None where nothing can be cut."""
     core = model.core
     if not model.supports_domain_slices or core.extension_of(domain) is not None:
-        return model
+        return None
     keep = torch.tensor(active_experts(model, domain, segments), dtype=torch.long)
     # gates keyed by segment keep all rows (the slice computes each row's key as the
     # full model does); keyed by domain alone, the one row of the domain
-    rows = None if core.segment_keyed else core.keys_of(domain)
-    out = with_experts(
-        model, _slice_experts(model.experts, keep), _slice_gates(model.gates, rows, keep),
-        keep.tolist(),
-    )  # fmt: skip
-    out.segment_scope = None if segments is None or not core.segment_keyed else sorted(segments)
-    return out
+    return keep, (None if core.segment_keyed else core.keys_of(domain))
 
 
 def with_experts(
@@ -108,4 +138,11 @@ def with_experts(
     return out
 
 
-__all__ = ["active_experts", "domain_slice", "with_experts"]
+__all__ = [
+    "active_experts",
+    "domain_slice",
+    "pool_like",
+    "slice_gates",
+    "slice_plan",
+    "with_experts",
+]

@@ -77,7 +77,62 @@ def test_scorer_with_offloaded_experts_scores_like_the_full_model(scoring_model,
     cache = off.offload_experts(tmp_path / "experts", capacity=1)
     rows = full.example_rows(read_examples(cfg.features.store_dir, "test").head(300))
     rows = pl.concat([rows, rows.head(5).with_columns(pl.lit("mars").alias("domain"))])
-    # no full copy of the offloaded experts stays: the scorer's own model holds none
-    assert all(p.is_meta for p in [*off.model.experts.parameters(), *off.model.gates.parameters()])
+    # no full copy of the offloaded experts stays: the scorer's own model holds none (the
+    # gates, a few rows per domain, stay resident)
+    assert all(p.is_meta for p in off.model.experts.parameters())
     np.testing.assert_allclose(off.score(rows), full.score(rows), rtol=1e-5, atol=1e-6)
     assert len(cache.resident()) == 1 and cache.misses >= 3
+
+
+def test_scorer_loaded_with_offloading_never_holds_the_pool(scoring_model, monkeypatch):
+    """Scorer.from_dir(offload=N) builds the pool on the meta device and reads each
+    domain's expert rows from the bundle's own weights: the whole pool is never a tensor in
+    memory, and it scores like the model loaded whole."""
+    import polars as pl
+    from safetensors import safe_open
+
+    from features.store import read_examples
+    from recsys_moe.bundle import WEIGHTS
+    from recsys_moe.model import experts as experts_module
+    from recsys_moe.scorer import Scorer
+
+    cfg, bundle, _, _ = scoring_model
+    full = Scorer.from_dir(bundle)
+    E = full.model.experts.n_experts
+    with safe_open(str(bundle / WEIGHTS), framework="pt") as f:
+        assert f.get_slice("core.experts.weights.0").get_shape()[0] == E
+    pool = tuple(full.model.experts.weights[0].shape)
+    built = []  # (shape, device) of every stacked layer built (the towers are stacked too)
+    init = experts_module._init_stacked
+    monkeypatch.setattr(experts_module, "_init_stacked",
+                        lambda w, b: (built.append((tuple(w.shape), w.device.type)), init(w, b)))  # fmt: skip
+    off = Scorer.from_dir(bundle, offload=1)
+    # the pool was built without storage, and never allocated
+    assert (pool, "meta") in built and (pool, "cpu") not in built
+    cache = off.offloaded
+    assert cache is not None and cache.weights == bundle / WEIGHTS
+    assert all(p.is_meta for p in off.model.experts.parameters())
+    rows = full.example_rows(read_examples(cfg.features.store_dir, "test").head(300))
+    rows = pl.concat([rows, rows.head(5).with_columns(pl.lit("mars").alias("domain"))])
+    np.testing.assert_allclose(off.score(rows), full.score(rows), rtol=1e-5, atol=1e-6)
+    # one domain resident, holding its own experts only (shared + its specific one)
+    assert len(cache.resident()) == 1
+    (m,) = cache._resident.values()
+    assert m.experts.n_experts == len(m.active) < E
+    assert Scorer.from_dir(bundle).offloaded is None
+
+
+def test_mmoe_domain_slices_share_the_pool(small_store):
+    """Every MMoE domain reaches every expert: its slices hold the pool's own tensors, not
+    copies."""
+    from features.store import load_manifest
+    from recsys_moe.model.inputs import InputSpec
+    from recsys_moe.model.ranker import RankingModel
+
+    cfg, _ = small_store
+    spec = InputSpec.from_manifest(load_manifest(cfg.features.store_dir))
+    model = RankingModel(spec, dataclasses.replace(cfg.model, arch="mmoe")).eval()
+    pool = [p.data_ptr() for p in model.experts.parameters()]
+    for k in range(spec.n_domains):
+        s = domain_slice(model, k)
+        assert [p.data_ptr() for p in s.experts.parameters()] == pool

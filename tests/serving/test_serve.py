@@ -27,7 +27,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 SEGMENTS = [
     {"name": "cold", "domains": ["feed", "search", "video"], "user_segments": ["cold"],
      "task_weights": {"click": 1.0, "like": 0.5, "conversion": 1.0}, "placement": "inline",
-     "offload_capacity": 1},  # one domain slice resident, the others memory-mapped
+     "offload_capacity": 1},  # one domain slice resident, the others read on demand
     {"name": "feed", "domains": ["feed"], "task_weights": {"click": 1.0, "conversion": 2.0},
      "placement": "deployment"},
     # "live" is unknown to version 1; test_extended_domain_served_after_alias_moves adds it
@@ -171,7 +171,7 @@ def test_rankers_compute_only_their_domains_experts(service):
     # the inline rankers slice the same way
     assert ready["other"]["placement"] == "inline"
     assert set(ready["other"]["experts"]) == {"search", "video"}  # "live": unknown to v1
-    # the cold segment offloads: the same slices, served from memory-mapped files
+    # the cold segment offloads: the same slices, read from the bundle on demand
     cold = ready["cold"]["experts"]
     assert set(cold) == {"feed", "search", "video"} and cold["feed"] == experts["feed"]
     assert all(len(v) == 3 and v[:2] == [0, 1] for v in cold.values())
