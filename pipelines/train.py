@@ -445,6 +445,17 @@ def _datasets(store: str | Path, refit: bool = False) -> dict[str, Any]:
     }
 
 
+def ordered_ingest() -> Any:
+    """Ray Train's data config with blocks handed to the workers in file order: without
+    it the order follows which read task finishes first, so the same config and seed
+    trained different models from one process to the next."""
+    from ray.train import DataConfig
+
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return DataConfig(execution_options=options)
+
+
 def fit_distributed(
     cfg: Config,
     *,
@@ -522,6 +533,7 @@ def fit_distributed(
             worker_runtime_env={"env_vars": {**omp, "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
         ),
         datasets=_datasets(store, refit),
+        dataset_config=ordered_ingest(),
     )
     result = trainer.fit()
     if result.error is not None:
