@@ -125,8 +125,8 @@ def run_setting(setting: str, config: str, bundle: str, requests: int) -> dict:
         loads = f"{cache.misses} loads / {len(seq)} requests"
     ms = np.array(lat) * 1e3
     rss = psutil.Process().memory_info().rss
-    return {"setting": setting, "rss": rss, "resident": resident(), "loads": loads, "p50": float(np.percentile(ms, 50)),
-            "p99": float(np.percentile(ms, 99))}  # fmt: skip
+    return {"setting": setting, "rss": rss, "resident": resident(), "loads": loads,
+            "p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99))}  # fmt: skip
 
 
 NAMES = {

@@ -19,6 +19,7 @@ leave it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from dataclasses import asdict
@@ -85,25 +86,20 @@ def load_model(
     needs its whole pool (domains added by ``extend`` read every parent expert, PLE and
     shared-bottom have no slices) is read whole."""
     from recsys_moe.model.cores import experts_on_meta
-    from recsys_moe.model.offload import expert_prefix
 
     meta = read_meta(bundle)
     weights = str(bundle_file(bundle, WEIGHTS))
-    if not (pool_on_disk and not meta.get("extensions")):
+    lazy = pool_on_disk and not meta.get("extensions")
+    with experts_on_meta() if lazy else contextlib.nullcontext():
         model = _model_from_meta(meta)
+    on_meta = {n for n, p in model.named_parameters() if p.is_meta}
+    if not on_meta:
         model.load_state_dict(load_file(weights))
         return model.eval(), meta
-    with experts_on_meta():
-        model = _model_from_meta(meta)
-    on_meta = [n for n, p in model.named_parameters() if p.is_meta]
-    if not on_meta:  # no MoE pool
-        model.load_state_dict(load_file(weights))
-        return model.eval(), meta
-    prefix = expert_prefix(model)
     with safe_open(weights, framework="pt") as f:
-        state = {k: f.get_tensor(k) for k in f.keys() if not k.startswith(prefix)}  # noqa: SIM118
+        state = {k: f.get_tensor(k) for k in f.keys() if k not in on_meta}  # noqa: SIM118
     missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or sorted(missing) != sorted(on_meta):
+    if unexpected or set(missing) != on_meta:
         raise BundleError(f"{weights}: weights do not match the model (missing {missing}, "
                           f"unexpected {unexpected})")  # fmt: skip
     return model.eval(), meta

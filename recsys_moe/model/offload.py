@@ -74,18 +74,19 @@ class DomainSliceCache:
         self._resident: OrderedDict[int, RankingModel] = OrderedDict()
         pool = model.experts
         n_layers = len(pool.weights)
+        # the pool's names in the model's state dict, as the bundle's weights hold them
+        prefix = expert_prefix(model)
+        self._names = [[f"{prefix}{kind}.{i}" for i in range(n_layers)]
+                       for kind in ("weights", "biases")]  # fmt: skip
         if weights is None:
             if directory is None:
                 raise ValueError("give the directory to write the experts to, or their weights")
             Path(directory).mkdir(parents=True, exist_ok=True)
-            weights, prefix = Path(directory) / "experts.safetensors", ""
-            save_file({f"{kind}.{i}": p.detach().contiguous() for kind in ("weights", "biases")
-                       for i, p in enumerate(getattr(pool, kind))}, str(weights))  # fmt: skip
-        else:
-            prefix = expert_prefix(model)
+            weights = Path(directory) / "experts.safetensors"
+            layers = zip(self._names, (pool.weights, pool.biases), strict=True)
+            save_file({n: p.detach().contiguous() for names, params in layers
+                       for n, p in zip(names, params, strict=True)}, str(weights))  # fmt: skip
         self.weights = Path(weights)
-        self._names = [[f"{prefix}{kind}.{i}" for i in range(n_layers)]
-                       for kind in ("weights", "biases")]  # fmt: skip
         # what each base domain's slice keeps (domains added by `extend` are not sliced)
         self._plans = {}
         for k in range(model.base_domains):
