@@ -12,7 +12,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export MLFLOW_DISABLE_TELEMETRY := true
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: install train features generate ui serve score extend test lint format docs bench bench-peers bench-regimes bench-quality clean help
+.PHONY: install train features generate ui serve score extend test lint format docs bench bench-soak bench-peers bench-regimes bench-quality clean help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -84,6 +84,9 @@ bench: $(STAMP)  ## throughput benchmarks (after `make train`; writes bench/RESU
 	$(BIN)/python -m bench.serve_latency
 	$(BIN)/python -m bench.kernels
 	$(BIN)/python -m bench.offload
+
+bench-soak: $(STAMP)  ## 10 minutes of `wrk` at concurrency 16 against the shipped service, a champion hot swap halfway (after `make train`; needs wrk)
+	$(BIN)/python -m bench.soak
 
 bench-peers: $(STAMP)  ## the model against torch-rechub's MMoE / PLE / SharedBottom (sparse, default, real data: MovieLens, Census, Douban, Women's E-Commerce)
 	$(PIP) -e '.[peers]'

@@ -13,6 +13,9 @@ moves again; the old version keeps serving. A replica started before the alias e
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import logging
 import threading
 import time
@@ -126,6 +129,8 @@ class ModelWatcher:
             self.current = loaded  # the swap: one reference assignment
             self.load_error, self.failed_version = None, None
             self.swaps += 1
+            del loaded
+        release_memory()  # the old version's, once no batch holds it any more
 
     def _poll(self) -> None:
         while not self._stop.wait(self.poll_s):
@@ -146,4 +151,13 @@ class ModelWatcher:
         }
 
 
-__all__ = ["Loaded", "ModelWatcher"]
+def release_memory() -> None:
+    """Collect what a swapped-out version left (its modules hold reference cycles) and
+    give the freed heap back to the system: glibc keeps it otherwise, and the replica of
+    bench/soak.py held on to part of the old version's memory after a swap."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+__all__ = ["Loaded", "ModelWatcher", "release_memory"]
