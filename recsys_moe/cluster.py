@@ -117,14 +117,14 @@ def ingress() -> str:
 
 
 @contextmanager
-def serve_env() -> Iterator[None]:
-    """:data:`SERVE_ENV` and the HAProxy ingress (:func:`haproxy_env`; off when the user
-    sets ``RAY_SERVE_ENABLE_HA_PROXY=0``: Serve's own proxy) in the environment while a
-    local Ray starts (its processes inherit it), not after: in this process (the driver)
-    handles keep Serve's defaults, which work outside an event loop. A variable already
-    set wins."""
+def serve_env(haproxy: bool = False) -> Iterator[None]:
+    """:data:`SERVE_ENV` and, with ``haproxy`` (a Ray that will serve), the HAProxy
+    ingress (:func:`haproxy_env`; off when the user sets ``RAY_SERVE_ENABLE_HA_PROXY=0``:
+    Serve's own proxy) in the environment while a local Ray starts (its processes inherit
+    it), not after: in this process (the driver) handles keep Serve's defaults, which
+    work outside an event loop. A variable already set wins."""
     wanted = dict(SERVE_ENV)
-    if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY", "1") != "0":
+    if haproxy and os.environ.get("RAY_SERVE_ENABLE_HA_PROXY", "1") != "0":
         wanted.update(haproxy_env())
     added = [k for k in wanted if k not in os.environ]
     os.environ.update({k: wanted[k] for k in added})
@@ -153,7 +153,10 @@ LOOPBACK = "127.0.0.1"
 
 
 def init_ray(
-    num_cpus: int | None = None, dashboard: bool = False, log_to_driver: bool = True
+    num_cpus: int | None = None,
+    dashboard: bool = False,
+    log_to_driver: bool = True,
+    serve: bool = False,
 ) -> None:
     """Connect to ``RAY_ADDRESS`` if set, else start a local instance; no-op if already up.
 
@@ -166,12 +169,14 @@ def init_ray(
     ``RAY_AUTH_TOKEN_PATH``) before the command; TLS between nodes is the operator's.
 
     ``dashboard``: start the dashboard with a local instance; Ray Train's controller polls
-    the state API it serves and warns every few seconds without it.
+    the state API it serves and warns every few seconds without it. ``serve``: the
+    instance will run the ranking service: its HTTP comes in through HAProxy
+    (:func:`haproxy_env`), set up only then.
     """
     if ray.is_initialized():
         return
     with _keep_sigterm_handler():
-        _init(num_cpus, dashboard, log_to_driver)
+        _init(num_cpus, dashboard, log_to_driver, serve)
 
 
 @contextmanager
@@ -187,7 +192,7 @@ def _keep_sigterm_handler() -> Iterator[None]:
             signal.signal(signal.SIGTERM, before)
 
 
-def _init(num_cpus: int | None, dashboard: bool, log_to_driver: bool) -> None:
+def _init(num_cpus: int | None, dashboard: bool, log_to_driver: bool, serve: bool) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = os.environ.get("RAY_ADDRESS")
     if address:
@@ -198,7 +203,7 @@ def _init(num_cpus: int | None, dashboard: bool, log_to_driver: bool) -> None:
         }
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
-        with serve_env():
+        with serve_env(haproxy=serve):
             ray.init(
                 num_cpus=num_cpus,
                 include_dashboard=dashboard,

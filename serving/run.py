@@ -69,7 +69,7 @@ def start(
     added = "MALLOC_ARENA_MAX" not in os.environ
     os.environ.setdefault("MALLOC_ARENA_MAX", "2")
     try:
-        init_ray()
+        init_ray(serve=True)
     finally:
         if added:
             del os.environ["MALLOC_ARENA_MAX"]

@@ -108,8 +108,9 @@ def ray_session():
 
     from recsys_moe.cluster import init_ray
 
-    # as every command starts it: token authentication on, loopback, Serve's settings
-    init_ray(num_cpus=2, log_to_driver=False)
+    # as `recsys-moe serve` starts it: token authentication on, loopback, Serve's settings
+    # and its HAProxy ingress (the serving tests run the service on this instance)
+    init_ray(num_cpus=2, log_to_driver=False, serve=True)
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
