@@ -53,6 +53,13 @@ SERVE_ENV = {
 }
 
 
+# for the processes of a Ray that serves: two glibc malloc arenas per process instead of
+# 8 per core, so the heap a replica frees (a swapped-out version, a batch's buffers) goes
+# back to the system rather than staying spread over arenas (bench/soak.py measures the
+# replica's memory)
+SERVING_ENV = {"MALLOC_ARENA_MAX": "2"}
+
+
 def haproxy_env() -> dict[str, str]:
     """Ray Serve's HAProxy ingress (``RAY_SERVE_ENABLE_HA_PROXY``): HAProxy takes HTTP on
     the serve config's host and port and hands each request straight to the ingress
@@ -117,15 +124,18 @@ def ingress() -> str:
 
 
 @contextmanager
-def serve_env(haproxy: bool = False) -> Iterator[None]:
-    """:data:`SERVE_ENV` and, with ``haproxy`` (a Ray that will serve), the HAProxy
-    ingress (:func:`haproxy_env`; off when the user sets ``RAY_SERVE_ENABLE_HA_PROXY=0``:
-    Serve's own proxy) in the environment while a local Ray starts (its processes inherit
-    it), not after: in this process (the driver) handles keep Serve's defaults, which
-    work outside an event loop. A variable already set wins."""
+def serve_env(serving: bool = False) -> Iterator[None]:
+    """:data:`SERVE_ENV` and, for a Ray that will serve (``serving``), :data:`SERVING_ENV`
+    and the HAProxy ingress (:func:`haproxy_env`; off when the user sets
+    ``RAY_SERVE_ENABLE_HA_PROXY=0``: Serve's own proxy) in the environment while a local
+    Ray starts (its processes inherit it), not after: in this process (the driver)
+    handles keep Serve's defaults, which work outside an event loop. A variable already
+    set wins."""
     wanted = dict(SERVE_ENV)
-    if haproxy and os.environ.get("RAY_SERVE_ENABLE_HA_PROXY", "1") != "0":
-        wanted.update(haproxy_env())
+    if serving:
+        wanted.update(SERVING_ENV)
+        if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY", "1") != "0":
+            wanted.update(haproxy_env())
     added = [k for k in wanted if k not in os.environ]
     os.environ.update({k: wanted[k] for k in added})
     on = os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1"
@@ -203,7 +213,7 @@ def _init(num_cpus: int | None, dashboard: bool, log_to_driver: bool, serve: boo
         }
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
-        with serve_env(haproxy=serve):
+        with serve_env(serving=serve):
             ray.init(
                 num_cpus=num_cpus,
                 include_dashboard=dashboard,

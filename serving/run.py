@@ -63,16 +63,7 @@ def start(
     from recsys_moe.cluster import init_ray
     from serving.app import app_builder
 
-    # two glibc malloc arenas per Ray process instead of 8 per core: the heap a replica
-    # frees (a swapped-out version, a batch's buffers) goes back to the system rather than
-    # staying spread over arenas (bench/soak.py measures the replica's memory)
-    added = "MALLOC_ARENA_MAX" not in os.environ
-    os.environ.setdefault("MALLOC_ARENA_MAX", "2")
-    try:
-        init_ray(serve=True)
-    finally:
-        if added:
-            del os.environ["MALLOC_ARENA_MAX"]
+    init_ray(serve=True)
     http = raw.get("http_options") or {}
     host, port = http.get("host", "127.0.0.1"), int(http.get("port", 8000))
     serve.start(http_options={"host": host, "port": port})

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -18,6 +17,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from recsys_moe.cluster import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -42,12 +43,6 @@ def chromium() -> str:
         if r.returncode:
             pytest.skip(f"installing chromium failed: {r.stderr[-500:]}")
     return shutil.which("chromium")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _browse(binary: str, url: str, screenshot: Path | None = None) -> str:
@@ -80,7 +75,7 @@ def test_mlflow_ui_shows_runs_and_metrics(tmp_path):
 
     from pipelines.ui import command
 
-    port = _free_port()
+    port = free_port()
     old = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = uri
     try:

@@ -6,7 +6,6 @@ that fails to load, and every class of bad input."""
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from collections import Counter
@@ -16,6 +15,7 @@ import polars as pl
 import pytest
 import requests
 
+from recsys_moe.cluster import free_port
 from recsys_moe.config import ScoringConfig
 from recsys_moe.scorer import Scorer
 from tests.conftest import register_bundle
@@ -36,12 +36,6 @@ SEGMENTS = [
 ]  # fmt: skip
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def service(scoring_model, ray_session):
     from ray import serve
@@ -49,7 +43,7 @@ def service(scoring_model, ray_session):
     from serving.run import start
 
     cfg, bundle, uri, _tmp = scoring_model
-    port = _free_port()
+    port = free_port()
     raw = {
         "http_options": {"host": "127.0.0.1", "port": port},
         "applications": [{
