@@ -12,7 +12,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export MLFLOW_DISABLE_TELEMETRY := true
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: install train features generate ui serve score extend test lint format docs bench bench-soak bench-peers bench-regimes bench-quality clean help
+.PHONY: install train retrain features generate ui serve score extend test lint format docs bench bench-soak bench-peers bench-regimes bench-quality clean help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -39,6 +39,13 @@ train: $(STAMP)  ## generate (if missing) -> features -> distributed train -> ML
 	$(BIN)/recsys-moe generate --config $(CONFIG) --if-missing
 	$(BIN)/recsys-moe features --config $(CONFIG)
 	$(BIN)/recsys-moe train --config $(CONFIG)
+
+WINDOW_DAYS   ?= 1
+RETRAIN_STORE ?= data/features/$(basename $(notdir $(CONFIG)))-retrain
+
+retrain: $(STAMP)  ## warm-start the champion on the newest WINDOW_DAYS days of the log (its ids kept, new ones appended) -> MLflow run + gated promotion
+	$(BIN)/recsys-moe features --config $(CONFIG) --window-days $(WINDOW_DAYS) --grow-from --set features.store_dir=$(RETRAIN_STORE)
+	$(BIN)/recsys-moe train --config $(CONFIG) --warm-start --set features.store_dir=$(RETRAIN_STORE)
 
 CANDIDATES ?= data/candidates/default
 SCORES     ?= data/scores/default

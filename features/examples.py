@@ -30,15 +30,23 @@ from features.spec import CAT, LABEL, NUM, SPLIT, FeatureSpec
 
 @dataclass(frozen=True)
 class Boundaries:
-    """Time split: train ts < valid_start <= valid ts < test_start <= test ts."""
+    """Time split: train ts < valid_start <= valid ts < test_start <= test ts. With
+    ``since`` (a store of the newest window, ``features.window_days``), rows before it
+    are ``context``: they feed the point-in-time history features and the lookup tables,
+    never an example, a vocabulary or a statistic."""
 
     valid_start: int
     test_start: int
+    since: int | None = None
+
+
+CONTEXT = "context"  # the split of rows before the window (never written as examples)
 
 
 def split_expr(ts: str, b: Boundaries) -> pl.Expr:
+    first = pl.when(pl.col(ts) < b.since).then(pl.lit(CONTEXT)) if b.since is not None else pl
     return (
-        pl.when(pl.col(ts) < b.valid_start)
+        first.when(pl.col(ts) < b.valid_start)
         .then(pl.lit("train"))
         .when(pl.col(ts) < b.test_start)
         .then(pl.lit("valid"))
@@ -268,4 +276,9 @@ def build_examples_reference(
     df = item_stage(df, items, spec)
     vocabs = merge_vocabs([vocab_counts(df, spec)], spec, min_count, max_vocab)
     stats = merge_moments([numeric_moments(df, spec)])
-    return encode(df, spec, vocabs, stats), vocabs, stats
+    return encode(examples_only(df), spec, vocabs, stats), vocabs, stats
+
+
+def examples_only(df: pl.DataFrame) -> pl.DataFrame:
+    """The rows that are examples: all but a window store's ``context`` rows."""
+    return df.filter(pl.col(SPLIT) != CONTEXT)

@@ -12,6 +12,7 @@ Runs on the embedded local Ray, or on a cluster when ``RAY_ADDRESS`` is set.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import sys
@@ -29,12 +30,15 @@ from features.store import (
     MANIFEST,
     block_statistics,
     build_tables,
+    grow_table,
+    grow_vocab,
     merge_counts,
+    numeric_stats,
     write_store,
 )
-from pipelines.cli import command_parser
+from pipelines.cli import command_parser, parse_sets
 from pipelines.publish import published
-from recsys_moe.config import Config, load_config
+from recsys_moe.config import Config, ConfigError, load_config
 from recsys_moe.data.schema import (
     REJECT_REASON,
     TableFiles,
@@ -51,6 +55,32 @@ ITEM_BUCKET = "_ibucket"
 
 
 @dataclass
+class Parent:
+    """The model a retrain's store grows from (``features.grow_from``)."""
+
+    ref: str
+    resolved: Any  # recsys_moe.registry.ResolvedModel
+    manifest: dict[str, Any]
+    vocabs: dict[str, pl.DataFrame]
+    tables: dict[str, pl.DataFrame]
+
+
+def open_parent(ref: str) -> Parent:
+    """``ref``'s bundle: its manifest, vocabularies and lookup tables; a model that cannot
+    be found or read is a config error naming it."""
+    from recsys_moe.bundle import BundleError, read_meta, read_tables, read_vocabs
+    from recsys_moe.registry import ModelNotFound, resolve_model
+
+    try:
+        resolved = resolve_model(ref)
+        manifest = read_meta(resolved.bundle)["manifest"]
+        vocabs = read_vocabs(resolved.bundle, manifest)
+        return Parent(ref, resolved, manifest, vocabs, read_tables(resolved.bundle))
+    except (ModelNotFound, BundleError) as e:
+        raise ConfigError(f"[features] grow_from: {e}") from None
+
+
+@dataclass
 class Plan:
     """Everything decided on the driver before distributed work: validated inputs,
     canonical schema, split boundaries, label priors and the attribute tables."""
@@ -63,6 +93,7 @@ class Plan:
     spec: FeatureSpec
     users: pl.DataFrame
     items: pl.DataFrame
+    parent: Parent | None = None  # features.grow_from: the model whose store this extends
 
 
 def plan_features(cfg: Config) -> Plan:
@@ -75,13 +106,16 @@ def plan_features(cfg: Config) -> Plan:
     good = lf.filter(bad_row_reason(d).is_null()).with_columns(
         ex.timestamp_seconds(d.timestamp, schema[d.timestamp]).alias(d.timestamp)
     )
+    since = window_start(good, d.timestamp, cfg.features.window_days)
+    examples = good if since is None else good.filter(pl.col(d.timestamp) >= since)
     b = ex.compute_boundaries(
-        good.select(d.timestamp),
+        examples.select(d.timestamp),
         d.timestamp,
         cfg.features.valid_fraction,
         cfg.features.test_fraction,
     )
-    train = good.filter(pl.col(d.timestamp) < b.valid_start)
+    b = dataclasses.replace(b, since=since)
+    train = examples.filter(pl.col(d.timestamp) < b.valid_start)
     pri = train.select(
         pl.len().alias("_n"), *(pl.col(t).cast(pl.Float64).mean() for t in d.task_names)
     ).collect()
@@ -89,9 +123,11 @@ def plan_features(cfg: Config) -> Plan:
         raise ValueError(
             "the training window is empty: too few distinct timestamps for a time split"
         )
-    spec = FeatureSpec.from_config(cfg.data, cfg.features).with_priors(
-        {t: float(pri[t][0]) for t in d.task_names}
-    )
+    parent = open_parent(cfg.features.grow_from) if cfg.features.grow_from else None
+    priors = {t: float(pri[t][0]) for t in d.task_names}
+    if parent is not None:  # the smoothed rates as the model it grows from computed them
+        priors = {t["name"]: float(t["prior"]) for t in parent.manifest["tasks"]}
+    spec = FeatureSpec.from_config(cfg.data, cfg.features).with_priors(priors)
     uid, iid = schema[d.user_id], schema[d.item_id]
     users = ex.prepare_attributes(
         read_table(tables["users"]), spec, d.user_id, d.user_categorical, d.user_numeric, uid
@@ -99,7 +135,18 @@ def plan_features(cfg: Config) -> Plan:
     items = ex.prepare_attributes(
         read_table(tables["items"]), spec, d.item_id, d.item_categorical, d.item_numeric, iid
     )
-    return Plan(cfg, tables, report, schema, b, spec, users, items)
+    return Plan(cfg, tables, report, schema, b, spec, users, items, parent)
+
+
+def window_start(good: pl.LazyFrame, ts: str, days: float) -> int | None:
+    """The first second of the newest ``days`` days of the log (``features.window_days``;
+    None: 0, the whole log)."""
+    if days <= 0:
+        return None
+    last = good.select(pl.col(ts).max()).collect().item()
+    if last is None:
+        return None  # an empty log: the split's own check says so
+    return int(last) + 1 - round(days * 86400)
 
 
 def fingerprint(plan: Plan) -> str:
@@ -195,7 +242,7 @@ def _encode_block(
 ) -> pa.Table:
     # rows in a seeded random order: a streaming trainer reading the store with a local
     # shuffle buffer then sees every time range and user mixed (blocks are time-sorted)
-    df = ex.encode(_pl(batch), spec, vocabs, stats)
+    df = ex.encode(ex.examples_only(_pl(batch)), spec, vocabs, stats)
     return df.sample(fraction=1.0, shuffle=True, seed=df.height).to_arrow()
 
 
@@ -277,6 +324,11 @@ def _build_into(store: Path, cfg: Config, plan: Plan, t0: float, progress: bool)
         g: [p["snapshots"][g] for p in partials] for g in (GRAINS if spec.history_features else ())
     }
     tables = build_tables(spec, plan.users, plan.items, snapshots, plan.schema)
+    grown_from = {}
+    if plan.parent is not None:
+        vocabs, stats, tables, grown_from = grow_from_model(
+            plan.parent, spec, vocabs, tables, cfg.features.min_count
+        )
     t_stats = time.perf_counter()
 
     ray.data.from_arrow_refs(item_refs).map_batches(
@@ -294,7 +346,8 @@ def _build_into(store: Path, cfg: Config, plan: Plan, t0: float, progress: bool)
     }
     return write_store(
         store, spec, vocabs=vocabs, stats=stats, tables=tables, counts=counts,
-        splits={"valid_start": plan.boundaries.valid_start, "test_start": plan.boundaries.test_start},
+        splits={"valid_start": plan.boundaries.valid_start, "test_start": plan.boundaries.test_start,
+                "since": plan.boundaries.since, "window_days": cfg.features.window_days},
         tasks=[asdict(t) for t in cfg.data.tasks],
         header={
             "name": cfg.name,
@@ -303,9 +356,51 @@ def _build_into(store: Path, cfg: Config, plan: Plan, t0: float, progress: bool)
             "config": cfg.to_dict(),
             "validation": asdict(plan.report) | {"rejected_total": plan.report.rejected_total},
             "timings_s": timings,
+            "grown_from": grown_from,
             "versions": _versions(),
         },
     )  # fmt: skip
+
+
+def grow_from_model(
+    parent: Parent,
+    spec: FeatureSpec,
+    vocabs: dict[str, pl.DataFrame],
+    tables: dict[str, pl.DataFrame],
+    min_count: int,
+) -> tuple[dict[str, pl.DataFrame], dict[str, dict[str, float]], dict[str, pl.DataFrame], dict]:
+    """The store of a retrain (``features.grow_from``): the model's vocabularies with this
+    log's new values appended (every index it knew keeps its meaning, as ``extend``
+    grows them), its numeric normalisation (and, in :func:`plan_features`, its task priors),
+    this log's lookup rows plus the model's rows of keys this log lacks. Returns
+    vocabularies, statistics, tables and the lineage."""
+    theirs = [f["name"] for f in parent.manifest["features"]["categorical"]]
+    numeric = [f["name"] for f in parent.manifest["features"]["numeric"]]
+    if theirs != list(spec.categorical) or numeric != list(spec.numeric):
+        raise ConfigError(
+            f"[features] grow_from: {parent.ref} was trained on other features (categorical "
+            f"{theirs}, numeric {numeric}; this config: {list(spec.categorical)}, "
+            f"{list(spec.numeric)})"
+        )
+    grown = {
+        f: grow_vocab(parent.vocabs[f], vocabs[f].select("value", "count"), min_count)
+        for f in spec.categorical
+    }
+    keys = {"users": [spec.user_id], "items": [spec.item_id],
+            "user_domain": spec.grain_keys("userdom"), "item_domain": spec.grain_keys("itemdom")}  # fmt: skip
+    tables = {
+        name: grow_table(t, parent.tables[name], keys[name]) if name in parent.tables else t
+        for name, t in tables.items()
+    }
+    r = parent.resolved
+    lineage = {
+        "model": parent.ref,
+        "name": r.name,
+        "version": r.version,
+        "run_id": r.run_id,
+        "appended": {f: grown[f].height - parent.vocabs[f].height for f in spec.categorical},
+    }
+    return grown, numeric_stats(parent.manifest), tables, lineage
 
 
 def build_reference(
@@ -344,8 +439,25 @@ def summarize(manifest: dict[str, Any], store: str | Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = command_parser("features", __doc__)
+    ap.add_argument(
+        "--window-days", type=float, default=None, metavar="N",
+        help="examples from the newest N days of the log only; older rows feed the history "
+        "features (features.window_days; a retrain's store)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--grow-from", nargs="?", const="", default=None, metavar="MODEL",
+        help="keep this model's vocabularies (new values appended), normalisation and lookup "
+        "rows (features.grow_from; without a value: the config's model at its alias)",
+    )  # fmt: skip
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     args = ap.parse_args(argv)
-    cfg = load_config(args.config)
+    overrides = parse_sets(args.set)
+    if args.window_days is not None:
+        overrides["features.window_days"] = args.window_days
+    cfg = load_config(args.config, overrides)
+    if args.grow_from is not None:
+        cfg = cfg.replace(features=dataclasses.replace(
+            cfg.features, grow_from=args.grow_from or cfg.model_uri))  # fmt: skip
     manifest = build_features(cfg, progress=not args.no_progress)
     print(summarize(manifest, cfg.features.store_dir), flush=True)
     return 0

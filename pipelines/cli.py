@@ -78,6 +78,21 @@ def parse_model_command(
     return args, cfg, args.model or cfg.model_uri
 
 
+def parse_sets(items: list[str]) -> dict[str, Any]:
+    """``--set SECTION.KEY=VALUE`` overrides: JSON values (numbers, true / false, lists),
+    anything else a plain string."""
+    import json
+
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return overrides
+
+
 def usage() -> str:
     lines = [
         "usage: recsys-moe <command> [--config configs/default.toml] [-v] [options]",

@@ -40,7 +40,7 @@ from features.store import (
     read_examples,
     read_vocabs,
 )
-from pipelines.cli import command_parser
+from pipelines.cli import command_parser, parse_sets
 from pipelines.publish import published
 from recsys_moe.bundle import write_bundle
 from recsys_moe.config import Config, config_from_dict, load_config
@@ -217,6 +217,10 @@ class _Worker:
         self.device = ray.train.torch.get_device() if tcfg.use_gpu else torch.device("cpu")
         torch.manual_seed(tcfg.seed)
         model = RankingModel(self.spec, cfg.model)
+        if config.get("warm_start"):  # the parent's weights (a resumed run's checkpoint wins)
+            from safetensors.torch import load_file
+
+            model.load_state_dict(load_file(config["warm_start"]))
         prepare_for_training(model, tcfg, self.device)  # bf16 / fused experts for steps
         self.d = distribute(
             model, tcfg, self.device,
@@ -469,10 +473,13 @@ def fit_distributed(
     max_failures: int = 2,
     progress: bool = True,
     refit: bool = False,
+    warm_start: str | None = None,
 ) -> tuple[Any, EarlyStopping]:
     """Run the TorchTrainer; returns the best checkpoint and the loop's final state (the
     best epoch and the history). ``refit``: train on train + valid for
-    ``cfg.training.epochs`` epochs, no validation; returns the last checkpoint."""
+    ``cfg.training.epochs`` epochs, no validation; returns the last checkpoint.
+    ``warm_start``: a safetensors file of the weights every worker starts from
+    (:func:`warm_start_state`)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -513,6 +520,7 @@ def fit_distributed(
             "shuffle_buffer": cfg.training.shuffle_buffer,
             "progress": progress,
             "refit": refit,
+            "warm_start": warm_start,
         },
         torch_config=TorchConfig(backend="nccl" if cfg.training.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
@@ -612,6 +620,62 @@ def challenge_rows(bundle: Path, store: str | Path) -> pl.DataFrame:
     return pl.concat([scorer.example_rows(valid), labels], how="horizontal")
 
 
+class WarmStartError(ValueError):
+    """The model named by ``--warm-start`` cannot start this training (the message says why)."""
+
+
+def warm_start_state(
+    ref: str, cfg: Config, manifest: dict[str, Any], path: Path
+) -> tuple[Config, dict[str, Any]]:
+    """Write to ``path`` the weights a retrain starts from: the model ``ref``'s, its
+    embedding rows matched to the store's vocabularies by value
+    (:func:`recsys_moe.model.grow.warm_state`). Returns the config with the parent's
+    ``[model]`` (a warm start continues that model) and the lineage to record."""
+    from safetensors.torch import save_file
+
+    from recsys_moe.bundle import BundleError, load_model
+    from recsys_moe.bundle import read_vocabs as bundle_vocabs
+    from recsys_moe.model.grow import warm_state
+    from recsys_moe.registry import ModelNotFound, comparable, resolve_model
+
+    try:
+        resolved = resolve_model(ref)
+        parent, meta = load_model(resolved.bundle)
+        differ = comparable(manifest, meta["manifest"])
+        if differ:
+            raise WarmStartError(f"it models other data ({'; '.join(differ)})")
+        child = RankingModel(InputSpec.from_manifest(manifest), parent.cfg)
+        state, known = warm_state(
+            parent,
+            bundle_vocabs(resolved.bundle, meta["manifest"]),
+            child,
+            read_vocabs(cfg.features.store_dir, manifest),
+        )
+    except (ModelNotFound, BundleError, ValueError) as e:
+        raise WarmStartError(f"--warm-start {ref}: {e}") from None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    sizes = {f.name: f.vocab_size - 1 for f in child.spec.sparse}
+    new = {f: sizes[f] - known[f] for f in sizes if sizes[f] > known[f]}
+    print(f"[train] warm start from {resolved.name} v{resolved.version}: every weight "
+          f"carried over; values new to it (rows started as its unknown row): "
+          f"{', '.join(f'{f} {n:,}' for f, n in new.items()) or 'none'}", flush=True)  # fmt: skip
+    if parent.cfg != cfg.model:
+        print("[train] warm start: the model keeps the parent's [model] settings, not the "
+              "config's", flush=True)  # fmt: skip
+    window = manifest.get("splits", {})
+    lineage = {
+        "parent.model": resolved.name,
+        "parent.version": str(resolved.version),
+        "parent.run_id": resolved.run_id,
+        "parent.uri": resolved.uri,
+        "warm_start.new_values": json.dumps(new),
+        "window.days": str(window.get("window_days") or 0),
+        "window.since": str(window.get("since") or ""),
+    }
+    return cfg.replace(model=parent.cfg), lineage
+
+
 def run_training(
     cfg: Config,
     *,
@@ -624,8 +688,11 @@ def run_training(
     max_failures: int | None = None,
     force_promote: bool = False,
     progress: bool = True,
+    warm_start: str | None = None,
 ) -> dict[str, Any]:
-    """The whole train command; returns a summary (also written to <output>/metrics.json)."""
+    """The whole train command; returns a summary (also written to <output>/metrics.json).
+    ``warm_start``: a model reference; training starts from its weights
+    (:func:`warm_start_state`) and the run records it as the parent."""
     from recsys_moe import registry, tracking
 
     started = time.perf_counter()
@@ -634,6 +701,11 @@ def run_training(
     spec = InputSpec.from_manifest(manifest)
     run_name = resume or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     storage = Path(cfg.training.checkpoint_dir)
+    lineage: dict[str, str] = {}
+    warm_file = None
+    if warm_start:  # before Ray starts: a wrong model is a quick error
+        warm_file = storage / f"{run_name}-warm-start.safetensors"
+        cfg, lineage = warm_start_state(warm_start, cfg, manifest, warm_file)
     if not workers:
         from recsys_moe.cluster import init_ray
 
@@ -642,6 +714,10 @@ def run_training(
     tracker = tracking.Tracker.open(cfg, run_name)
     with tracker:
         tracker.log_start(cfg, manifest, workers=workers, run_name=run_name, storage=storage)
+        if lineage:
+            import mlflow
+
+            mlflow.set_tags(lineage)  # the parent version and the window: the run's lineage
         fit_kw = {
             "workers": workers,
             "storage": storage,
@@ -653,6 +729,7 @@ def run_training(
             "sharding_types": sharding_types,
             "max_failures": cfg.training.max_failures if max_failures is None else max_failures,
             "progress": progress,
+            "warm_start": str(warm_file) if warm_file else None,
         }
         best, stopping = fit_distributed(cfg, run_name=run_name, **fit_kw)
         history, best_epoch, valid = stopping.history, stopping.best_epoch, stopping.best_valid()
@@ -695,6 +772,7 @@ def run_training(
                 "checkpoint": best.path,
                 # the registered model trained on train + valid for best_epoch + 1 epochs
                 "refit": cfg.training.refit,
+                "parent": lineage,
             }
             (Path(out) / "metrics.json").write_text(json.dumps(summary, indent=2, default=float))
             tracker.log_end(summary, model, monitor, preds, test_df, out)
@@ -714,7 +792,7 @@ def run_training(
                         tracker,
                         cfg,
                         {"promote_metric": metric, "valid_score": f"{score:.6f}",
-                         "refit": str(cfg.training.refit).lower()},
+                         "refit": str(cfg.training.refit).lower(), **lineage},
                         lambda version: registry.challenge(
                             challenger, rows, name=cfg.model_name,
                             alias=cfg.serving.model_alias, metric=metric,
@@ -751,21 +829,31 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="move the alias even if the champion scores higher or models other data",
     )
+    ap.add_argument(
+        "--warm-start", nargs="?", const="", default=None, metavar="MODEL",
+        help="start from this model's weights (a retrain; its [model] settings are kept); "
+        "without a value: the config's model at its alias",
+    )  # fmt: skip
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     args = ap.parse_args(argv)
-    overrides = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        try:
-            overrides[key] = json.loads(value)  # numbers, true/false, lists
-        except json.JSONDecodeError:
-            overrides[key] = value  # plain strings
+    overrides = parse_sets(args.set)
     if args.use_gpu:
         overrides["training.use_gpu"] = True
     cfg = load_config(args.config, overrides)
     workers = args.workers or cfg.training.workers  # 0: run_training picks the layout
     output = args.output or f"models/{cfg.name}"
-    s = run_training(
+    warm = None if args.warm_start is None else (args.warm_start or cfg.model_uri)
+    try:
+        s = _train(cfg, args, workers, output, warm)
+    except WarmStartError as e:
+        print(f"recsys-moe train: error: {e}", file=sys.stderr)
+        return 2
+    _print_summary(s)
+    return 0
+
+
+def _train(cfg: Config, args: Any, workers: int, output: str, warm: str | None) -> dict[str, Any]:
+    return run_training(
         cfg,
         workers=workers,
         output=output,
@@ -774,7 +862,11 @@ def main(argv: list[str] | None = None) -> int:
         expert_parallel=False if args.no_expert_parallel else None,
         force_promote=args.force_promote,
         progress=not args.no_progress,
+        warm_start=warm,
     )
+
+
+def _print_summary(s: dict[str, Any]) -> None:
     reg = s.get("registry") or {}
     print(
         f"trained on {s['workers']} workers in {s['seconds']}s ({s['samples_per_s']:,} samples/s), "
@@ -794,7 +886,6 @@ def main(argv: list[str] | None = None) -> int:
         + f"model: {s['model_dir']}\ncheckpoints: {s['checkpoint']}",
         flush=True,
     )
-    return 0
 
 
 if __name__ == "__main__":

@@ -266,8 +266,23 @@ class FeaturesConfig:
     power_min: int = 50
     # hash partitions for the per-key (user / item) feature stages
     partitions: int = 8
+    # > 0: a store of the newest window (a retrain): only rows of the last window_days
+    # days of the log are examples (split by the fractions above); older rows still feed
+    # the point-in-time history features and the lookup tables
+    window_days: float = 0.0
+    # a model (models:/<name>@<alias> or a bundle folder) whose vocabularies, numeric
+    # normalisation and lookup rows the store keeps: new values appended after its
+    # vocabularies, so a model warm-started from it (recsys-moe train --warm-start) keeps
+    # every id it knew; "" builds everything from the log
+    grow_from: str = ""
 
     def __post_init__(self) -> None:
+        if self.window_days < 0:
+            _fail(
+                "features",
+                "window_days",
+                f"must be >= 0 (0: the whole log), got {self.window_days}",
+            )
         if not 0.0 < self.valid_fraction < 0.5:
             _fail("features", "valid_fraction", f"must be in (0, 0.5), got {self.valid_fraction}")
         if not 0.0 <= self.test_fraction < 0.5:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,7 @@ import polars as pl
 import torch
 
 from bench.common import ensure_store, load_bench_config, machine, write_section
+from pipelines.cli import parse_sets
 from recsys_moe.config import Config
 from recsys_moe.metrics import evaluate
 
@@ -433,13 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         help=f"skip '{AS_RECHUB}' (the project's model with torch-rechub's MMoE settings)",
     )
     args = ap.parse_args(argv)
-    overrides = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value
+    overrides = parse_sets(args.set)
     trial = bool(overrides) or args.no_peers
     for config in args.config or ["configs/sparse.toml"]:
         body = compare(config, args.threads, overrides, () if args.no_peers else PEERS, args.seeds,

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import polars as pl
 import torch
 
 from recsys_moe.model.cores import Extension
@@ -85,13 +86,84 @@ def grow(
     for name, t in parent.state_dict().items():
         if state[name].shape == t.shape:
             state[name] = t.clone()
-        else:  # an embedding table that grew: new rows start as the OOV row
-            grown = t[:1].expand(state[name].shape[0], -1).clone()
-            grown[: t.shape[0]] = t
-            state[name] = grown
+        else:  # an embedding table that grew: new rows at the end
+            state[name] = _rows_as_known(t, state[name].shape[0], torch.arange(t.shape[0]))
     child.load_state_dict(state)
     _warm_start(parent, child, sample, k)
     return child.eval()
+
+
+def _rows_as_known(table: torch.Tensor, rows: int, where: torch.Tensor) -> torch.Tensor:
+    """A table of ``rows`` rows: row ``where[i]`` is the parent's row ``i`` (-1: dropped),
+    every other row starts as the parent's out-of-vocabulary row 0, the row the parent
+    scored an unknown value with."""
+    out = table[:1].expand(rows, -1).clone()
+    keep = where >= 0
+    out[where[keep]] = table[keep]
+    return out
+
+
+def _index_map(parent: pl.DataFrame, child: pl.DataFrame, rows: int) -> torch.Tensor:
+    """For each parent row (index 0..rows-1) the child's index of the same value (-1:
+    none); row 0, out of vocabulary, is 0 in both."""
+    joined = parent.select("value", pl.col("index").alias("p")).join(
+        child.select(pl.col("value").cast(parent.schema["value"]), pl.col("index").alias("c")),
+        on="value",
+        how="inner",
+    )
+    where = torch.full((rows,), -1, dtype=torch.long)
+    where[0] = 0
+    where[torch.as_tensor(joined["p"].to_numpy(), dtype=torch.long)] = torch.as_tensor(
+        joined["c"].to_numpy(), dtype=torch.long
+    )
+    return where
+
+
+@torch.no_grad()
+def warm_state(
+    parent: RankingModel,
+    parent_vocabs: dict[str, pl.DataFrame],
+    child: RankingModel,
+    child_vocabs: dict[str, pl.DataFrame],
+) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """The weights a retrain (``recsys-moe train --warm-start``) starts ``child`` from:
+    ``parent``'s, a model of the same settings on a store of the same features. Every
+    dense tensor is copied; each embedding table is matched by value, so a value the
+    parent knew keeps its row wherever the new vocabulary puts it, and a new value starts
+    as the parent's out-of-vocabulary row (as :func:`grow`'s new rows do). Returns the
+    state and, per feature, how many of the child's values had a row in the parent.
+
+    Raises:
+        ValueError: the two models differ in more than their vocabularies (the message
+            names the tensors), or the parent was grown by ``extend``.
+    """
+    if parent.extension_specs:
+        raise ValueError(
+            "the model was grown by `recsys-moe extend` (added domains or experts): a warm "
+            "start of such a model is not supported; train it from scratch"
+        )
+    tables = {f"{EMBEDDINGS}t_{f.name}.weight": f.name for f in child.spec.sparse}
+    mine, theirs = child.state_dict(), parent.state_dict()
+    differ = sorted(set(mine) ^ set(theirs)) + [
+        f"{k} {tuple(theirs[k].shape)} -> {tuple(v.shape)}"
+        for k, v in mine.items()
+        if k in theirs and k not in tables and v.shape != theirs[k].shape
+    ]
+    if differ:
+        raise ValueError(f"the models differ beyond their vocabularies: {', '.join(differ[:6])}")
+    state, known = {}, {}
+    for k, v in mine.items():
+        if k not in tables:
+            state[k] = theirs[k].clone()
+            continue
+        f = tables[k]
+        where = _index_map(parent_vocabs[f], child_vocabs[f], theirs[k].shape[0])
+        state[k] = _rows_as_known(theirs[k], v.shape[0], where)
+        known[f] = int((where[1:] >= 0).sum())
+    return state, known
+
+
+EMBEDDINGS = "embedding.ebc.embedding_bags."  # the tables' parameter names: t_<feature>.weight
 
 
 def _warm_start(parent: RankingModel, child: RankingModel, sample: Batch | None, k: int) -> None:

@@ -266,3 +266,77 @@ def test_added_experts_start_at_the_domains_scores_and_leave_others_bit_identica
         grow(child, spec, 1, existing=spec.domains[0])
     with pytest.raises(ValueError, match="must be one of"):
         grow(parent, spec, 1, existing="nope")
+
+
+def test_warm_state_matches_embedding_rows_by_value(small_store):
+    """A retrain's start (``train --warm-start``): a child on a store whose vocabulary
+    orders values differently, lacks some and has new ones scores every row as the parent
+    does, a dropped or new value as the parent's unknown one; a model of other settings
+    or one grown by ``extend`` is refused with the reason."""
+    import polars as pl
+
+    from features.store import load_manifest, read_examples, read_vocabs
+    from recsys_moe.model.grow import warm_state
+
+    cfg, _ = small_store
+    store = cfg.features.store_dir
+    manifest = load_manifest(store)
+    spec = InputSpec.from_manifest(manifest)
+    mcfg = dataclasses.replace(cfg.model, n_experts=4, expert_hidden=[16, 8])
+    torch.manual_seed(5)
+    parent = RankingModel(spec, mcfg).eval()
+    with torch.no_grad():
+        for p in parent.embedding.parameters():
+            p.normal_(0, 0.5)  # rows that differ, so a row read from the wrong place shows
+    vocabs = read_vocabs(store, manifest)
+    item = vocabs["item_id"]
+    # the child's item vocabulary: the parent's values in reverse order, every 5th dropped,
+    # and 7 values the parent never saw appended
+    kept = item.reverse().filter(pl.int_range(pl.len()) % 5 != 0)
+    top = int(item["value"].max()) + 1000  # ids the parent never saw
+    new = pl.DataFrame({"value": [top + i for i in range(7)], "count": [1] * 7})
+    child_item = pl.concat(
+        [kept.select("value", "count"), new.cast(kept.select("value", "count").schema)]
+    )
+    child_item = child_item.with_columns(
+        pl.int_range(1, pl.len() + 1, dtype=pl.Int32).alias("index")
+    )
+    child_vocabs = {**vocabs, "item_id": child_item}
+    cspec = dataclasses.replace(spec, sparse=[
+        dataclasses.replace(f, vocab_size=child_item.height + 1) if f.name == "item_id" else f
+        for f in spec.sparse
+    ])  # fmt: skip
+    child = RankingModel(cspec, mcfg)
+    state, known = warm_state(parent, vocabs, child, child_vocabs)
+    child.load_state_dict(state)
+    child.eval()
+    assert known["item_id"] == kept.height and known["user_id"] == vocabs["user_id"].height
+
+    test = read_examples(store, "test")
+    col = next(f.column for f in spec.sparse if f.name == "item_id")
+    to_child = dict(zip(kept["index"].to_list(), child_item["index"].head(kept.height).to_list(),
+                        strict=True))  # fmt: skip
+    as_child = test.with_columns(
+        pl.col(col).replace_strict(to_child, default=0, return_dtype=pl.Int32)
+    )
+    # the parent's view of the same rows: a dropped value is unknown (index 0) to the child
+    as_parent = test.with_columns(
+        pl.when(pl.col(col).is_in(list(to_child))).then(pl.col(col)).otherwise(0).cast(pl.Int32)
+    )
+    assert (as_child[col] == 0).sum() > (test[col] == 0).sum()  # some rows lost their item
+    np.testing.assert_allclose(predict(child, ExampleTensors(cspec, as_child), 512),
+                               predict(parent, ExampleTensors(spec, as_parent), 512),
+                               rtol=1e-5, atol=1e-6)  # fmt: skip
+    # a row with a new value scores as the parent's unknown item
+    new_rows = as_child.head(20).with_columns(pl.lit(child_item.height, dtype=pl.Int32).alias(col))
+    unknown = as_parent.head(20).with_columns(pl.lit(0, dtype=pl.Int32).alias(col))
+    np.testing.assert_allclose(predict(child, ExampleTensors(cspec, new_rows), 512),
+                               predict(parent, ExampleTensors(spec, unknown), 512),
+                               rtol=1e-5, atol=1e-6)  # fmt: skip
+
+    other = RankingModel(cspec, dataclasses.replace(mcfg, n_experts=6))
+    with pytest.raises(ValueError, match="differ beyond their vocabularies"):
+        warm_state(parent, vocabs, other, child_vocabs)
+    grown = grow(parent, _child_spec(spec, "live"), 1)
+    with pytest.raises(ValueError, match="extend"):
+        warm_state(grown, vocabs, child, child_vocabs)
