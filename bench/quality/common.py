@@ -37,12 +37,16 @@ def fmt_mean_std(values: list[float]) -> str:
 BENCH_OUT = "bench/out"
 
 
-def train_as_cli(cfg, output, progress: bool = True) -> dict:
+def train_as_cli(
+    cfg, output, progress: bool = True, *, tracking: str | None = None, **run: object
+) -> dict:
     """What ``recsys-moe train`` runs (:func:`pipelines.train.run_training`, the default
     worker layout, Ray Train, the same test metrics and bundle), without the registry: the
     run goes to a bench-local MLflow store and checkpoints under ``bench/out``, never to
     the user's. The quality benchmarks judge models with it, so their figures are the
-    ones a user gets. Returns the run's summary plus ``train_rows``."""
+    ones a user gets. ``tracking``: another bench-local MLflow store; ``run``: more of
+    run_training's arguments (``register=True``, ``warm_start=...``). Returns the run's
+    summary plus ``train_rows``."""
     import dataclasses
     import os
     from pathlib import Path
@@ -56,10 +60,11 @@ def train_as_cli(cfg, output, progress: bool = True) -> dict:
         training=dataclasses.replace(cfg.training, checkpoint_dir=str(out / "checkpoints"))
     )
     user_uri = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{out}/mlflow.db"  # even where one is set
+    # even where one is set
+    os.environ["MLFLOW_TRACKING_URI"] = tracking or f"sqlite:///{out}/mlflow.db"
     try:
         summary = run_training(cfg, workers=cfg.training.workers, output=output,
-                               register=False, progress=progress)  # fmt: skip
+                               progress=progress, **{"register": False, **run})  # fmt: skip
     finally:
         if user_uri is None:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
