@@ -430,6 +430,15 @@ def summarize(manifest: dict[str, Any], store: str | Path) -> str:
         f"  manifest: {Path(store).resolve() / MANIFEST} (fingerprint {manifest['fingerprint']})",
         f"  took {manifest['timings_s']['total']:.1f}s ({manifest['timings_s']['ray_init']:.1f}s Ray start-up)",
     ]
+    since, grown = manifest["splits"].get("since"), manifest.get("grown_from")
+    if since is not None:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(since))
+        lines.append(f"  window: the newest {manifest['splits']['window_days']:g} day(s), examples "
+                     f"from {when} UTC; older rows feed the history features only")  # fmt: skip
+    if grown:
+        added = ", ".join(f"{f} +{n:,}" for f, n in grown["appended"].items() if n) or "none"
+        lines.append(f"  grown from {grown['name']} v{grown['version']}: its vocabularies, "
+                     f"normalisation and priors kept; new values appended: {added}")  # fmt: skip
     if manifest["validation"]["rejected_total"]:
         lines.append(
             f"  rejected rows: {manifest['validation']['rejected_total']:,} -> {Path(store).resolve() / 'rejects'}"

@@ -42,6 +42,14 @@ COMMANDS = {
         "serving.run",
         "the segment-routed ranking service on Ray Serve (127.0.0.1:8000)",
     ),
+    "online-report": (
+        "serving.live:main_report",
+        "online AUC per version x segment x task from the service's feedback log (an MLflow run)",
+    ),
+    "promote": (
+        "serving.live:main_promote",
+        "--from-live: move a segment's champion alias to its challenger on live evidence",
+    ),
     "ui": (
         "pipelines.ui",
         "the MLflow experiment UI over the tracking store (127.0.0.1:5000)",
@@ -118,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"recsys-moe: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[name][0])
+    where, _, entry = COMMANDS[name][0].partition(":")
+    module = importlib.import_module(where)
+    run = getattr(module, entry or "main")
     # SIGTERM (a scheduler, `kill`, a container stop) unwinds like Ctrl-C: a job's
     # half-written folder is removed, its MLflow run ends KILLED, the service shuts down
     signal.signal(signal.SIGTERM, _interrupt)
@@ -126,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         with console.session(name, verbose) as log:
             ray_before = _ray_up()
             try:
-                code = int(module.main(rest) or 0)
+                code = int(run(rest) or 0)
             finally:
                 if _ray_up() and not ray_before:  # the Ray this command started, stopped
                     sys.modules["ray"].shutdown()  # here: its last lines reach the log

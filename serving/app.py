@@ -28,15 +28,18 @@ Built by :func:`app_builder` from the ``args`` of ``serving/config.yaml``.
 
 import asyncio
 import copy
+import hashlib
 import importlib
 import json
 import logging
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 import weakref
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -47,6 +50,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from recsys_moe.online_log import OnlineLog
 from serving.lifecycle import ModelWatcher
 from serving.settings import Segment, ServeSettings
 
@@ -96,7 +100,31 @@ class RankResponse(BaseModel):
     cold_user: bool
     model: str
     model_version: str
+    variant: str = Field(
+        default="champion",
+        description="champion, or challenger where the segment runs a canary and this user "
+        "is in it.",
+    )
     items: list[ScoredItem]
+
+
+class FeedbackEvent(BaseModel):
+    """What happened to one ranked item: the request that ranked it, the item, and the
+    outcome of each task it reports (1 happened, 0 did not; a task left out: unknown)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    request_id: str = Field(min_length=1, max_length=128, description="The ranking's request id.")
+    item_id: Id
+    labels: dict[str, float] = Field(
+        min_length=1, max_length=32, description='Task -> outcome in [0, 1], e.g. {"click": 1}.'
+    )
+
+
+class FeedbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    events: list[FeedbackEvent] = Field(min_length=1, max_length=10_000)
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -169,6 +197,11 @@ class Ranker:
         self.routing: dict[str, Any] = {}  # the last window's routing health (/readyz)
         self._tags = {"segment": seg.name}
         self._last_export = time.monotonic()
+        self.m_challenger = metrics.Counter(
+            "recsys_moe_challenger_requests",
+            "Requests a challenger scored (mode: shadow or canary)",
+            tag_keys=("segment", "mode"),
+        )
         self.watcher = ModelWatcher(
             self.settings.model_uri(seg.model_alias),
             self.settings.tracking_uri,
@@ -176,6 +209,26 @@ class Ranker:
             poll_s=self.settings.poll_s,
             name=f"ranker {segment}",
         )
+        # the segment's challenger: the same loading, polling and hot swap as the champion
+        self.challenger = (
+            ModelWatcher(
+                self.settings.model_uri(seg.challenger_alias),
+                self.settings.tracking_uri,
+                loader=self._load,
+                poll_s=self.settings.poll_s,
+                name=f"ranker {segment} challenger",
+            )
+            if seg.challenger_alias
+            else None
+        )
+        # shadow scoring runs here, after the answer is sent, off the event loop
+        self._shadow = ThreadPoolExecutor(1, thread_name_prefix=f"shadow-{segment}")
+        self.log = (
+            OnlineLog(self.settings.online_log_dir, f"ranker-{segment}",
+                      self.settings.online_log_max_files)
+            if self.settings.online_log_dir
+            else None
+        )  # fmt: skip
 
     def _load(self, bundle: str, version: str) -> dict[str, Any]:
         from recsys_moe.config import ScoringConfig
@@ -209,10 +262,17 @@ class Ranker:
         return {"scorer": scorer, "active": active, "monitors": monitors, "blend": blend}
 
     def status(self) -> dict[str, Any]:
+        seg = self.segment
+        challenger = None
+        if self.challenger is not None:
+            challenger = {"mode": seg.challenger_mode, **self.challenger.status()}
+            if seg.challenger_mode == "canary":
+                challenger["canary_fraction"] = seg.canary_fraction
         return {
-            "segment": self.segment.name,
-            "placement": self.segment.placement,
+            "segment": seg.name,
+            "placement": seg.placement,
             **self.watcher.status(),
+            "challenger": challenger,
             "experts": self.experts(),
             "routing": self.routing,
         }
@@ -235,9 +295,39 @@ class Ranker:
         if cur is None:
             why = self.watcher.load_error or "no model loaded yet"
             return [{"unavailable": f"segment {self.segment.name}: {why}"} for _ in reqs]
-        out, rows, cold = rank_requests(
-            cur.payload["scorer"], cur.payload["blend"], reqs, cur.version, cur.payload["monitors"]
-        )
+        seg = self.segment
+        chal = self.challenger.current if self.challenger is not None else None
+        canary = chal is not None and seg.challenger_mode == "canary"
+        groups = [("champion", cur, list(range(len(reqs))))]
+        if canary:
+            mine = [in_canary(r["user_id"], seg.canary_fraction) for r in reqs]
+            groups = [("champion", cur, [i for i, m in enumerate(mine) if not m]),
+                      ("challenger", chal, [i for i, m in enumerate(mine) if m])]  # fmt: skip
+        out: list[dict[str, Any]] = [{}] * len(reqs)
+        rows = cold = 0
+        for variant, loaded, idx in groups:
+            if not idx:
+                continue
+            part, n, c = rank_requests(
+                loaded.payload["scorer"], loaded.payload["blend"], [reqs[i] for i in idx],
+                loaded.version, loaded.payload["monitors"] if variant == "champion" else None,
+                log=self._log_answer(variant, "served"),
+            )  # fmt: skip
+            rows, cold = rows + n, cold + c
+            for i, answer in zip(idx, part, strict=True):
+                if "items" in answer:
+                    answer["variant"] = variant
+                out[i] = answer
+            if variant == "challenger":
+                self.m_challenger.inc(len(idx), {"segment": seg.name, "mode": "canary"})
+        if chal is not None and not canary:  # shadow: after the answers, off the loop
+            self._shadow.submit(self._score_shadow, chal, "challenger", reqs)
+            self.m_challenger.inc(len(reqs), {"segment": seg.name, "mode": "shadow"})
+        elif canary and groups[1][2] and self.log is not None:
+            # the champion's scores of the canary's requests, logged only: the same
+            # requests scored by both versions, which promote --from-live compares
+            self._shadow.submit(self._score_shadow, cur, "champion",
+                                [reqs[i] for i in groups[1][2]])  # fmt: skip
         if rows:
             self.m_candidates.inc(rows, self._tags)
         if cold:  # Ray's counters only take positive increments
@@ -246,6 +336,40 @@ class Ranker:
         self.m_latency.observe((time.perf_counter() - t0) * 1e3, self._tags)
         self._export_router(cur)
         return out
+
+    def close(self) -> None:
+        """Finish the shadow work and write what the log buffers (the replica stops)."""
+        self._shadow.shutdown(wait=True)
+        if self.log is not None:
+            self.log.close()
+
+    def _score_shadow(self, loaded, variant: str, reqs: list[dict[str, Any]]) -> None:
+        """``variant``'s scores of requests the other version answered: logged, never
+        returned (a failure here is logged and never reaches a client)."""
+        try:
+            rank_requests(loaded.payload["scorer"], loaded.payload["blend"], reqs,
+                          loaded.version, log=self._log_answer(variant, "shadow"))  # fmt: skip
+        except Exception:
+            log.exception("segment %s: shadow scoring by the %s failed", self.segment.name,
+                          variant)  # fmt: skip
+
+    def _log_answer(self, variant: str, role: str):
+        """The online log's writer of this ranker's answers (None: no log)."""
+        if self.log is None:
+            return None
+        segment, online = self.segment.name, self.log
+
+        def write(req: dict[str, Any], answer: dict[str, Any], f, probs, score, tasks) -> None:
+            rec = {"request_id": req.get("request_id") or "", "segment": segment, "variant": variant,
+                   "role": role, "model_version": answer["model_version"],
+                   "user_id": str(req["user_id"]), "domain": req["domain"], "ts": time.time(),
+                   "item_id": [str(c) for c in req["candidates"]],
+                   "score": score.tolist()}  # fmt: skip
+            for j, t in enumerate(tasks):
+                rec[f"p_{t}"] = probs[:, j].tolist()
+            online.scores(rec)
+
+        return write
 
     def _export_router(self, cur) -> None:
         """Every ``router_window_s``: the window's routing health per gate and domain as
@@ -340,17 +464,85 @@ class SegmentRanker:
     def status(self) -> dict[str, Any]:
         return self.ranker.status()
 
+    def __del__(self) -> None:
+        self.ranker.close()
+
     def experts(self) -> dict[str, list[int]]:
         return self.ranker.experts()
 
 
+def in_canary(user_id: Any, fraction: float) -> bool:
+    """Whether a canary of ``fraction`` answers this user: a stable hash of the id (the
+    same user always gets the same version, in every replica and after a restart)."""
+    h = hashlib.blake2b(str(user_id).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "big") < fraction * 2**64
+
+
+class OnlineMetrics:
+    """The ingress's view of the online log: every ``online_metrics_s`` (and on
+    ``GET /online``), feedback joined to the logged scores, AUC and log loss per segment
+    x variant x version x task, exported as Prometheus gauges."""
+
+    def __init__(self, s: ServeSettings) -> None:
+        from ray.serve import metrics
+
+        self.dir, self.every = s.online_log_dir, s.online_metrics_s
+        tags = ("segment", "variant", "role", "version", "task")
+        self.m_auc = metrics.Gauge("recsys_moe_online_auc",
+                                   "AUC of logged scores against feedback", tag_keys=tags)  # fmt: skip
+        self.m_events = metrics.Gauge("recsys_moe_online_events",
+                                      "Feedback events joined to logged scores", tag_keys=tags)  # fmt: skip
+        self.m_feedback = metrics.Gauge("recsys_moe_feedback_events",
+                                        "Feedback events received, by status (joined, unmatched)",
+                                        tag_keys=("status",))  # fmt: skip
+        self._stop = threading.Event()
+        self.last: dict[str, Any] = {}
+        threading.Thread(target=self._loop, daemon=True, name="online-metrics").start()
+
+    def refresh(self) -> dict[str, Any]:
+        from recsys_moe.online_log import joined, online_metrics
+
+        df, counts = joined(self.dir)
+        rows = online_metrics(df)
+        for r in rows:
+            tags = {"segment": r["segment"], "variant": r["variant"], "role": r["role"],
+                    "version": str(r["model_version"]), "task": r["task"]}  # fmt: skip
+            if r["auc"] == r["auc"]:  # not NaN
+                self.m_auc.set(r["auc"], tags)
+            self.m_events.set(r["n"], tags)
+        for status in ("joined", "unmatched"):
+            self.m_feedback.set(counts[status], {"status": status})
+        # JSON has no NaN: a metric that is undefined (one class only) is null
+        clean = [{k: None if isinstance(v, float) and v != v else v for k, v in r.items()}
+                 for r in rows]  # fmt: skip
+        self.last = {"counts": counts, "metrics": clean, "at": time.time()}
+        return self.last
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every):
+            try:
+                self.refresh()
+            except Exception:  # a log being written or removed: the next round reads it
+                log.exception("online metrics: could not read %s", self.dir)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
 def rank_requests(
-    scorer, blend, reqs: list[dict[str, Any]], version: str, monitors: dict | None = None
+    scorer,
+    blend,
+    reqs: list[dict[str, Any]],
+    version: str,
+    monitors: dict | None = None,
+    log=None,
 ) -> tuple[list[dict[str, Any]], int, int]:
     """A ranker's work for a batch of requests: each encoded from the pre-encoded arrays
     (a request whose ids cannot be read gets ``{"error": ...}`` and never fails its
     batch-mates), scored one forward per domain, blended and sorted. Returns the answers
-    (each with a Server-Timing ``timing``), the candidates scored and the cold rows."""
+    (each with a Server-Timing ``timing``), the candidates scored and the cold rows.
+    ``log(request, answer, features, probabilities, blended score, tasks)``: called for
+    each answer (the online log)."""
     from recsys_moe.scorer import RequestError, blended
 
     t0 = time.perf_counter()
@@ -375,9 +567,11 @@ def rank_requests(
                   f"model;dur={(time.perf_counter() - t1) * 1e3:.2f};desc=\"batch of "
                   f"{len(encoded)}\"")  # fmt: skip
         for i, (_d, f), p in zip(ok, encoded, scores, strict=True):
-            out[i] = _response(reqs[i], f, p, blended(p, scorer.tasks, blend), scorer.tasks,
-                               version)  # fmt: skip
+            score = blended(p, scorer.tasks, blend)
+            out[i] = _response(reqs[i], f, p, score, scorer.tasks, version)
             out[i]["timing"] = timing
+            if log is not None:
+                log(reqs[i], out[i], f, p, score, scorer.tasks)
             rows += f.n
             cold += f.n if f.cold_user else int(f.cold_items.sum())
     return out, rows, cold
@@ -444,6 +638,7 @@ def _routing_tables(bundle: str, version: str) -> dict[str, Any]:
         "segments": dict(zip(seg[spec.user_id].to_list(), seg["segment"].to_list(), strict=True)),
         "user_key": caster(users.schema[spec.user_id], "user_id"),
         "domains": set(meta["manifest"]["domains"]),
+        "tasks": [t["name"] for t in meta["manifest"]["tasks"]],
     }
 
 
@@ -513,6 +708,21 @@ class Ingress:
             poll_s=self.settings.poll_s,
             name="router",
         )
+        self.log = (
+            OnlineLog(s.online_log_dir, "ingress", s.online_log_max_files)
+            if s.online_log_dir
+            else None
+        )
+        self.online = OnlineMetrics(s) if s.online_log_dir else None
+
+    def __del__(self) -> None:
+        # Serve calls this when the replica stops: what the logs still buffer is written
+        for r in self.inline.values():
+            r.close()
+        if self.log is not None:
+            self.log.close()
+        if self.online is not None:
+            self.online.stop()
 
     @api.get("/openapi.json", include_in_schema=False)
     async def openapi(self, request: Request) -> JSONResponse:
@@ -542,6 +752,45 @@ class Ingress:
         ready = router["ready"] and all(s.get("ready") for s in segments.values())
         body = {"ready": ready, "router": router, "segments": segments}
         return JSONResponse(status_code=200 if ready else 503, content=body)
+
+    @api.post(
+        "/feedback",
+        summary="Report what happened to ranked items (joined to the logged scores).",
+        responses={
+            404: {"description": "Feedback is off (no online_log_dir in the serve config)."},
+            422: {"description": "Invalid events (the message names the field)."},
+            503: {"description": "No model loaded yet (its tasks are unknown)."},
+        },
+    )
+    async def feedback(self, req: FeedbackRequest) -> Any:
+        if self.log is None:
+            return _error(404, "feedback is off: set online_log_dir in the serve config")
+        cur = self.watcher.current
+        if cur is None:
+            return _error(503, f"not ready: {self.watcher.load_error}")
+        tasks = cur.payload["tasks"]
+        rows = []
+        now = time.time()
+        for i, e in enumerate(req.events):
+            unknown = sorted(set(e.labels) - set(tasks))
+            if unknown:
+                return _error(422, f"events.{i}.labels: unknown task(s) {unknown}; tasks: {tasks}")
+            bad = [t for t, v in e.labels.items() if not 0.0 <= v <= 1.0]
+            if bad:
+                return _error(422, f"events.{i}.labels: {bad} must be in [0, 1]")
+            rows.append({"request_id": e.request_id, "item_id": str(e.item_id), "received_at": now,
+                         **{f"label_{t}": e.labels.get(t) for t in tasks}})  # fmt: skip
+        await asyncio.to_thread(self.log.feedback, rows)  # on disk before the answer
+        return {"accepted": len(rows)}
+
+    @api.get("/online", summary="Online metrics: feedback joined to the logged scores.")
+    async def online_report(self) -> JSONResponse:
+        if self.online is None:
+            return _error(404, "the online log is off: set online_log_dir in the serve config")
+        for r in self.inline.values():  # this replica's buffered answers first
+            if r.log is not None:
+                r.log.flush()
+        return JSONResponse(await asyncio.to_thread(self.online.refresh))
 
     @api.post(
         "/rank",
@@ -587,7 +836,7 @@ class Ingress:
             )
         t0 = time.perf_counter()
         query = req.model_dump()
-        rid = req.request_id or uuid.uuid4().hex
+        rid = query["request_id"] = req.request_id or uuid.uuid4().hex
         try:
             if seg.name in self.inline:
                 res = await self.inline[seg.name].rank(query)

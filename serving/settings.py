@@ -51,6 +51,14 @@ class Segment:
     # recsys_moe/model/offload.py) - for segments serving many domains of a STAR / MMoE
     # model; 0: every slice of the segment's domains resident
     offload_capacity: int = 0
+    # a challenger for this segment: the version at this alias (e.g. "challenger") runs
+    # beside the champion; None: none
+    challenger_alias: str | None = None
+    # shadow: the champion answers every request and the challenger scores the same
+    # request after the answer is sent (its scores logged, never returned); canary: the
+    # users a stable hash of the user id puts in canary_fraction are answered by it
+    challenger_mode: Literal["shadow", "canary"] = "shadow"
+    canary_fraction: float = 0.05
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.replace("_", "").isalnum():
@@ -75,6 +83,14 @@ class Segment:
             )
         if self.blend not in ("sum", "product"):
             raise SettingsError(f"segments.{self.name}.blend: 'sum' or 'product'")
+        if self.challenger_mode not in ("shadow", "canary"):
+            raise SettingsError(f"segments.{self.name}.challenger_mode: 'shadow' or 'canary'")
+        if not 0.0 <= self.canary_fraction <= 1.0:
+            raise SettingsError(f"segments.{self.name}.canary_fraction: must be in [0, 1]")
+        if self.challenger_alias is not None and self.challenger_alias == self.model_alias:
+            raise SettingsError(
+                f"segments.{self.name}.challenger_alias: must differ from the segment's alias"
+            )
 
 
 @dataclass(frozen=True)
@@ -105,6 +121,14 @@ class ServeSettings:
     # the longest the ingress waits for a ranker deployment's answer (a replica that died
     # or hangs): past it the request gets a 503 with Retry-After, which clients retry
     ranker_timeout_s: float = 5.0
+    # the online log: every answer's scores (and a challenger's) and the feedback posted
+    # to /feedback, as Parquet files under this folder (kept across restarts; the oldest
+    # files removed past online_log_max_files of each kind); None: no log, /feedback off
+    online_log_dir: str | None = None
+    online_log_max_files: int = 1000
+    # seconds between the ingress's readings of the online log (online AUC per version x
+    # segment x task as Prometheus gauges; GET /online reads it at once)
+    online_metrics_s: float = 60.0
     ingress_replicas: int = 1
     ingress_num_cpus: float = 0.1
     segments: list[Segment] = field(default_factory=list)
@@ -121,6 +145,8 @@ class ServeSettings:
             raise SettingsError("max_candidates: must be in 1..10000")
         if self.poll_s <= 0 or self.router_window_s <= 0 or self.ranker_timeout_s <= 0:
             raise SettingsError("poll_s, router_window_s, ranker_timeout_s: must be > 0")
+        if self.online_log_max_files < 1 or self.online_metrics_s <= 0:
+            raise SettingsError("online_log_max_files: must be >= 1; online_metrics_s: > 0")
         if not 0 <= self.dead_threshold < 1 or not 0 < self.collapse_threshold <= 1:
             raise SettingsError("dead_threshold: in [0, 1); collapse_threshold: in (0, 1]")
 

@@ -112,6 +112,26 @@ def test_generate_features_train(tmp_path):
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     assert [a.path for a in client.list_artifacts(run_id, "logs")] == [f"logs/{log.name}"]
 
+    # the retrain as `make retrain` runs it: a store of the newest days grown from the
+    # champion, trained from its weights, registered behind the same gate
+    window = ("--set", f"features.store_dir={tmp_path / 'retrain'}")
+    r = cli("features", "--config", str(cfg), "--no-progress", "--window-days", "3",
+            "--grow-from", *window, cwd=tmp_path, env=env)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert (
+        "window: the newest 3 day(s)" in r.stdout and "grown from recsys_moe_small v1" in r.stdout
+    )
+    r = cli("train", "--config", str(cfg), "--no-progress", "--warm-start", *window,
+            cwd=tmp_path, env=env)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "warm start from recsys_moe_small v1" in r.stdout
+    assert "registered: recsys_moe_small version 2" in r.stdout
+    assert client.get_model_version("recsys_moe_small", "2").tags["parent.version"] == "1"
+    r = cli("train", "--config", str(cfg), "--no-progress", "--warm-start", "models:/nope@x",
+            *window, cwd=tmp_path, env=env)  # fmt: skip
+    assert r.returncode == 2 and "--warm-start models:/nope@x" in r.stderr
+    assert "Traceback" not in r.stderr
+
 
 def _string_id_toml(tmp_path: Path) -> Path:
     """configs/sparse.toml (string ids, arriving users and items), shrunk."""
