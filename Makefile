@@ -43,9 +43,9 @@ train: $(STAMP)  ## generate (if missing) -> features -> distributed train -> ML
 WINDOW_DAYS   ?= 1
 RETRAIN_STORE ?= data/features/$(basename $(notdir $(CONFIG)))-retrain
 
-retrain: $(STAMP)  ## warm-start the champion on the newest WINDOW_DAYS days of the log (its ids kept, new ones appended) -> MLflow run + gated promotion
+retrain: $(STAMP)  ## warm-start the champion on the newest WINDOW_DAYS days of the log (its ids kept, new ones appended) -> MLflow run + gated promotion to ALIAS (default champion)
 	$(BIN)/recsys-moe features --config $(CONFIG) --window-days $(WINDOW_DAYS) --grow-from --set features.store_dir=$(RETRAIN_STORE)
-	$(BIN)/recsys-moe train --config $(CONFIG) --warm-start --set features.store_dir=$(RETRAIN_STORE)
+	$(BIN)/recsys-moe train --config $(CONFIG) --warm-start --set features.store_dir=$(RETRAIN_STORE) $(if $(ALIAS),--alias $(ALIAS))
 
 CANDIDATES ?= data/candidates/default
 SCORES     ?= data/scores/default

@@ -2,6 +2,7 @@
 in-process, in one run.
 
     python -m bench.serve_latency [--model models/default] [--seconds 10] [--requests 600]
+    python -m bench.serve_latency --shadow [--concurrency 1 8] [--rounds 3]
 
 The service is started from ``serving/config.yaml`` (its segments and blends) serving the
 bundle folder ``--model`` (the ``make train`` model), for each HTTP ingress (``haproxy``,
@@ -20,7 +21,9 @@ In-process reference: the ranker's own work for a request (encode from the pre-e
 arrays, the domain slice's forward, blend, sort, response) on the same requests, driven
 at the same concurrency levels by a thread pool over one scorer (one torch thread, the
 same cores). Floor: the same hops with a no-op ranker (``bench/serve_floor.py``), per
-ingress, layout and generator. Results go to bench/RESULTS.md.
+ingress, layout and generator. ``--shadow``: only the shipped service without and with a
+shadow challenger in every segment, alternated, by ``wrk`` (a section of its own).
+Results go to bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -190,18 +193,87 @@ def measure(url: str, reqs: list[dict], levels: list[int], seconds: float,
     return out
 
 
-def _service_config(bundle: Path, layout: str, max_batch_size: int | None = None) -> dict:
+def _service_config(
+    bundle: Path, layout: str, max_batch_size: int | None = None, shadow_log: str | None = None
+) -> dict:
+    """The shipped serve config over ``bundle``; ``shadow_log``: every segment with a
+    shadow challenger (with ``model_dir`` the same bundle, loaded a second time: the
+    cost of a challenger of the champion's size) and the online log in that folder."""
     from serving.run import DEFAULT, read_serve_config
 
     raw = read_serve_config(DEFAULT)
     raw["http_options"] = {"host": "127.0.0.1", "port": free_port()}
     a = raw["applications"][0]["args"]
     a["model_dir"] = str(bundle)
+    if shadow_log is not None:
+        a["online_log_dir"] = shadow_log
     for seg in a["segments"]:
         seg["placement"] = layout
         if max_batch_size is not None:
             seg["max_batch_size"] = max_batch_size
+        if shadow_log is not None:
+            seg.update(challenger_alias="challenger", challenger_mode="shadow")
     return raw
+
+
+def shadow_cost(bundle: Path, reqs: list[dict], levels: list[int], seconds: float,
+                rounds: int) -> dict[str, list[dict[int, dict]]]:  # fmt: skip
+    """The shipped service (HAProxy, inline) without and with a shadow challenger,
+    alternated ``rounds`` times in one local Ray (the machine drifts between runs):
+    {"plain" | "shadow": [{concurrency: wrk summary}, ...]}."""
+    import tempfile
+
+    import ray
+    from ray import serve
+
+    from bench import wrk
+    from serving.run import start
+
+    os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+    out: dict[str, list[dict[int, dict]]] = {"plain": [], "shadow": []}
+    try:
+        with tempfile.TemporaryDirectory() as log_dir:
+            for _ in range(rounds):
+                for label in out:
+                    cfg = _service_config(bundle, "inline",
+                                          shadow_log=log_dir if label == "shadow" else None)  # fmt: skip
+                    url = start(cfg)
+                    load(url, reqs[:100], 4)
+                    out[label].append({c: wrk.run(url, reqs, c, seconds) for c in levels})
+                    _print(f"haproxy inline {label}", {"wrk": out[label][-1]})
+                    serve.shutdown()
+    finally:
+        ray.shutdown()
+        del os.environ["RAY_SERVE_ENABLE_HA_PROXY"]
+    return out
+
+
+def shadow_section(runs: dict[str, list[dict[int, dict]]], levels: list[int], args) -> str:
+    def med(label: str, c: int, key: str) -> float:
+        return float(np.median([r[c][key] for r in runs[label]]))
+
+    lines = [
+        f"Machine: {machine()}. Model: `{args.model}`. The shipped `serving/config.yaml` "
+        f"(HAProxy ingress, every segment inline) without and with a shadow challenger in "
+        f"every segment (the same bundle loaded a second time: a challenger of the "
+        f"champion's size; the online log on, writing both versions' scores); "
+        f"{len(runs['plain'])} alternating rounds of each in one local Ray, `wrk` "
+        f"({args.seconds:g} s per level), {CANDIDATES} candidates per request; medians over "
+        f"the rounds.",
+        "",
+        "| concurrency | p50 ms, champion only | p50 ms, with shadow | p50 ratio | "
+        "req/s, champion only | req/s, with shadow |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c in levels:
+        a, b = med("plain", c, "p50"), med("shadow", c, "p50")
+        lines.append(f"| {c} | {a:.1f} | {b:.1f} | {b / a:.2f}x | {med('plain', c, 'rps'):.0f} | "
+                     f"{med('shadow', c, 'rps'):.0f} |")  # fmt: skip
+    c1 = levels[0]
+    ratio = med("shadow", c1, "p50") / med("plain", c1, "p50")
+    lines += ["", f"The champion's p50 at concurrency {c1} with a shadow challenger: "
+              f"{ratio:.2f}x without (target <= 1.10x: {'met' if ratio <= 1.10 else 'not met'})."]  # fmt: skip
+    return "\n".join(lines)
 
 
 def run_ingress(ingress: str, bundle: Path, reqs: list[dict], args) -> dict:
@@ -283,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="wrk only")  # fmt: skip
     ap.add_argument("--no-unbatched", dest="unbatched", action="store_false",
                     help="skip the run with batching off (max_batch_size 1)")  # fmt: skip
+    ap.add_argument("--shadow", action="store_true",
+                    help="only the cost of a shadow challenger (its own RESULTS section)")  # fmt: skip
+    ap.add_argument("--rounds", type=int, default=3, help="--shadow: alternating rounds")
     args = ap.parse_args(argv)
     bundle = Path(args.model).resolve()
     if not (bundle / "model.json").exists():
@@ -292,6 +367,14 @@ def main(argv: list[str] | None = None) -> int:
     if not wrk.available() and not args.python_client:
         raise SystemExit("wrk is not installed (apt-get install wrk) and --no-python-client")
     levels = args.concurrency
+    if args.shadow:
+        if not wrk.available():
+            raise SystemExit("--shadow measures with wrk: apt-get install wrk")
+        reqs = make_requests(bundle, args.requests)
+        runs = shadow_cost(bundle, reqs, levels, args.seconds, args.rounds)
+        write_section("Serving: the cost of a shadow challenger (bench/serve_latency.py --shadow)",
+                      shadow_section(runs, levels, args))  # fmt: skip
+        return 0
     reqs = make_requests(bundle, args.requests)
     local = in_process(bundle, reqs, levels)
     for c, r in local.items():

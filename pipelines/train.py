@@ -689,10 +689,13 @@ def run_training(
     force_promote: bool = False,
     progress: bool = True,
     warm_start: str | None = None,
+    alias: str | None = None,
 ) -> dict[str, Any]:
     """The whole train command; returns a summary (also written to <output>/metrics.json).
     ``warm_start``: a model reference; training starts from its weights
-    (:func:`warm_start_state`) and the run records it as the parent."""
+    (:func:`warm_start_state`) and the run records it as the parent. ``alias``: the alias
+    the registered version may take (default: the config's, ``champion``), e.g.
+    ``challenger`` for a model to prove on live traffic first."""
     from recsys_moe import registry, tracking
 
     started = time.perf_counter()
@@ -795,9 +798,10 @@ def run_training(
                          "refit": str(cfg.training.refit).lower(), **lineage},
                         lambda version: registry.challenge(
                             challenger, rows, name=cfg.model_name,
-                            alias=cfg.serving.model_alias, metric=metric,
+                            alias=alias or cfg.serving.model_alias, metric=metric,
                             force=force_promote, uri=tracker.uri,
                         ),
+                        alias=alias,
                     )  # fmt: skip
     summary["run_id"] = tracker.run_id
     summary["tracking_uri"] = tracker.uri
@@ -834,6 +838,11 @@ def main(argv: list[str] | None = None) -> int:
         help="start from this model's weights (a retrain; its [model] settings are kept); "
         "without a value: the config's model at its alias",
     )  # fmt: skip
+    ap.add_argument(
+        "--alias", default=None,
+        help="the alias the registered version may take, through the same gate (default: "
+        "[serving] model_alias, champion; e.g. challenger, for a shadow or canary first)",
+    )  # fmt: skip
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     args = ap.parse_args(argv)
     overrides = parse_sets(args.set)
@@ -863,6 +872,7 @@ def _train(cfg: Config, args: Any, workers: int, output: str, warm: str | None) 
         force_promote=args.force_promote,
         progress=not args.no_progress,
         warm_start=warm,
+        alias=args.alias,
     )
 
 

@@ -717,11 +717,11 @@ class Ingress:
 
     def __del__(self) -> None:
         # Serve calls this when the replica stops: what the logs still buffer is written
-        for r in self.inline.values():
+        for r in getattr(self, "inline", {}).values():
             r.close()
-        if self.log is not None:
+        if getattr(self, "log", None) is not None:
             self.log.close()
-        if self.online is not None:
+        if getattr(self, "online", None) is not None:
             self.online.stop()
 
     @api.get("/openapi.json", include_in_schema=False)

@@ -101,7 +101,9 @@ class ServeSettings:
     model_alias: str = "champion"
     # None: MLFLOW_TRACKING_URI or the repository's mlruns/ store (recsys_moe.tracking)
     tracking_uri: str | None = None
-    # a model bundle folder instead of the registry (tests, air-gapped use); no polling
+    # a model bundle folder instead of the registry (tests, air-gapped use); no polling;
+    # a segment's challenger_alias then loads the same folder (what bench/serve_latency.py
+    # --shadow uses to measure a challenger's cost)
     model_dir: str | None = None
     # seconds between looks at the alias: a moved alias is hot-swapped in
     poll_s: float = 10.0

@@ -121,12 +121,16 @@ def test_generate_features_train(tmp_path):
     assert (
         "window: the newest 3 day(s)" in r.stdout and "grown from recsys_moe_small v1" in r.stdout
     )
-    r = cli("train", "--config", str(cfg), "--no-progress", "--warm-start", *window,
-            cwd=tmp_path, env=env)  # fmt: skip
+    r = cli("train", "--config", str(cfg), "--no-progress", "--warm-start", "--alias",
+            "challenger", *window, cwd=tmp_path, env=env)  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert "warm start from recsys_moe_small v1" in r.stdout
-    assert "registered: recsys_moe_small version 2" in r.stdout
+    assert "registered: recsys_moe_small version 2" in r.stdout and "@challenger" in r.stdout
     assert client.get_model_version("recsys_moe_small", "2").tags["parent.version"] == "1"
+    # a challenger to prove on live traffic: the champion stays where it was
+    by_alias = client.get_model_version_by_alias
+    assert [str(by_alias("recsys_moe_small", a).version) for a in ("champion", "challenger")] == [
+        "1", "2"]  # fmt: skip
     r = cli("train", "--config", str(cfg), "--no-progress", "--warm-start", "models:/nope@x",
             *window, cwd=tmp_path, env=env)  # fmt: skip
     assert r.returncode == 2 and "--warm-start models:/nope@x" in r.stderr
