@@ -707,7 +707,8 @@ def run_training(
     lineage: dict[str, str] = {}
     warm_file = None
     if warm_start:  # before Ray starts: a wrong model is a quick error
-        warm_file = storage / f"{run_name}-warm-start.safetensors"
+        # absolute: Ray Train's workers run in a directory of their own
+        warm_file = (storage / f"{run_name}-warm-start.safetensors").resolve()
         cfg, lineage = warm_start_state(warm_start, cfg, manifest, warm_file)
     if not workers:
         from recsys_moe.cluster import init_ray

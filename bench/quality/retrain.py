@@ -157,8 +157,16 @@ def run(rows: int, steps: int, window_days: float) -> int:
         os.environ["MLFLOW_TRACKING_URI"] = user_uri
     body = report(days, tasks, rows, steps, window_days)
     print(body, flush=True)
-    write_section("Quality: day-by-day retraining (bench/quality/retrain.py)", body)
+    write_section(section_title(window_days), body)
     return 0
+
+
+def section_title(window: float) -> str:
+    """One section per window, so a run with another window keeps the first one's."""
+    if window == 1:
+        return "Quality: day-by-day retraining (bench/quality/retrain.py)"
+    return (f"Quality: day-by-day retraining, a {window:g}-day window "
+            f"(bench/quality/retrain.py --window-days {window:g})")  # fmt: skip
 
 
 def report(days: list[dict], tasks: list[str], rows: int, steps: int, window: float) -> str:
