@@ -630,7 +630,8 @@ def warm_start_state(
     """Write to ``path`` the weights a retrain starts from: the model ``ref``'s, its
     embedding rows matched to the store's vocabularies by value
     (:func:`recsys_moe.model.grow.warm_state`). Returns the config with the parent's
-    ``[model]`` (a warm start continues that model) and the lineage to record."""
+    ``[model]`` (a warm start continues that model), its learning rates scaled by
+    ``training.warm_start_lr_scale``, and the lineage to record."""
     from safetensors.torch import save_file
 
     from recsys_moe.bundle import BundleError, load_model
@@ -663,6 +664,12 @@ def warm_start_state(
     if parent.cfg != cfg.model:
         print("[train] warm start: the model keeps the parent's [model] settings, not the "
               "config's", flush=True)  # fmt: skip
+    t = cfg.training
+    scale = t.warm_start_lr_scale
+    training = dataclasses.replace(t, lr=t.lr * scale, embedding_lr=t.embedding_lr * scale)
+    if scale != 1:
+        print(f"[train] warm start: learning rates x{scale:g} (training.warm_start_lr_scale): "
+              f"lr {training.lr:g}, embedding_lr {training.embedding_lr:g}", flush=True)  # fmt: skip
     window = manifest.get("splits", {})
     lineage = {
         "parent.model": resolved.name,
@@ -672,8 +679,9 @@ def warm_start_state(
         "warm_start.new_values": json.dumps(new),
         "window.days": str(window.get("window_days") or 0),
         "window.since": str(window.get("since") or ""),
+        "warm_start.lr_scale": str(scale),
     }
-    return cfg.replace(model=parent.cfg), lineage
+    return cfg.replace(model=parent.cfg, training=training), lineage
 
 
 def run_training(

@@ -483,6 +483,11 @@ class TrainingConfig:
     embedding_weight_decay: float = 0.0
     # learning rates are multiplied by this after every epoch
     lr_decay: float = 1.0
+    # a warm start (train --warm-start) trains at lr and embedding_lr times this: it
+    # continues a trained model without its optimiser state, and fresh Adagrad
+    # accumulators make the first steps the largest (default: the rates one epoch of
+    # configs/default.toml's lr_decay leaves)
+    warm_start_lr_scale: float = 0.3
     # stop after this many epochs without a better validation score
     early_stopping_patience: int = 2
     # after early stopping has chosen the epoch count on the validation window, train a
@@ -563,6 +568,9 @@ class TrainingConfig:
             )
         if not 0 < self.lr_decay <= 1:
             _fail("training", "lr_decay", f"must be in (0, 1], got {self.lr_decay}")
+        if not 0 < self.warm_start_lr_scale <= 1:
+            _fail("training", "warm_start_lr_scale",
+                  f"must be in (0, 1], got {self.warm_start_lr_scale}")  # fmt: skip
 
 
 @dataclass(frozen=True)

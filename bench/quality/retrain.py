@@ -155,7 +155,7 @@ def run(rows: int, steps: int, window_days: float) -> int:
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
         os.environ["MLFLOW_TRACKING_URI"] = user_uri
-    body = report(days, tasks, rows, steps, window_days)
+    body = report(days, tasks, rows, steps, window_days, c0.training.warm_start_lr_scale)
     print(body, flush=True)
     write_section(section_title(window_days), body)
     return 0
@@ -169,7 +169,9 @@ def section_title(window: float) -> str:
             f"(bench/quality/retrain.py --window-days {window:g})")  # fmt: skip
 
 
-def report(days: list[dict], tasks: list[str], rows: int, steps: int, window: float) -> str:
+def report(
+    days: list[dict], tasks: list[str], rows: int, steps: int, window: float, lr_scale: float
+) -> str:
     who = ["warm start", "warm start, as trained", "full retrain", "never retrain"]
     lines = [
         "| day | log so far | next day's rows | " + " | ".join(who) + " | warm − full |",
@@ -212,7 +214,8 @@ def report(days: list[dict], tasks: list[str], rows: int, steps: int, window: fl
         f"{rows:,} rows over 30 days; day 0 is the log before the last {steps + 1} days. "
         f"Models: the [model] and [training] of `configs/default.toml`, trained by "
         f"`recsys-moe train`'s own function (default layout), one seed. Warm start: a store "
-        f"of the newest {window:g} day(s) grown from the champion, trained from its weights, "
+        f"of the newest {window:g} day(s) grown from the champion, trained from its weights "
+        f"at x{lr_scale:g} its learning rates (`training.warm_start_lr_scale`), "
         f"registered and gated; `warm start` is the champion after the gate (what serves "
         f"the next day), `as trained` the day's warm-started model whatever the gate said. "
         f"AUC: mean over tasks ({', '.join(tasks)}) of the next day's rows, scored as served."

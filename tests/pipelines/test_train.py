@@ -400,7 +400,11 @@ def test_warm_start_retrains_the_champion_on_the_newest_window(two_runs, small_s
     )  # fmt: skip
     tags = mlflow.MlflowClient().get_run(s["run_id"]).data.tags
     assert tags["parent.version"] == champion.version and tags["window.days"] == "3.0"
-    assert tags["window.since"] == str(since)
+    assert tags["window.since"] == str(since) and tags["warm_start.lr_scale"] == "0.3"
+    # the warm start's learning rates, as the run logged them: the config's x 0.3
+    params = mlflow.MlflowClient().get_run(s["run_id"]).data.params
+    lr_param = next(k for k in params if k.endswith("embedding_lr"))
+    assert float(params[lr_param]) == pytest.approx(1e-12 * 0.3)
     version = mlflow.MlflowClient().get_model_version(cfg.model_name, s["registry"]["version"])
     assert version.tags["parent.version"] == champion.version
     assert "validation rows" in s["registry"]["decision"]  # the like-for-like gate judged it

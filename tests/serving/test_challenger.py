@@ -213,8 +213,29 @@ def test_feedback_joined_counted_and_kept_across_a_restart(live):
     metrics = requests.get(f"{url}/online", timeout=60).json()["metrics"]
     assert {(m["variant"], m["role"]) for m in metrics if m["segment"] == "shadowed"} >= {
         ("champion", "served"), ("challenger", "shadow")}  # fmt: skip
+    # and in Prometheus: the challenger's requests, online AUC per variant, the counts
+    lines = _prometheus(("recsys_moe_challenger_requests", "recsys_moe_online_auc{",
+                         'status="unmatched"'))  # fmt: skip
+    assert any("recsys_moe_challenger_requests" in x and 'mode="shadow"' in x for x in lines)
+    assert any("recsys_moe_online_auc{" in x and 'variant="challenger"' in x
+               and 'role="shadow"' in x for x in lines)  # fmt: skip
+    unmatched = [x for x in lines if "recsys_moe_feedback_events{" in x and "unmatched" in x]
+    assert unmatched and float(unmatched[0].split()[-1]) == 3
     restart()
     assert counts() == before  # nothing lost: the log is on disk
+
+
+def _prometheus(want: tuple[str, ...], timeout: float = 90) -> list[str]:
+    """Ray's Prometheus endpoint once every string of ``want`` is on it: its sample lines."""
+    import ray
+
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    deadline, text = time.monotonic() + timeout, ""
+    while not all(w in text for w in want):
+        assert time.monotonic() < deadline, f"not all of {want} on /metrics"
+        time.sleep(1)
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    return [x for x in text.splitlines() if not x.startswith("#")]
 
 
 def _stream(folder, n_requests: int, challenger_noise: float, seed: int) -> None:
