@@ -226,7 +226,6 @@ def shadow_cost(bundle: Path, reqs: list[dict], levels: list[int], seconds: floa
     import ray
     from ray import serve
 
-    from bench import wrk
     from serving.run import start
 
     os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
@@ -239,8 +238,9 @@ def shadow_cost(bundle: Path, reqs: list[dict], levels: list[int], seconds: floa
                                           shadow_log=log_dir if label == "shadow" else None)  # fmt: skip
                     url = start(cfg)
                     load(url, reqs[:100], 4)
-                    out[label].append({c: wrk.run(url, reqs, c, seconds) for c in levels})
-                    _print(f"haproxy inline {label}", {"wrk": out[label][-1]})
+                    by_client = measure(url, reqs, levels, seconds, python_client=False)
+                    out[label].append(by_client["wrk"])
+                    _print(f"haproxy inline {label}", by_client)
                     serve.shutdown()
     finally:
         ray.shutdown()
