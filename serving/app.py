@@ -5,6 +5,7 @@ deployment (``placement: deployment``).
     client --HTTP--> proxy --> Ingress (FastAPI: validation, segment router)
                                  |-- inline segments: Ranker in this replica
                                  '--handle--> SegmentRanker_<segment> (deployment segments)
+                  each segment with a challenger --handle--> ShadowScorer_<segment>
 
 - **Ingress** validates the request (4xx with a message for every client mistake, bounded
   request size; the limits in its OpenAPI schema), resolves the segment from the
@@ -39,7 +40,6 @@ import time
 import uuid
 import weakref
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -149,7 +149,13 @@ class Ranker:
     (:class:`features.online.OnlineFeatures`): no data frame per request.
     """
 
-    def __init__(self, settings: dict[str, Any], segment: str) -> None:
+    def __init__(
+        self,
+        settings: dict[str, Any],
+        segment: str,
+        shadow: DeploymentHandle | None = None,
+        log_name: str | None = None,
+    ) -> None:
         from ray.serve import metrics
 
         self.settings = ServeSettings.from_dict(settings)
@@ -221,10 +227,12 @@ class Ranker:
             if seg.challenger_alias
             else None
         )
-        # shadow scoring runs here, after the answer is sent, off the event loop
-        self._shadow = ThreadPoolExecutor(1, thread_name_prefix=f"shadow-{segment}")
+        # scoring off the answer path goes to the segment's ShadowScorer, a process of
+        # its own: in this one it would hold the interpreter lock the answers need
+        self.shadow = shadow
+        self._pending: set[asyncio.Task] = set()
         self.log = (
-            OnlineLog(self.settings.online_log_dir, f"ranker-{segment}",
+            OnlineLog(self.settings.online_log_dir, log_name or f"ranker-{segment}",
                       self.settings.online_log_max_files)
             if self.settings.online_log_dir
             else None
@@ -320,14 +328,13 @@ class Ranker:
                 out[i] = answer
             if variant == "challenger":
                 self.m_challenger.inc(len(idx), {"segment": seg.name, "mode": "canary"})
-        if chal is not None and not canary:  # shadow: after the answers, off the loop
-            self._shadow.submit(self._score_shadow, chal, "challenger", reqs)
+        if chal is not None and not canary:  # shadow: after the answers, off the path
+            self._send_shadow("challenger", reqs)
             self.m_challenger.inc(len(reqs), {"segment": seg.name, "mode": "shadow"})
         elif canary and groups[1][2] and self.log is not None:
             # the champion's scores of the canary's requests, logged only: the same
             # requests scored by both versions, which promote --from-live compares
-            self._shadow.submit(self._score_shadow, cur, "champion",
-                                [reqs[i] for i in groups[1][2]])  # fmt: skip
+            self._send_shadow("champion", [reqs[i] for i in groups[1][2]])
         if rows:
             self.m_candidates.inc(rows, self._tags)
         if cold:  # Ray's counters only take positive increments
@@ -338,14 +345,35 @@ class Ranker:
         return out
 
     def close(self) -> None:
-        """Finish the shadow work and write what the log buffers (the replica stops)."""
-        self._shadow.shutdown(wait=True)
+        """Write what the log buffers (the replica stops)."""
         if self.log is not None:
             self.log.close()
 
+    def _send_shadow(self, variant: str, reqs: list[dict[str, Any]]) -> None:
+        """Hand ``reqs`` to the shadow scorer; the answers do not wait for it."""
+        if self.shadow is None:
+            return
+
+        async def send() -> None:
+            try:
+                await self.shadow.score.remote(variant, reqs)
+            except Exception:  # never reaches a client: the shadow's loss only
+                log.exception("segment %s: shadow scoring by the %s failed",
+                              self.segment.name, variant)  # fmt: skip
+
+        task = asyncio.get_running_loop().create_task(send())
+        self._pending.add(task)  # held until done: the loop keeps only weak references
+        task.add_done_callback(self._pending.discard)
+
+    def score_shadow(self, variant: str, reqs: list[dict[str, Any]]) -> None:
+        """In the shadow scorer: ``variant``'s scores of requests the other version
+        answered, logged, never returned (a version not loaded yet skips them)."""
+        w = self.challenger if variant == "challenger" else self.watcher
+        loaded = w.current if w is not None else None
+        if loaded is not None:
+            self._score_shadow(loaded, variant, reqs)
+
     def _score_shadow(self, loaded, variant: str, reqs: list[dict[str, Any]]) -> None:
-        """``variant``'s scores of requests the other version answered: logged, never
-        returned (a failure here is logged and never reaches a client)."""
         try:
             rank_requests(loaded.payload["scorer"], loaded.payload["blend"], reqs,
                           loaded.version, log=self._log_answer(variant, "shadow"))  # fmt: skip
@@ -455,8 +483,10 @@ class SegmentRanker:
     """A segment's :class:`Ranker` in a deployment of its own (``placement:
     deployment``): its own replicas and resources, one more hop per request."""
 
-    def __init__(self, settings: dict[str, Any], segment: str) -> None:
-        self.ranker = Ranker(settings, segment)
+    def __init__(
+        self, settings: dict[str, Any], segment: str, shadow: DeploymentHandle | None = None
+    ) -> None:
+        self.ranker = Ranker(settings, segment, shadow)
 
     async def rank(self, req: dict[str, Any]) -> dict[str, Any]:
         return await self.ranker.rank(req)
@@ -469,6 +499,22 @@ class SegmentRanker:
 
     def experts(self) -> dict[str, list[int]]:
         return self.ranker.experts()
+
+
+@serve.deployment(max_ongoing_requests=256)
+class ShadowScorer:
+    """A segment's scoring off the answer path (the challenger in ``shadow`` mode, the
+    champion on a canary's requests), in a process of its own: the answering replica
+    hands it the requests and never waits. Its rows go to the same online log."""
+
+    def __init__(self, settings: dict[str, Any], segment: str) -> None:
+        self.ranker = Ranker(settings, segment, log_name=f"shadow-{segment}")
+
+    def score(self, variant: str, reqs: list[dict[str, Any]]) -> None:
+        self.ranker.score_shadow(variant, reqs)
+
+    def __del__(self) -> None:
+        self.ranker.close()
 
 
 def in_canary(user_id: Any, fraction: float) -> bool:
@@ -693,11 +739,17 @@ class Ingress:
     """HTTP ingress and segment router; holds the ``placement: inline`` segments' rankers
     itself and calls the others' deployments through their handles."""
 
-    def __init__(self, settings: dict[str, Any], rankers: dict[str, DeploymentHandle]) -> None:
+    def __init__(
+        self,
+        settings: dict[str, Any],
+        rankers: dict[str, DeploymentHandle],
+        shadows: dict[str, DeploymentHandle] | None = None,
+    ) -> None:
         self.settings = s = ServeSettings.from_dict(settings)
         self.rankers = rankers
-        self.inline = {g.name: Ranker(settings, g.name) for g in s.segments
-                       if g.placement == "inline"}  # fmt: skip
+        shadows = shadows or {}
+        self.inline = {g.name: Ranker(settings, g.name, shadows.get(g.name))
+                       for g in s.segments if g.placement == "inline"}  # fmt: skip
         # serve.ingress pickles this class by value: reach the module's own limits
         importlib.import_module("serving.app")._LIMITS["max_body_bytes"] = s.max_body_bytes
         self._schema: dict[str, Any] | None = None
@@ -873,16 +925,26 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
     """The Serve application from ``serving/config.yaml``'s ``args``."""
     settings = ServeSettings.from_dict(args)
     raw = settings.to_dict()
+    # a segment whose answers another version also scores: its shadow scorer (no CPU
+    # reserved: its work is best effort, after the answers)
+    shadows = {
+        seg.name: ShadowScorer.options(
+            name=f"ShadowScorer_{seg.name}", ray_actor_options={"num_cpus": 0}
+        ).bind(raw, seg.name)
+        for seg in settings.segments
+        if seg.challenger_alias and (seg.challenger_mode == "shadow" or settings.online_log_dir)
+    }
     rankers = {
         seg.name: SegmentRanker.options(
             name=f"SegmentRanker_{seg.name}",
             num_replicas=seg.replicas,
             ray_actor_options={"num_cpus": seg.num_cpus},
-        ).bind(raw, seg.name)
+        ).bind(raw, seg.name, shadows.get(seg.name))
         for seg in settings.segments
         if seg.placement == "deployment"
     }
+    inline = {n: h for n, h in shadows.items() if n not in rankers}
     return Ingress.options(
         num_replicas=settings.ingress_replicas,
         ray_actor_options={"num_cpus": settings.ingress_num_cpus},
-    ).bind(raw, rankers)
+    ).bind(raw, rankers, inline)
