@@ -370,10 +370,8 @@ class Ranker:
         answered, logged, never returned (a version not loaded yet skips them)."""
         w = self.challenger if variant == "challenger" else self.watcher
         loaded = w.current if w is not None else None
-        if loaded is not None:
-            self._score_shadow(loaded, variant, reqs)
-
-    def _score_shadow(self, loaded, variant: str, reqs: list[dict[str, Any]]) -> None:
+        if loaded is None:
+            return
         try:
             rank_requests(loaded.payload["scorer"], loaded.payload["blend"], reqs,
                           loaded.version, log=self._log_answer(variant, "shadow"))  # fmt: skip
@@ -943,8 +941,7 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
         for seg in settings.segments
         if seg.placement == "deployment"
     }
-    inline = {n: h for n, h in shadows.items() if n not in rankers}
     return Ingress.options(
         num_replicas=settings.ingress_replicas,
         ray_actor_options={"num_cpus": settings.ingress_num_cpus},
-    ).bind(raw, rankers, inline)
+    ).bind(raw, rankers, shadows)
