@@ -5,7 +5,7 @@ deployment (``placement: deployment``).
     client --HTTP--> proxy --> Ingress (FastAPI: validation, segment router)
                                  |-- inline segments: Ranker in this replica
                                  '--handle--> SegmentRanker_<segment> (deployment segments)
-                  each segment with a challenger --handle--> ShadowScorer_<segment>
+                 '--queue, one call per batch--> ShadowScorer (challengers, off the path)
 
 - **Ingress** validates the request (4xx with a message for every client mistake, bounded
   request size; the limits in its OpenAPI schema), resolves the segment from the
@@ -33,6 +33,7 @@ import hashlib
 import importlib
 import json
 import logging
+import os
 import shutil
 import tempfile
 import threading
@@ -55,6 +56,13 @@ from serving.lifecycle import ModelWatcher
 from serving.settings import Segment, ServeSettings
 
 log = logging.getLogger("ray.serve")
+
+# scoring off the answer path, in batches: a call carries the requests queued over
+# SHADOW_FLUSH_S or SHADOW_BATCH of them; beyond SHADOW_MAX_CALLS unanswered calls a
+# batch is dropped (and counted) rather than queued without bound
+SHADOW_FLUSH_S = 0.25
+SHADOW_BATCH = 256
+SHADOW_MAX_CALLS = 4
 
 Id = int | str
 
@@ -153,8 +161,9 @@ class Ranker:
         self,
         settings: dict[str, Any],
         segment: str,
-        shadow: DeploymentHandle | None = None,
+        shadow: "ShadowQueue | None" = None,
         log_name: str | None = None,
+        champion: bool = True,
     ) -> None:
         from ray.serve import metrics
 
@@ -208,12 +217,18 @@ class Ranker:
             "Requests a challenger scored (mode: shadow or canary)",
             tag_keys=("segment", "mode"),
         )
-        self.watcher = ModelWatcher(
-            self.settings.model_uri(seg.model_alias),
-            self.settings.tracking_uri,
-            loader=self._load,
-            poll_s=self.settings.poll_s,
-            name=f"ranker {segment}",
+        # the champion (a shadow scorer's ranker of a segment in shadow mode has no use
+        # for it: only the challenger scores there)
+        self.watcher = (
+            ModelWatcher(
+                self.settings.model_uri(seg.model_alias),
+                self.settings.tracking_uri,
+                loader=self._load,
+                poll_s=self.settings.poll_s,
+                name=f"ranker {segment}",
+            )
+            if champion
+            else None
         )
         # the segment's challenger: the same loading, polling and hot swap as the champion
         self.challenger = (
@@ -227,10 +242,9 @@ class Ranker:
             if seg.challenger_alias
             else None
         )
-        # scoring off the answer path goes to the segment's ShadowScorer, a process of
-        # its own: in this one it would hold the interpreter lock the answers need
+        # scoring off the answer path goes to the ShadowScorer, a process of its own:
+        # in this one it would hold the interpreter lock the answers need
         self.shadow = shadow
-        self._pending: set[asyncio.Task] = set()
         self.log = (
             OnlineLog(self.settings.online_log_dir, log_name or f"ranker-{segment}",
                       self.settings.online_log_max_files)
@@ -350,20 +364,9 @@ class Ranker:
             self.log.close()
 
     def _send_shadow(self, variant: str, reqs: list[dict[str, Any]]) -> None:
-        """Hand ``reqs`` to the shadow scorer; the answers do not wait for it."""
-        if self.shadow is None:
-            return
-
-        async def send() -> None:
-            try:
-                await self.shadow.score.remote(variant, reqs)
-            except Exception:  # never reaches a client: the shadow's loss only
-                log.exception("segment %s: shadow scoring by the %s failed",
-                              self.segment.name, variant)  # fmt: skip
-
-        task = asyncio.get_running_loop().create_task(send())
-        self._pending.add(task)  # held until done: the loop keeps only weak references
-        task.add_done_callback(self._pending.discard)
+        """Queue ``reqs`` for ``variant``'s scores off the answer path (never waited for)."""
+        if self.shadow is not None:
+            self.shadow.put(self.segment.name, variant, reqs)
 
     def score_shadow(self, variant: str, reqs: list[dict[str, Any]]) -> None:
         """In the shadow scorer: ``variant``'s scores of requests the other version
@@ -484,7 +487,7 @@ class SegmentRanker:
     def __init__(
         self, settings: dict[str, Any], segment: str, shadow: DeploymentHandle | None = None
     ) -> None:
-        self.ranker = Ranker(settings, segment, shadow)
+        self.ranker = Ranker(settings, segment, ShadowQueue(shadow) if shadow else None)
 
     async def rank(self, req: dict[str, Any]) -> dict[str, Any]:
         return await self.ranker.rank(req)
@@ -499,20 +502,89 @@ class SegmentRanker:
         return self.ranker.experts()
 
 
+class ShadowQueue:
+    """An answering process's requests for the :class:`ShadowScorer`, every segment's
+    together: one call every ``SHADOW_FLUSH_S`` (or at ``SHADOW_BATCH`` requests), as a
+    call per request cost the answering process its own work again. While
+    ``SHADOW_MAX_CALLS`` calls are unanswered a batch is dropped and counted: best
+    effort, never this process's memory."""
+
+    def __init__(self, handle: DeploymentHandle) -> None:
+        from ray.serve import metrics
+
+        self.handle = handle
+        self._buf: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        self._n = 0
+        self._pending: set[asyncio.Task] = set()
+        self._due: asyncio.TimerHandle | None = None
+        self.dropped = 0
+        self.m_dropped = metrics.Counter(
+            "recsys_moe_shadow_dropped",
+            "Requests not scored off the answer path: the shadow scorer lagged",
+            tag_keys=("segment", "variant"),
+        )
+
+    def put(self, segment: str, variant: str, reqs: list[dict[str, Any]]) -> None:
+        self._buf.setdefault((segment, variant), []).extend(reqs)
+        self._n += len(reqs)
+        if self._n >= SHADOW_BATCH:
+            self.flush()
+        elif self._due is None:
+            self._due = asyncio.get_running_loop().call_later(SHADOW_FLUSH_S, self.flush)
+
+    def flush(self) -> None:
+        if self._due is not None:
+            self._due.cancel()
+            self._due = None
+        batches, self._buf, self._n = self._buf, {}, 0
+        if not batches:
+            return
+        if len(self._pending) >= SHADOW_MAX_CALLS:
+            for (segment, variant), reqs in batches.items():
+                self.dropped += len(reqs)
+                self.m_dropped.inc(len(reqs), {"segment": segment, "variant": variant})
+            return
+        calls = [(segment, variant, reqs) for (segment, variant), reqs in batches.items()]
+        task = asyncio.get_running_loop().create_task(self._call(calls))
+        self._pending.add(task)  # held until done: the loop keeps only weak references
+        task.add_done_callback(self._pending.discard)
+
+    async def _call(self, calls: list[tuple[str, str, list[dict[str, Any]]]]) -> None:
+        try:
+            await self.handle.score.remote(calls)
+        except Exception:  # never reaches a client: the shadow's loss only
+            log.exception("shadow scoring of %d requests failed",
+                          sum(len(r) for *_, r in calls))  # fmt: skip
+
+
 @serve.deployment(max_ongoing_requests=256)
 class ShadowScorer:
-    """A segment's scoring off the answer path (the challenger in ``shadow`` mode, the
-    champion on a canary's requests), in a process of its own: the answering replica
-    hands it the requests and never waits. Its rows go to the same online log."""
+    """Scoring off the answer path for every segment with a challenger (the challenger
+    in ``shadow`` mode, the champion on a canary's requests), in one process of its own:
+    the answering processes queue the requests to it and never wait. Its rows go to the
+    same online log, as ``shadow-<segment>``."""
 
-    def __init__(self, settings: dict[str, Any], segment: str) -> None:
-        self.ranker = Ranker(settings, segment, log_name=f"shadow-{segment}")
+    def __init__(self, settings: dict[str, Any], segments: list[str]) -> None:
+        # Linux's idle class: this process runs when a core would otherwise idle, so on
+        # a busy machine the answers' processes go first (elsewhere: the lowest nice)
+        if hasattr(os, "SCHED_IDLE"):
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        else:
+            os.setpriority(os.PRIO_PROCESS, 0, 19)
+        s = ServeSettings.from_dict(settings)
+        canary = {g.name for g in s.segments if g.challenger_mode == "canary"}
+        self.rankers = {
+            name: Ranker(settings, name, log_name=f"shadow-{name}", champion=name in canary)
+            for name in segments
+        }
 
-    def score(self, variant: str, reqs: list[dict[str, Any]]) -> None:
-        self.ranker.score_shadow(variant, reqs)
+    def score(self, calls: list[tuple[str, str, list[dict[str, Any]]]]) -> None:
+        for segment, variant, reqs in calls:
+            self.rankers[segment].score_shadow(variant, reqs)
 
     def __del__(self) -> None:
-        self.ranker.close()
+        for r in self.rankers.values():
+            r.close()
 
 
 def in_canary(user_id: Any, fraction: float) -> bool:
@@ -741,12 +813,12 @@ class Ingress:
         self,
         settings: dict[str, Any],
         rankers: dict[str, DeploymentHandle],
-        shadows: dict[str, DeploymentHandle] | None = None,
+        shadow: DeploymentHandle | None = None,
     ) -> None:
         self.settings = s = ServeSettings.from_dict(settings)
         self.rankers = rankers
-        shadows = shadows or {}
-        self.inline = {g.name: Ranker(settings, g.name, shadows.get(g.name))
+        queue = ShadowQueue(shadow) if shadow is not None else None
+        self.inline = {g.name: Ranker(settings, g.name, queue)
                        for g in s.segments if g.placement == "inline"}  # fmt: skip
         # serve.ingress pickles this class by value: reach the module's own limits
         importlib.import_module("serving.app")._LIMITS["max_body_bytes"] = s.max_body_bytes
@@ -923,25 +995,25 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
     """The Serve application from ``serving/config.yaml``'s ``args``."""
     settings = ServeSettings.from_dict(args)
     raw = settings.to_dict()
-    # a segment whose answers another version also scores: its shadow scorer (no CPU
-    # reserved: its work is best effort, after the answers)
-    shadows = {
-        seg.name: ShadowScorer.options(
-            name=f"ShadowScorer_{seg.name}", ray_actor_options={"num_cpus": 0}
-        ).bind(raw, seg.name)
-        for seg in settings.segments
-        if seg.challenger_alias and (seg.challenger_mode == "shadow" or settings.online_log_dir)
-    }
+    # the segments whose answers another version also scores: one shadow scorer for
+    # them all (no CPU reserved: its work is best effort, after the answers)
+    shadowed = [seg.name for seg in settings.segments if seg.challenger_alias
+                and (seg.challenger_mode == "shadow" or settings.online_log_dir)]  # fmt: skip
+    shadow = (
+        ShadowScorer.options(ray_actor_options={"num_cpus": 0}).bind(raw, shadowed)
+        if shadowed
+        else None
+    )
     rankers = {
         seg.name: SegmentRanker.options(
             name=f"SegmentRanker_{seg.name}",
             num_replicas=seg.replicas,
             ray_actor_options={"num_cpus": seg.num_cpus},
-        ).bind(raw, seg.name, shadows.get(seg.name))
+        ).bind(raw, seg.name, shadow if seg.name in shadowed else None)
         for seg in settings.segments
         if seg.placement == "deployment"
     }
     return Ingress.options(
         num_replicas=settings.ingress_replicas,
         ray_actor_options={"num_cpus": settings.ingress_num_cpus},
-    ).bind(raw, rankers, shadows)
+    ).bind(raw, rankers, shadow)
