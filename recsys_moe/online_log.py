@@ -68,8 +68,9 @@ class OnlineLog:
         self._thread.start()
 
     def scores(self, record: dict[str, Any]) -> None:
-        """One answer's scores: scalar columns plus equal-length lists (``item_id``,
-        ``score``, ``p_<task>``), one row per candidate once written."""
+        """One answer's scores: scalar columns plus equal-length sequences (``item_id``,
+        ``score``, ``p_<task>``: lists or numpy arrays, kept as given: the conversion
+        waits for the write, off the answer's path), one row per candidate once written."""
         with self._lock:
             self._buf[SCORES].append(record)
             self._rows[SCORES] += len(record["item_id"])
@@ -106,10 +107,7 @@ class OnlineLog:
                     print(f"online log: cannot write under {self.dir}: {e}", flush=True)
 
     def _write(self, kind: str, rows: list[dict[str, Any]], seq: int) -> None:
-        df = pl.DataFrame(rows, infer_schema_length=None)
-        if kind == SCORES:
-            lists = [c for c, t in df.schema.items() if isinstance(t, pl.List)]
-            df = df.explode(lists)
+        df = _scores_frame(rows) if kind == SCORES else pl.DataFrame(rows, infer_schema_length=None)
         path = self.dir / f"{kind}-{self.prefix}-{seq:09d}.parquet"
         tmp = path.with_name("." + path.name + ".tmp")
         df.write_parquet(tmp)
@@ -117,6 +115,32 @@ class OnlineLog:
         files = sorted(self.dir.glob(f"{kind}-*.parquet"), key=lambda p: p.stat().st_mtime)
         for old in files[: max(0, len(files) - self.max_files)]:
             old.unlink(missing_ok=True)
+
+
+def _scores_frame(records: list[dict[str, Any]]) -> pl.DataFrame:
+    """Answers' records as one row per candidate, built column by column (records with
+    other columns, e.g. another model's tasks, in frames of their own, then stacked)."""
+    by_keys: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for r in records:
+        by_keys.setdefault(tuple(r), []).append(r)
+    frames = []
+    for keys, recs in by_keys.items():
+        n = np.array([len(r["item_id"]) for r in recs])
+        at = np.repeat(np.arange(len(recs)), n)
+        cols: dict[str, Any] = {}
+        for k in keys:
+            first = recs[0][k]
+            if k == "item_id":
+                ids = [i for r in recs for i in r[k]]
+                if not all(isinstance(i, str) for i in ids):
+                    ids = [str(i) for i in ids]
+                cols[k] = pl.Series(k, ids, dtype=pl.String)
+            elif isinstance(first, list | np.ndarray):
+                cols[k] = np.concatenate([np.asarray(r[k], dtype=np.float64) for r in recs])
+            else:
+                cols[k] = pl.Series(k, [r[k] for r in recs]).gather(at)
+        frames.append(pl.DataFrame(cols))
+    return pl.concat(frames, how="diagonal_relaxed")
 
 
 def read(folder: str | Path, kind: str) -> pl.DataFrame:

@@ -392,10 +392,9 @@ class Ranker:
             rec = {"request_id": req.get("request_id") or "", "segment": segment, "variant": variant,
                    "role": role, "model_version": answer["model_version"],
                    "user_id": str(req["user_id"]), "domain": req["domain"], "ts": time.time(),
-                   "item_id": [str(c) for c in req["candidates"]],
-                   "score": score.tolist()}  # fmt: skip
+                   "item_id": req["candidates"], "score": score}  # fmt: skip
             for j, t in enumerate(tasks):
-                rec[f"p_{t}"] = probs[:, j].tolist()
+                rec[f"p_{t}"] = probs[:, j]
             online.scores(rec)
 
         return write

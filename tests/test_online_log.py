@@ -1,0 +1,30 @@
+"""The online log's scores files: one row per candidate, whatever form an answer's
+columns came in (numpy arrays from the service, lists, integer ids) and whichever tasks
+its model had."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+
+from recsys_moe import online_log
+
+
+def test_scores_written_one_row_per_candidate(tmp_path):
+    log = online_log.OnlineLog(tmp_path, "t", flush_s=1000)
+    base = {"segment": "s", "variant": "champion", "role": "served", "model_version": "1",
+            "user_id": "u", "domain": "feed", "ts": 1.5}  # fmt: skip
+    log.scores({**base, "request_id": "a", "item_id": [7, 8],
+                "score": np.array([0.2, 0.1]), "p_click": np.array([0.3, 0.4])})  # fmt: skip
+    log.scores({**base, "request_id": "b", "item_id": ["x"], "score": [0.5], "p_click": [0.6]})
+    log.scores({**base, "request_id": "c", "item_id": ["y", "z"], "score": [0.7, 0.8],
+                "p_like": [0.9, 1.0]})  # fmt: skip
+    log.close()
+    df = online_log.read(tmp_path, online_log.SCORES).sort("request_id", "item_id")
+    assert df["item_id"].to_list() == ["7", "8", "x", "y", "z"]
+    assert df["request_id"].to_list() == ["a", "a", "b", "c", "c"]
+    assert df["score"].to_list() == [0.2, 0.1, 0.5, 0.7, 0.8]
+    assert df["p_click"].to_list() == [0.3, 0.4, 0.6, None, None]
+    assert df["p_like"].to_list() == [None, None, None, 0.9, 1.0]
+    assert df.schema["ts"] == pl.Float64 and df["ts"].to_list() == [1.5] * 5
+    assert df["domain"].to_list() == ["feed"] * 5
