@@ -15,7 +15,9 @@ Each writer buffers its rows and writes them as one file every ``flush_s`` secon
 every ``flush_rows`` rows, on :meth:`OnlineLog.flush` and when it is closed; feedback is
 written before ``/feedback`` answers, so an acknowledged event survives a restart. A file
 is written beside its name and renamed into place (a reader never sees half of one).
-Bounded: past ``max_files`` files of a kind, the oldest are removed.
+Bounded: past ``max_files`` files of a kind, the oldest are removed (checked every
+``PRUNE_EVERY`` writes of a writer and when it closes: a live folder may hold up to that
+many more per writer).
 
 :func:`joined` reads a folder back: feedback joined to every version's scores of the
 same (request, item), and the count of events that matched none (``unmatched``).
@@ -39,6 +41,7 @@ import polars as pl
 from recsys_moe.metrics import binary_metrics
 
 SCORES, FEEDBACK = "scores", "feedback"
+PRUNE_EVERY = 16
 KEYS = ["request_id", "item_id"]
 
 
@@ -60,6 +63,7 @@ class OnlineLog:
         self.max_files, self.flush_rows, self.flush_s = max_files, flush_rows, flush_s
         self._buf: dict[str, list[dict[str, Any]]] = {SCORES: [], FEEDBACK: []}
         self._rows = {SCORES: 0, FEEDBACK: 0}
+        self._writes = {SCORES: 0, FEEDBACK: 0}
         self._seq = 0
         self._lock = threading.Lock()
         self._last = time.monotonic()
@@ -97,6 +101,8 @@ class OnlineLog:
     def close(self) -> None:
         self._stop.set()
         self.flush()
+        for kind in (SCORES, FEEDBACK):
+            self._prune(kind)
 
     def _tick(self) -> None:
         while not self._stop.wait(self.flush_s / 4):
@@ -112,6 +118,13 @@ class OnlineLog:
         tmp = path.with_name("." + path.name + ".tmp")
         df.write_parquet(tmp)
         tmp.rename(path)
+        # listing and dating a full folder on every write cost the service more than the
+        # write itself: the bound is kept every PRUNE_EVERY writes of a writer, and on close
+        self._writes[kind] += 1
+        if self._writes[kind] % PRUNE_EVERY == 0:
+            self._prune(kind)
+
+    def _prune(self, kind: str) -> None:
         files = sorted(self.dir.glob(f"{kind}-*.parquet"), key=lambda p: p.stat().st_mtime)
         for old in files[: max(0, len(files) - self.max_files)]:
             old.unlink(missing_ok=True)

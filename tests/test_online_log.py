@@ -28,3 +28,16 @@ def test_scores_written_one_row_per_candidate(tmp_path):
     assert df["p_like"].to_list() == [None, None, None, 0.9, 1.0]
     assert df.schema["ts"] == pl.Float64 and df["ts"].to_list() == [1.5] * 5
     assert df["domain"].to_list() == ["feed"] * 5
+
+
+def test_the_folder_stays_bounded(tmp_path):
+    log = online_log.OnlineLog(tmp_path, "t", max_files=3, flush_s=1000)
+    for i in range(2 * online_log.PRUNE_EVERY + 1):
+        log.scores({"request_id": str(i), "item_id": ["a"], "score": [0.5]})
+        log.flush()
+        held = len(list(tmp_path.glob("scores-*.parquet")))
+        assert held <= 3 + online_log.PRUNE_EVERY, held
+    log.close()
+    kept = sorted(online_log.read(tmp_path, online_log.SCORES)["request_id"].cast(int))
+    assert kept == [2 * online_log.PRUNE_EVERY - 2, 2 * online_log.PRUNE_EVERY - 1,
+                    2 * online_log.PRUNE_EVERY]  # the newest three  # fmt: skip
