@@ -60,7 +60,7 @@ log = logging.getLogger("ray.serve")
 # scoring off the answer path, in batches: a call carries the requests queued over
 # SHADOW_FLUSH_S or SHADOW_BATCH of them; beyond SHADOW_MAX_CALLS unanswered calls a
 # batch is dropped (and counted) rather than queued without bound
-SHADOW_FLUSH_S = 0.25
+SHADOW_FLUSH_S = 0.5
 SHADOW_BATCH = 256
 SHADOW_MAX_CALLS = 4
 
@@ -377,7 +377,8 @@ class Ranker:
             return
         try:
             rank_requests(loaded.payload["scorer"], loaded.payload["blend"], reqs,
-                          loaded.version, log=self._log_answer(variant, "shadow"))  # fmt: skip
+                          loaded.version, log=self._log_answer(variant, "shadow"),
+                          answers=False)  # fmt: skip
         except Exception:
             log.exception("segment %s: shadow scoring by the %s failed", self.segment.name,
                           variant)  # fmt: skip
@@ -651,13 +652,15 @@ def rank_requests(
     version: str,
     monitors: dict | None = None,
     log=None,
+    answers: bool = True,
 ) -> tuple[list[dict[str, Any]], int, int]:
     """A ranker's work for a batch of requests: each encoded from the pre-encoded arrays
     (a request whose ids cannot be read gets ``{"error": ...}`` and never fails its
     batch-mates), scored one forward per domain, blended and sorted. Returns the answers
     (each with a Server-Timing ``timing``), the candidates scored and the cold rows.
     ``log(request, answer, features, probabilities, blended score, tasks)``: called for
-    each answer (the online log)."""
+    each answer (the online log). ``answers=False`` (scoring off the answer path, for the
+    log only): each answer is only ``{"model_version": ...}``, no sorted item list."""
     from recsys_moe.scorer import RequestError, blended
 
     t0 = time.perf_counter()
@@ -683,8 +686,11 @@ def rank_requests(
                   f"{len(encoded)}\"")  # fmt: skip
         for i, (_d, f), p in zip(ok, encoded, scores, strict=True):
             score = blended(p, scorer.tasks, blend)
-            out[i] = _response(reqs[i], f, p, score, scorer.tasks, version)
-            out[i]["timing"] = timing
+            if answers:
+                out[i] = _response(reqs[i], f, p, score, scorer.tasks, version)
+                out[i]["timing"] = timing
+            else:
+                out[i] = {"model_version": version}
             if log is not None:
                 log(reqs[i], out[i], f, p, score, scorer.tasks)
             rows += f.n
