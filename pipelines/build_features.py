@@ -36,9 +36,9 @@ from features.store import (
     numeric_stats,
     write_store,
 )
-from pipelines.cli import command_parser, parse_sets
+from pipelines.cli import command_parser, config_from_args
 from pipelines.publish import published
-from recsys_moe.config import Config, ConfigError, load_config
+from recsys_moe.config import Config, ConfigError
 from recsys_moe.data.schema import (
     REJECT_REASON,
     TableFiles,
@@ -458,12 +458,7 @@ def main(argv: list[str] | None = None) -> int:
         help="keep this model's vocabularies (new values appended), normalisation and lookup "
         "rows (features.grow_from; without a value: the config's model at its alias)",
     )  # fmt: skip
-    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    args = ap.parse_args(argv)
-    overrides = parse_sets(args.set)
-    if args.window_days is not None:
-        overrides["features.window_days"] = args.window_days
-    cfg = load_config(args.config, overrides)
+    args, cfg = config_from_args(ap, argv, {"window_days": "features.window_days"})
     if args.grow_from is not None:
         cfg = cfg.replace(features=dataclasses.replace(
             cfg.features, grow_from=args.grow_from or cfg.model_uri))  # fmt: skip

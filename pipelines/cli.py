@@ -86,6 +86,24 @@ def parse_model_command(
     return args, cfg, args.model or cfg.model_uri
 
 
+def config_from_args(
+    ap: argparse.ArgumentParser, argv: list[str] | None, flags: dict[str, str]
+) -> tuple[argparse.Namespace, Any]:
+    """A command's arguments (``ap`` plus ``--set SECTION.KEY=VALUE``) and the config they
+    make: ``--config`` with the ``--set`` overrides, then each of ``flags`` (argument ->
+    config key) the user gave (not None, not False) on top."""
+    from recsys_moe.config import load_config
+
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    args = ap.parse_args(argv)
+    overrides = parse_sets(args.set)
+    for name, key in flags.items():
+        value = getattr(args, name)
+        if value is not None and value is not False:
+            overrides[key] = value
+    return args, load_config(args.config, overrides)
+
+
 def parse_sets(items: list[str]) -> dict[str, Any]:
     """``--set SECTION.KEY=VALUE`` overrides: JSON values (numbers, true / false, lists),
     anything else a plain string."""

@@ -40,10 +40,10 @@ from features.store import (
     read_examples,
     read_vocabs,
 )
-from pipelines.cli import command_parser, parse_sets
+from pipelines.cli import command_parser, config_from_args
 from pipelines.publish import published
 from recsys_moe.bundle import write_bundle
-from recsys_moe.config import Config, config_from_dict, load_config
+from recsys_moe.config import Config, config_from_dict
 from recsys_moe.metrics import evaluate_slices
 from recsys_moe.model.inputs import ExampleTensors, InputSpec
 from recsys_moe.model.observe import RouterMonitor
@@ -852,12 +852,7 @@ def main(argv: list[str] | None = None) -> int:
         help="the alias the registered version may take, through the same gate (default: "
         "[serving] model_alias, champion; e.g. challenger, for a shadow or canary first)",
     )  # fmt: skip
-    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    args = ap.parse_args(argv)
-    overrides = parse_sets(args.set)
-    if args.use_gpu:
-        overrides["training.use_gpu"] = True
-    cfg = load_config(args.config, overrides)
+    args, cfg = config_from_args(ap, argv, {"use_gpu": "training.use_gpu"})
     workers = args.workers or cfg.training.workers  # 0: run_training picks the layout
     output = args.output or f"models/{cfg.name}"
     warm = None if args.warm_start is None else (args.warm_start or cfg.model_uri)

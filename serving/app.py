@@ -217,30 +217,12 @@ class Ranker:
             "Requests a challenger scored (mode: shadow or canary)",
             tag_keys=("segment", "mode"),
         )
-        # the champion (a shadow scorer's ranker of a segment in shadow mode has no use
-        # for it: only the challenger scores there)
-        self.watcher = (
-            ModelWatcher(
-                self.settings.model_uri(seg.model_alias),
-                self.settings.tracking_uri,
-                loader=self._load,
-                poll_s=self.settings.poll_s,
-                name=f"ranker {segment}",
-            )
-            if champion
-            else None
-        )
-        # the segment's challenger: the same loading, polling and hot swap as the champion
+        # the champion, and the segment's challenger if it names one: the same loading,
+        # polling and hot swap (a shadow scorer's ranker of a segment in shadow mode has
+        # no champion: only the challenger scores there)
+        self.watcher = self._watch(seg.model_alias, "") if champion else None
         self.challenger = (
-            ModelWatcher(
-                self.settings.model_uri(seg.challenger_alias),
-                self.settings.tracking_uri,
-                loader=self._load,
-                poll_s=self.settings.poll_s,
-                name=f"ranker {segment} challenger",
-            )
-            if seg.challenger_alias
-            else None
+            self._watch(seg.challenger_alias, " challenger") if seg.challenger_alias else None
         )
         # scoring off the answer path goes to the ShadowScorer, a process of its own:
         # in this one it would hold the interpreter lock the answers need
@@ -251,6 +233,15 @@ class Ranker:
             if self.settings.online_log_dir
             else None
         )  # fmt: skip
+
+    def _watch(self, alias: str, role: str) -> ModelWatcher:
+        return ModelWatcher(
+            self.settings.model_uri(alias),
+            self.settings.tracking_uri,
+            loader=self._load,
+            poll_s=self.settings.poll_s,
+            name=f"ranker {self.segment.name}{role}",
+        )
 
     def _load(self, bundle: str, version: str) -> dict[str, Any]:
         from recsys_moe.config import ScoringConfig
