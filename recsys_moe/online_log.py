@@ -11,8 +11,10 @@ kinds of Parquet files under one folder:
 - ``feedback-*.parquet``: what ``POST /feedback`` received: ``request_id``, ``item_id``,
   ``received_at`` and one ``label_<task>`` per task the event reports (null: not reported).
 
-Each writer buffers its rows and writes them as one file every ``flush_s`` seconds,
-every ``flush_rows`` rows, on :meth:`OnlineLog.flush` and when it is closed; feedback is
+Each writer buffers its rows and its thread writes them as one file every ``flush_s``
+seconds (10), every ``flush_rows`` rows (200k), on :meth:`OnlineLog.flush` and when it is
+closed (a writer is meant to serve a whole process: one file per flush, so that
+``max_files`` holds hours of answers, not minutes); feedback is
 written before ``/feedback`` answers, so an acknowledged event survives a restart. A file
 is written beside its name and renamed into place (a reader never sees half of one).
 Bounded: past ``max_files`` files of a kind, the oldest are removed (checked every
@@ -54,8 +56,8 @@ class OnlineLog:
         folder: str | Path,
         name: str,
         max_files: int = 1000,
-        flush_rows: int = 20_000,
-        flush_s: float = 1.0,
+        flush_rows: int = 200_000,
+        flush_s: float = 10.0,
     ) -> None:
         self.dir = Path(folder)
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -68,6 +70,7 @@ class OnlineLog:
         self._lock = threading.Lock()
         self._last = time.monotonic()
         self._stop = threading.Event()
+        self._wake = threading.Event()  # flush_rows reached: the writer thread writes now
         self._thread = threading.Thread(target=self._tick, daemon=True, name=f"log-{name}")
         self._thread.start()
 
@@ -79,8 +82,8 @@ class OnlineLog:
             self._buf[SCORES].append(record)
             self._rows[SCORES] += len(record["item_id"])
             due = self._rows[SCORES] >= self.flush_rows
-        if due:
-            self.flush(SCORES)
+        if due:  # written by the writer thread, never on the caller's (an answer's) path
+            self._wake.set()
 
     def feedback(self, events: list[dict[str, Any]]) -> None:
         """Feedback events, written before this returns."""
@@ -98,15 +101,24 @@ class OnlineLog:
                 self._write(k, rows, seq)
         self._last = time.monotonic()
 
+    @property
+    def closed(self) -> bool:
+        return self._stop.is_set()
+
     def close(self) -> None:
         self._stop.set()
+        self._wake.set()
         self.flush()
         for kind in (SCORES, FEEDBACK):
             self._prune(kind)
 
     def _tick(self) -> None:
-        while not self._stop.wait(self.flush_s / 4):
-            if time.monotonic() - self._last >= self.flush_s:
+        while not self._stop.is_set():
+            woke = self._wake.wait(self.flush_s / 4)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            if woke or time.monotonic() - self._last >= self.flush_s:
                 try:
                     self.flush(SCORES)
                 except OSError as e:  # a full disk must not stop the service

@@ -162,7 +162,7 @@ class Ranker:
         settings: dict[str, Any],
         segment: str,
         shadow: "ShadowQueue | None" = None,
-        log_name: str | None = None,
+        log_name: str = "ranker",
         champion: bool = True,
     ) -> None:
         from ray.serve import metrics
@@ -227,12 +227,7 @@ class Ranker:
         # scoring off the answer path goes to the ShadowScorer, a process of its own:
         # in this one it would hold the interpreter lock the answers need
         self.shadow = shadow
-        self.log = (
-            OnlineLog(self.settings.online_log_dir, log_name or f"ranker-{segment}",
-                      self.settings.online_log_max_files)
-            if self.settings.online_log_dir
-            else None
-        )  # fmt: skip
+        self.log = online_log(self.settings, log_name) if self.settings.online_log_dir else None
 
     def _watch(self, alias: str, role: str) -> ModelWatcher:
         return ModelWatcher(
@@ -553,7 +548,7 @@ class ShadowScorer:
     """Scoring off the answer path for every segment with a challenger (the challenger
     in ``shadow`` mode, the champion on a canary's requests), in one process of its own:
     the answering processes queue the requests to it and never wait. Its rows go to the
-    same online log, as ``shadow-<segment>``."""
+    same online log, as the writer ``shadow``."""
 
     def __init__(self, settings: dict[str, Any], segments: list[str]) -> None:
         # Linux's idle class: this process runs when a core would otherwise idle, so on
@@ -565,7 +560,7 @@ class ShadowScorer:
         s = ServeSettings.from_dict(settings)
         canary = {g.name for g in s.segments if g.challenger_mode == "canary"}
         self.rankers = {
-            name: Ranker(settings, name, log_name=f"shadow-{name}", champion=name in canary)
+            name: Ranker(settings, name, log_name="shadow", champion=name in canary)
             for name in segments
         }
 
@@ -576,6 +571,20 @@ class ShadowScorer:
     def __del__(self) -> None:
         for r in self.rankers.values():
             r.close()
+
+
+_LOGS: dict[tuple[str, str], OnlineLog] = {}
+
+
+def online_log(s: ServeSettings, name: str) -> OnlineLog:
+    """This process's online-log writer ``name``: one for every ranker of the process
+    (its records carry their segment), so the folder gets a file per flush per process,
+    not per ranker, and ``online_log_max_files`` holds that much more history."""
+    key = (str(s.online_log_dir), name)
+    if key not in _LOGS or _LOGS[key].closed:
+        _LOGS[key] = OnlineLog(s.online_log_dir, name, s.online_log_max_files,
+                               flush_s=s.online_log_flush_s)  # fmt: skip
+    return _LOGS[key]
 
 
 def in_canary(user_id: Any, fraction: float) -> bool:
@@ -826,11 +835,7 @@ class Ingress:
             poll_s=self.settings.poll_s,
             name="router",
         )
-        self.log = (
-            OnlineLog(s.online_log_dir, "ingress", s.online_log_max_files)
-            if s.online_log_dir
-            else None
-        )
+        self.log = online_log(s, "ingress") if s.online_log_dir else None
         self.online = OnlineMetrics(s) if s.online_log_dir else None
 
     def __del__(self) -> None:

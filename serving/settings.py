@@ -128,6 +128,9 @@ class ServeSettings:
     # files removed past online_log_max_files of each kind); None: no log, /feedback off
     online_log_dir: str | None = None
     online_log_max_files: int = 1000
+    # seconds between a process's writes of the answers it logged (also written every
+    # 200k rows and when the replica stops; a killed replica loses at most this much)
+    online_log_flush_s: float = 10.0
     # seconds between the ingress's readings of the online log (online AUC per version x
     # segment x task as Prometheus gauges; GET /online reads it at once)
     online_metrics_s: float = 60.0
@@ -147,8 +150,13 @@ class ServeSettings:
             raise SettingsError("max_candidates: must be in 1..10000")
         if self.poll_s <= 0 or self.router_window_s <= 0 or self.ranker_timeout_s <= 0:
             raise SettingsError("poll_s, router_window_s, ranker_timeout_s: must be > 0")
-        if self.online_log_max_files < 1 or self.online_metrics_s <= 0:
-            raise SettingsError("online_log_max_files: must be >= 1; online_metrics_s: > 0")
+        if (
+            self.online_log_max_files < 1
+            or self.online_metrics_s <= 0
+            or self.online_log_flush_s <= 0
+        ):
+            raise SettingsError("online_log_max_files: must be >= 1; online_metrics_s, "
+                                "online_log_flush_s: > 0")  # fmt: skip
         if not 0 <= self.dead_threshold < 1 or not 0 < self.collapse_threshold <= 1:
             raise SettingsError("dead_threshold: in [0, 1); collapse_threshold: in (0, 1]")
 

@@ -4,6 +4,8 @@ its model had."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import polars as pl
 
@@ -41,3 +43,14 @@ def test_the_folder_stays_bounded(tmp_path):
     kept = sorted(online_log.read(tmp_path, online_log.SCORES)["request_id"].cast(int))
     assert kept == [2 * online_log.PRUNE_EVERY - 2, 2 * online_log.PRUNE_EVERY - 1,
                     2 * online_log.PRUNE_EVERY]  # the newest three  # fmt: skip
+
+
+def test_a_full_buffer_is_written_by_the_writer_thread(tmp_path):
+    log = online_log.OnlineLog(tmp_path, "t", flush_rows=3, flush_s=1000)
+    log.scores({"request_id": "a", "item_id": ["x", "y", "z"], "score": [0.1, 0.2, 0.3]})
+    deadline = time.monotonic() + 10
+    while not list(tmp_path.glob("scores-*.parquet")):  # no flush() or close() called
+        assert time.monotonic() < deadline, "the writer thread never wrote the full buffer"
+        time.sleep(0.05)
+    assert online_log.read(tmp_path, online_log.SCORES).height == 3
+    log.close()

@@ -81,6 +81,7 @@ def live(scoring_model, ray_session, tmp_path_factory):
                 "challenger": _register(cfg, other, uri, "challenger")}  # fmt: skip
     args = {"tracking_uri": uri, "model_name": NAME, "poll_s": 0.5,
             "online_log_dir": str(tmp / "online"), "online_metrics_s": 1.0,
+            "online_log_flush_s": 2.0,
             "segments": SEGMENTS}  # fmt: skip
     port = free_port()
     raw = {"http_options": {"host": "127.0.0.1", "port": port},
