@@ -40,7 +40,6 @@ import numpy as np
 import recsys_moe.cluster  # noqa: F401  (first: Ray reads its auth setting when imported)
 from bench.common import machine, write_section
 from recsys_moe.cluster import free_port
-from serving.app import SHADOW_BATCH, SHADOW_FLUSH_S
 
 CANDIDATES = 100
 LAYOUTS = ("inline", "deployment")
@@ -250,6 +249,8 @@ def shadow_cost(bundle: Path, reqs: list[dict], levels: list[int], seconds: floa
 
 
 def shadow_section(runs: dict[str, list[dict[int, dict]]], levels: list[int], args) -> str:
+    from serving.app import SHADOW_BATCH, SHADOW_FLUSH_S
+
     def med(label: str, c: int, key: str) -> float:
         return float(np.median([r[c][key] for r in runs[label]]))
 

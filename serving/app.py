@@ -997,7 +997,8 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
     settings = ServeSettings.from_dict(args)
     raw = settings.to_dict()
     # the segments whose answers another version also scores: one shadow scorer for
-    # them all (no CPU reserved: its work is best effort, after the answers)
+    # them all (no CPU reserved: its work is best effort, after the answers); every
+    # ranker gets its handle, and a segment's own mode decides whether it queues to it
     shadowed = [seg.name for seg in settings.segments if seg.challenger_alias
                 and (seg.challenger_mode == "shadow" or settings.online_log_dir)]  # fmt: skip
     shadow = (
@@ -1010,7 +1011,7 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
             name=f"SegmentRanker_{seg.name}",
             num_replicas=seg.replicas,
             ray_actor_options={"num_cpus": seg.num_cpus},
-        ).bind(raw, seg.name, shadow if seg.name in shadowed else None)
+        ).bind(raw, seg.name, shadow)
         for seg in settings.segments
         if seg.placement == "deployment"
     }
