@@ -151,8 +151,14 @@ def _gather_eval(d, batches, spec: InputSpec, device) -> dict[str, float] | None
         loss_sum,
         n,
     )
-    everyone = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(mine, everyone, dst=0)
+    if dist.get_world_size() == 1:
+        # no collective: gloo copies a large gather in threads of its own, whose OpenMP
+        # pool then outnumbers the cores, and libgomp throttles the spinning threads of
+        # every training step after it (they sleep between regions)
+        everyone = [mine]
+    else:
+        everyone = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(mine, everyone, dst=0)
     if everyone is None:
         return None
     p = torch.cat([e[0] for e in everyone]).numpy()

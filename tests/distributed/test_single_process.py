@@ -81,3 +81,41 @@ def test_world_of_one_trains_like_fit_and_checkpoints(tmp_path, emb_opt):
     back = read_model_state(tmp_path, model)
     for k, v in r["state"].items():
         torch.testing.assert_close(back[k], v, rtol=0, atol=0, msg=k)
+
+
+def _threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def _eval_worker(rank: int, port: int, out: str) -> None:
+    from pipelines.train import _gather_eval
+    from recsys_moe.training import evaluate_model
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_WORLD_SIZE="1")
+    torch.set_num_threads(2)
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        d = distribute(RankingModel(SPEC, model_config()), TrainingConfig())
+        valid = examples(40_000, seed=5)
+        torch.ones(1 << 20).add_(1)  # this thread's OpenMP pool exists before the count
+        before = _threads()
+        res = _gather_eval(d, valid.batches(8192), SPEC, torch.device("cpu"))
+        after = _threads()
+        ref, _ = evaluate_model(d.module, valid)
+        torch.save({"before": before, "after": after, "res": res, "ref": ref},
+                   os.path.join(out, "result.pt"))  # fmt: skip
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc")
+def test_world_of_one_validates_without_a_collective(tmp_path):
+    """Validation in a world of one gathers nothing through gloo: gloo copies a large
+    gather in threads of its own, whose OpenMP pool then outnumbers the cores, and libgomp
+    throttles the spinning threads of every training step after it (pipelines/train.py)."""
+    mp.spawn(_eval_worker, args=(_free_port(), str(tmp_path)), nprocs=1)
+    r = torch.load(tmp_path / "result.pt", weights_only=True)
+    assert r["after"] == r["before"], "validation started threads (an OpenMP pool in gloo's)"
+    assert r["res"]["auc_mean"] == pytest.approx(r["ref"]["auc_mean"], abs=1e-6)
+    assert r["res"]["loss"] == pytest.approx(r["ref"]["loss"], rel=1e-5)
