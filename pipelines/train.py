@@ -121,7 +121,14 @@ def default_workers(use_gpu: bool = False) -> int:
 
     if use_gpu:
         return max(1, int(ray.cluster_resources().get("GPU", 1)))
-    return max(1, sum(1 for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU")))
+    return max(1, _cpu_nodes())
+
+
+def _cpu_nodes() -> int:
+    """The running Ray cluster's live nodes with CPUs."""
+    import ray
+
+    return sum(1 for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU"))
 
 
 # ------------------------------------------------------------------ the worker loop
@@ -261,6 +268,10 @@ class _Worker:
         client = MlflowClient(config["tracking_uri"])
         client.log_dict(config["run_id"], self.d.plan_summary(), "sharding_plan.json")
         client.log_param(config["run_id"], "train.expert_parallel", self.d.expert_parallel)
+        # how the rows reached the workers: the store's files read in place, or Ray Data
+        client.log_param(
+            config["run_id"], "train.ingest", "files" if config.get("files") else "ray_data"
+        )
         return client
 
     def _announce_layout(self) -> None:
@@ -313,17 +324,20 @@ class _Worker:
 
     def _held_rows(self) -> dict[str, ExampleTensors]:
         """This rank's rows as tensors, read once (training.in_memory); {} when streamed.
-        A refit's train shard holds the valid rows; it never validates."""
+        A refit's train shard holds the valid rows; it never validates. A world of one on
+        one node (``config["files"]``) reads the store's files itself, in file order."""
         import ray.train
 
+        splits = ["train"] if self.config["refit"] else ["train", "valid"]
+        files = self.config.get("files")
+        if files:
+            return {s: _read_tensors(self.spec, files[s]) for s in splits}
         self.train_it = ray.train.get_dataset_shard("train")
         self.valid_it = ray.train.get_dataset_shard("valid")
         if not self.tcfg.in_memory:
             return {}
-        splits = [("train", self.train_it)]
-        if not self.config["refit"]:
-            splits.append(("valid", self.valid_it))
-        return {s: _shard_tensors(self.spec, it) for s, it in splits}
+        its = {"train": self.train_it, "valid": self.valid_it}
+        return {s: _shard_tensors(self.spec, its[s]) for s in splits}
 
     # ---------------------------------------------------------------- the epoch loop's
 
@@ -437,19 +451,33 @@ def _shard_tensors(spec: InputSpec, it) -> ExampleTensors:
     return ExampleTensors(spec, pa.concat_tables(blocks) if blocks else pa.table({}))
 
 
+def _read_tensors(spec: InputSpec, files: list[str]) -> ExampleTensors:
+    """A split's files as tensors, read in the given order (the rows Ray Data's ordered
+    ingest hands a world of one)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    return ExampleTensors(spec, pa.concat_tables([pq.read_table(f) for f in files]))
+
+
 # ------------------------------------------------------------------ the driver
 
 
-def _datasets(store: str | Path, refit: bool = False) -> dict[str, Any]:
-    """The workers' train and valid datasets; a refit trains on train + valid."""
+def _split_files(store: str | Path, refit: bool = False) -> dict[str, list[str]]:
+    """The store's train and valid files, in order; a refit trains on train + valid."""
+    files = {split: example_files(store, split) for split in ("train", "valid")}
+    if refit:
+        files["train"] = files["train"] + files["valid"]
+    return files
+
+
+def _datasets(files: dict[str, list[str]]) -> dict[str, Any]:
+    """The workers' train and valid datasets over ``files``."""
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the trainer prints its own progress
     ctx.print_on_execution_start = False
-    files = {split: example_files(store, split) for split in ("train", "valid")}
-    if refit:
-        files["train"] = files["train"] + files["valid"]
     return {
         split: ray.data.read_parquet(f, file_extensions=["parquet"]) for split, f in files.items()
     }
@@ -512,6 +540,11 @@ def fit_distributed(
     # cores spins, as a plain process does: half the step time of sleeping threads
     alone = cfg.training.in_memory and workers <= one_each
     omp = {"OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "ACTIVE" if alone else "PASSIVE"}
+    files = _split_files(store, refit)
+    # a world of one on one node, holding its rows, reads the store's files itself: Ray
+    # Data's split of them (its coordinator actors, started per run and kept through the
+    # epochs beside the training threads) has nothing to split there
+    direct = cfg.training.in_memory and workers == 1 and _cpu_nodes() == 1
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config={
@@ -527,6 +560,9 @@ def fit_distributed(
             "progress": progress,
             "refit": refit,
             "warm_start": warm_start,
+            "files": {k: [str(Path(f).resolve()) for f in v] for k, v in files.items()}
+            if direct
+            else None,
         },
         torch_config=TorchConfig(backend="nccl" if cfg.training.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
@@ -546,7 +582,7 @@ def fit_distributed(
             ),
             worker_runtime_env={"env_vars": {**omp, "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
         ),
-        datasets=_datasets(store, refit),
+        datasets=None if direct else _datasets(files),
         dataset_config=ordered_ingest(),
     )
     result = trainer.fit()

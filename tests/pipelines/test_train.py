@@ -12,6 +12,7 @@ import mlflow
 import numpy as np
 import polars as pl
 import pytest
+import torch
 
 from features.store import read_examples
 from pipelines.train import run_training
@@ -64,7 +65,40 @@ def test_default_layout_is_one_unsharded_worker_per_node(two_runs):
         Path(client.download_artifacts(one["run_id"], "sharding_plan.json")).read_text()
     )
     assert {p["sharding"] for p in plan.values()} == {"single_process"}
-    assert client.get_run(one["run_id"]).data.params["train.expert_parallel"] == "False"
+    params = client.get_run(one["run_id"]).data.params
+    assert params["train.expert_parallel"] == "False"
+    # a world of one on one node reads the store's files itself; sharded workers, Ray Data
+    assert params["train.ingest"] == "files"
+    assert client.get_run(two_runs[1]["run_id"]).data.params["train.ingest"] == "ray_data"
+
+
+def test_one_worker_reads_the_rows_ray_data_would_hand_it(small_store):
+    """The files a world of one reads in place are the rows, in the order, that Ray Data's
+    ordered ingest hands a worker: the same config and seed train the same model either
+    way."""
+    import ray.data
+
+    from pipelines.train import _datasets, _read_tensors, _shard_tensors, _split_files
+    from recsys_moe.model.inputs import InputSpec
+
+    cfg, manifest = small_store
+    spec = InputSpec.from_manifest(manifest)
+    files = _split_files(cfg.features.store_dir)
+    ctx = ray.data.DataContext.get_current()
+    before, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True
+    try:
+        for split, ds in _datasets(files).items():
+            via_ray = _shard_tensors(spec, ds.iterator())
+            read = _read_tensors(spec, files[split])
+            assert len(read) == len(via_ray) == int(manifest["splits"]["rows"][split])
+            a, b = via_ray.batch(slice(None)), read.batch(slice(None))
+            for name in ("labels", "domain"):
+                assert torch.equal(getattr(a, name), getattr(b, name)), (split, name)
+            assert torch.equal(a.sparse.values(), b.sparse.values()), split
+            assert torch.equal(a.sparse.lengths(), b.sparse.lengths()), split
+            assert torch.equal(a.dense, b.dense), split
+    finally:
+        ctx.execution_options.preserve_order = before
 
 
 def test_two_workers_train_register_and_log(two_runs):
