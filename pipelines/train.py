@@ -925,7 +925,7 @@ def _train(cfg: Config, args: Any, workers: int, output: str, warm: str | None) 
 def _print_summary(s: dict[str, Any]) -> None:
     reg = s.get("registry") or {}
     print(
-        f"trained on {s['workers']} workers in {s['seconds']}s ({s['samples_per_s']:,} samples/s), "
+        f"trained on {s['workers']} worker{'s' if s['workers'] != 1 else ''} in {s['seconds']}s ({s['samples_per_s']:,} samples/s), "
         f"best epoch {s['best_epoch']}; valid auc_mean {s['valid'].get('auc_mean', float('nan')):.4f}, "
         + (
             f"test auc_mean {s['test'].get('auc_mean', float('nan')):.4f}, "
