@@ -331,6 +331,7 @@ class _Worker:
         splits = ["train"] if self.config["refit"] else ["train", "valid"]
         files = self.config.get("files")
         if files:
+            self.train_it = self.valid_it = None  # no Ray Data shards in this run
             return {s: _read_tensors(self.spec, files[s]) for s in splits}
         self.train_it = ray.train.get_dataset_shard("train")
         self.valid_it = ray.train.get_dataset_shard("valid")
