@@ -12,7 +12,7 @@ kinds of Parquet files under one folder:
   ``received_at`` and one ``label_<task>`` per task the event reports (null: not reported).
 
 Each writer buffers its rows and its thread writes them as one file every ``flush_s``
-seconds (10), every ``flush_rows`` rows (200k), on :meth:`OnlineLog.flush` and when it is
+seconds, every ``flush_rows`` rows, on :meth:`OnlineLog.flush` and when it is
 closed (a writer is meant to serve a whole process: one file per flush, so that
 ``max_files`` holds hours of answers, not minutes); feedback is
 written before ``/feedback`` answers, so an acknowledged event survives a restart. A file

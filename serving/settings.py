@@ -129,7 +129,8 @@ class ServeSettings:
     online_log_dir: str | None = None
     online_log_max_files: int = 1000
     # seconds between a process's writes of the answers it logged (also written every
-    # 200k rows and when the replica stops; a killed replica loses at most this much)
+    # OnlineLog.flush_rows rows and when the replica stops; a killed replica loses at
+    # most this much)
     online_log_flush_s: float = 10.0
     # seconds between the ingress's readings of the online log (online AUC per version x
     # segment x task as Prometheus gauges; GET /online reads it at once)
