@@ -52,8 +52,9 @@ def experts_on_meta() -> Iterator[None]:
 
 def _experts(cfg: ModelConfig, n: int, d_in: int) -> StackedExperts:
     experts = StackedExperts(
-        n_experts=n, d_in=d_in, hidden=cfg.expert_hidden, dropout=cfg.dropout, impl=cfg.expert_impl
-    )
+        n_experts=n, d_in=d_in, hidden=cfg.expert_hidden, dropout=cfg.dropout,
+        impl=cfg.expert_impl, batch_norm=cfg.expert_norm == "batch",
+    )  # fmt: skip
     experts.sparse = cfg.sparse_experts
     return experts
 
@@ -217,6 +218,11 @@ class MoECore(ExpertCore):
             raise ValueError("a model with user-segment experts cannot be extended (yet)")
         # extensions route by domain; a segment-keyed model has none
         self.supports_extension = not self.segment_keyed
+        if cfg.expert_norm == "batch":
+            # each unit's statistics were gathered over all the pool's rows in one model: a
+            # domain slice, a shard, a revived or an added expert would compute without them
+            self.supports_domain_slices = self.supports_expert_parallel = False
+            self.supports_extension = self.supports_revival = False
         # the domains the base gates were trained for: all but the added ones
         K = n_domains - sum(not e.grows for e in extensions)
         self.base_domains = K
@@ -370,7 +376,8 @@ class PLECore(ExpertCore):
             din = d_in if level == 0 else H
             self.shared_experts.append(_experts(cfg, S, din))
             self.task_experts.append(GroupedExperts(n_groups=T, per_group=P, d_in=din,
-                                                    hidden=cfg.expert_hidden, dropout=cfg.dropout))  # fmt: skip
+                                                    hidden=cfg.expert_hidden, dropout=cfg.dropout,
+                                                    batch_norm=cfg.expert_norm == "batch"))  # fmt: skip
             self.task_gates.append(GateBank(d_in=din, n_outputs=T, n_domains=K, n_experts=S + P,
                                             per_output_input=level > 0, noisy=noisy,
                                             batch_norm=bn))  # fmt: skip

@@ -309,6 +309,10 @@ class StackedExperts(nn.Module):
         dropout: dropout after every hidden activation (training only).
         last_activation: apply ReLU after the last layer too (experts feed gates and towers).
         impl: how to compute them (:data:`EXPERT_IMPLS`); every choice gives the same result.
+        batch_norm: BatchNorm on every pre-activation before its ReLU, per expert unit, as
+            torch-rechub's expert MLPs have (Linear -> BatchNorm -> ReLU): in training over
+            the batch (computed eagerly, the fused kernels have no normalisation), in
+            evaluation folded into the weights from the running statistics.
     """
 
     def __init__(
@@ -320,6 +324,7 @@ class StackedExperts(nn.Module):
         dropout: float = 0.0,
         last_activation: bool = True,
         impl: str = "concat",
+        batch_norm: bool = False,
     ) -> None:
         super().__init__()
         widths = [d_in, *hidden]
@@ -347,20 +352,34 @@ class StackedExperts(nn.Module):
         self._layout_key: tuple | None = None
         # constant-column mask -> layer 1's weight split into (varying, constant) columns
         self._split: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
+        # one BatchNorm over the E x width units of each layer a ReLU follows
+        normed = widths[1:] if last_activation else widths[1:-1]
+        self.norms = (
+            nn.ModuleList(nn.BatchNorm1d(n_experts * b) for b in normed) if batch_norm else None
+        )
+        # the weights and biases with the norms folded in, and the versions they came from
+        self._folded: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+        self._folded_key: tuple | None = None
 
     def train(self, mode: bool = True) -> StackedExperts:
         """Also forgets the inference layout: a weight version alone does not say the
         weights changed (torch's fused Adam updates them in place without bumping it), so
         every switch of mode (a training step is taken in train mode) starts afresh."""
-        self._layout_key = None
+        self._layout_key = self._folded_key = None
         self._split.clear()
-        return super().train(mode)
+        super().train(mode)
+        freeze_frozen_norms(self.norms)
+        return self
 
     def forward(self, x: torch.Tensor, need: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, d_in) -> (B, E, H). ``need``: (B, E) bool, the experts each row was routed
         to (top-k / expert-choice routing); with ``sparse`` set each expert then computes
         only its rows (:func:`sparse_expert_forward`), otherwise every expert every row
         (one GEMM for all; the gates' zero weights mask the unrouted outputs)."""
+        if self.norms is not None:
+            if self.training or torch.is_grad_enabled():
+                return self._normed(x)
+            return self._inference(x, *self._fold_norms())
         if need is not None and self.sparse:
             return sparse_expert_forward(
                 x, list(self.weights), list(self.biases), need, self.last_activation,
@@ -374,17 +393,58 @@ class StackedExperts(nn.Module):
             x, list(self.weights), list(self.biases), impl, self.last_activation, self.dropout
         )
 
-    def _inference(self, x: torch.Tensor) -> torch.Tensor:
+    def _normed(self, x: torch.Tensor) -> torch.Tensor:
+        """The forward with BatchNorm before each ReLU (batch statistics in training, the
+        running ones in evaluation)."""
+        n = len(self.weights)
+        h = _first_concat(x, self.weights[0], self.biases[0])
+        for i in range(n):
+            if i:
+                h = torch.einsum("beh,eho->beo", h, self.weights[i]) + self.biases[i]
+            if i < len(self.norms):
+                h = batch_norm_rows(self.norms[i], h)
+            h = _act(h, self.last_activation, i, n, self.dropout)
+        return h
+
+    @torch.no_grad()
+    def _fold_norms(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Weights and biases computing what :meth:`_normed` computes in evaluation: each
+        norm's affine map from its running statistics folded into the layer before it
+        (kept while no parameter or statistic changes)."""
+        tensors = [*self.parameters(), *self.norms.buffers()]
+        key = tuple((t._version, t.data_ptr()) for t in tensors)
+        if self._folded_key != key:
+            ws, bs = [], []
+            for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
+                if i < len(self.norms):
+                    bn = self.norms[i]
+                    scale = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).view_as(b)
+                    ws.append(w * scale.unsqueeze(1))
+                    bs.append((b - bn.running_mean.view_as(b)) * scale + bn.bias.view_as(b))
+                else:
+                    ws.append(w.detach())
+                    bs.append(b.detach())
+            self._folded, self._folded_key = (ws, bs), key
+            self._layout_key = None  # fresh tensors: a freed one's address may come back
+        return self._folded
+
+    def _inference(
+        self,
+        x: torch.Tensor,
+        weights: list[torch.Tensor] | None = None,
+        biases: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """Without autograd (evaluation, scoring, serving), for the GEMM implementations:
         the fused arithmetic (layer 1 one GEMM with bias and ReLU in its epilogue), with
         layer 1's weight laid out once per weight version instead of on every call (for a
         request of a hundred rows the layout copy costs about as much as the GEMM)."""
-        w = self.weights[0]
+        weights = list(self.weights) if weights is None else weights
+        biases = list(self.biases) if biases is None else biases
+        w = weights[0]
         key = (w._version, w.data_ptr(), x.dtype)
         if self._layout_key != key:
             self._layout, self._layout_key = _fused_layout(w.detach(), x.dtype), key
             self._split.clear()
-        weights, biases = list(self.weights), list(self.biases)
         w0, b0 = self._layout, None
         if x.shape[0] >= _SPLIT_MIN_ROWS:
             # a ranking request: one user and context, many items - the input columns

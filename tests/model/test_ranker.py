@@ -442,21 +442,26 @@ def test_embedding_weight_decay_pulls_rows_no_batch_touches_to_zero(data):
     assert rows[1e-2][1] < 0.9 * rows[1e-2][0], rows
 
 
-@pytest.mark.parametrize("where", ["tower_norm", "gate_norm"])
+@pytest.mark.parametrize("where", ["tower_norm", "gate_norm", "expert_norm"])
 def test_batch_norm_trains_on_batch_statistics_and_serves_on_running_ones(data, tmp_path, where):
-    """model.tower_norm / gate_norm = "batch": training normalises each tower unit / gate
-    logit over the batch (a row's score depends on its batch) and updates the running
-    statistics; evaluation and the bundle score with the running ones (a row's score is
-    its own); one-row training batches work; frozen towers / gates (a grown model's
-    parent part) keep their statistics."""
+    """model.tower_norm / gate_norm / expert_norm = "batch": training normalises each tower
+    unit / gate logit / expert unit over the batch (a row's score depends on its batch)
+    and updates the running statistics; evaluation and the bundle score with the running
+    ones (a row's score is its own); one-row training batches work; frozen towers / gates
+    / experts (a grown model's parent part) keep their statistics. Normed experts are
+    trained and served whole (no slices, shards, extensions or revival)."""
     spec, manifest, train, valid = data
     torch.manual_seed(0)
     model = RankingModel(spec, ModelConfig(n_experts=4, **{where: "batch"}))
-    owner = model.towers if where == "tower_norm" else model.gates
-    norms = model.towers.mlp.norms if where == "tower_norm" else [model.gates.norm]
-    assert norms[0] is not None and len(norms) == (
-        len(model.cfg.tower_hidden) if where == "tower_norm" else 1
-    )
+    owner, norms, n_norms = {
+        "tower_norm": (model.towers, model.towers.mlp.norms, len(model.cfg.tower_hidden)),
+        "gate_norm": (model.gates, [model.gates.norm], 1),
+        "expert_norm": (model.experts, model.experts.norms, len(model.cfg.expert_hidden)),
+    }[where]
+    assert norms[0] is not None and len(norms) == n_norms
+    whole_pool = where != "expert_norm"
+    assert model.supports_domain_slices == model.supports_extension == whole_pool
+    assert model.supports_expert_parallel == model.core.supports_revival == whole_pool
     b = train.batch(slice(0, 256))
     model.train()
     with torch.no_grad():
