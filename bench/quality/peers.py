@@ -174,6 +174,8 @@ def run_peer(name: str, manifest: dict, splits: dict[str, pl.DataFrame], cfg: Co
     kinds = ["classification"] * len(tasks)
     towers = [{"dims": [32]} for _ in tasks]
     expert = {"dims": [64]}
+    # the seed sets the initial weights too (not only the shuffles): a run repeats
+    torch.manual_seed(seed)
     if name == "MMOE":
         model = mt.MMOE(feats, kinds, n_expert=4, expert_params=expert, tower_params_list=towers)
     elif name == "PLE":
