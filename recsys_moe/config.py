@@ -495,7 +495,8 @@ class TrainingConfig:
     # accumulators make the first steps the largest (default: the rates one epoch of
     # configs/default.toml's lr_decay leaves)
     warm_start_lr_scale: float = 0.3
-    # stop after this many epochs without a better validation score
+    # stop after more than this many epochs in a row without a better validation score
+    # (0: at the first; torch-rechub's earlystop_patience = n is n - 1 here)
     early_stopping_patience: int = 2
     # after early stopping has chosen the epoch count on the validation window, train a
     # fresh model on train + validation for that many epochs and register it (the newest
@@ -546,6 +547,9 @@ class TrainingConfig:
 
     def __post_init__(self) -> None:
         _require_positive("training", self, "epochs", "batch_size")
+        if self.early_stopping_patience < 0:
+            _fail("training", "early_stopping_patience", "must be >= 0 (0: stop at the first "
+                  "epoch without a better validation score)")  # fmt: skip
         if self.workers < 0:
             _fail("training", "workers", f"must be >= 0 (0: one per node), got {self.workers}")
         if self.revive_after_steps < 0 or self.revive_noise < 0:
@@ -642,6 +646,8 @@ class ExtendConfig:
 
     def __post_init__(self) -> None:
         _require_positive("extend", self, "experts", "epochs", "batch_size", "probe_rows")
+        if self.early_stopping_patience < 0:
+            _fail("extend", "early_stopping_patience", "must be >= 0")
         bad = set(self.unfreeze) - {"embeddings", "experts", "gates", "towers"}
         if bad:
             _fail("extend", "unfreeze", f"unknown part(s) {sorted(bad)}")

@@ -49,8 +49,9 @@ PEERS = ("MMOE", "PLE", "SharedBottom")
 # recsys-moe made torch-rechub's MMoE (the peer reproduction): the same inputs (the store's
 # columns, no crosses), embedding 16 started N(0, 1e-4), 4 experts [64] with BatchNorm
 # before their ReLU, one softmax gate per task with BatchNorm on its logits, towers [32]
-# with BatchNorm, Adam 1e-3 on tables and dense weights, patience 1, the epoch with the
-# best validation AUC of the first task, every task its own tower, probability and loss
+# with BatchNorm, Adam 1e-3 on tables and dense weights, stopping at the first epoch
+# without a better validation AUC of the first task and keeping the best epoch, every
+# task its own tower, probability and loss
 # (no funnel product). Weight decay: torch-rechub's trainer averages the task losses where
 # recsys-moe sums them, so its 1e-5 is T x 1e-5 here (:func:`as_rechub_mmoe`; Adam's step
 # does not change when the loss is scaled, the decay's share of the gradient does).
@@ -81,7 +82,9 @@ AS_RECHUB_MMOE = {
     "training.embedding_lr": 1e-3,
     "training.lr": 1e-3,
     "training.lr_decay": 1.0,
-    "training.early_stopping_patience": 1,
+    # torch-rechub's earlystop_patience=1 stops at the first epoch without a better
+    # validation AUC; recsys-moe's patience counts the epochs it lets pass
+    "training.early_stopping_patience": 0,
     "training.revive_after_steps": 0,
 }
 AS_RECHUB = "recsys-moe as torch-rechub MMoE"
