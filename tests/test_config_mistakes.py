@@ -45,6 +45,7 @@ TOML_MISTAKES = [
     ("test split too large", _under(DEFAULT_TOML, "features", "test_fraction = 0.7"), "[features] test_fraction: must be in [0, 0.5)"),
     ("segment bounds reversed", _set(_set(DEFAULT_TOML, "casual_min", "50"), "power_min", "5"), "casual_min/power_min"),
     ("zero learning rate", _set(DEFAULT_TOML, "lr", "0.0"), "[training] lr/embedding_lr: must be > 0"),
+    ("negative patience", _set(DEFAULT_TOML, "early_stopping_patience", "-1"), "[training] early_stopping_patience: must be >= 0"),
     ("unknown data source", _set(DEFAULT_TOML, "kind", '"kaggle"'), "'kaggle' is not allowed"),
     ("funnel parent not a task", DEFAULT_TOML.replace('funnel_parent = "click"', 'funnel_parent = "clik"'), "funnel_parent='clik' is not a task"),
     ("weight decay on fused tables", _under(DEFAULT_TOML, "training", "embedding_weight_decay = 0.001"), "embedding_weight_decay"),
