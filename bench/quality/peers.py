@@ -13,14 +13,15 @@ bags), on this machine's cores with the same batch size:
   [training] section, early stopping on validation; no registry), then the bundle it
   wrote scores the test rows;
 - **recsys-moe as torch-rechub MMoE** (the peer reproduction; ``--no-as-rechub`` skips
-  it): the same path with :data:`AS_RECHUB_MMOE`, the project's model made torch-rechub's
+  it): the same path with :func:`as_rechub_mmoe`, the project's model made torch-rechub's
   MMoE, which must land within the seed spread of torch-rechub's own;
 - **torch-rechub 0.9** (the ``peers`` extra): its MMoE, PLE and SharedBottom, one head per
   task, trained by its own ``MTLTrainer`` (Adam lr 1e-3, weight decay 1e-5, early
-  stopping on the first task's validation AUC, patience 1, at most the config's epochs).
+  stopping on the first task's validation AUC, earlystop_patience 1, at most the
+  config's epochs).
 
 Each model trains ``--seeds`` times (recsys-moe: ``training.seed`` + i; torch-rechub:
-``torch.manual_seed(i)``). Reported: test AUC per task x domain for every model, mean ±
+``torch.manual_seed(i)``, before the model is built). Reported: test AUC per task x domain for every model, mean ±
 standard deviation over the seeds (the same metric code,
 ``recsys_moe.metrics.evaluate``), cold-start slices (rows whose user / item is not in the
 training vocabulary) and per user segment, train samples/s (the training epochs only),
@@ -51,10 +52,10 @@ PEERS = ("MMOE", "PLE", "SharedBottom")
 # before their ReLU, one softmax gate per task with BatchNorm on its logits, towers [32]
 # with BatchNorm, Adam 1e-3 on tables and dense weights, stopping at the first epoch
 # without a better validation AUC of the first task and keeping the best epoch, every
-# task its own tower, probability and loss
-# (no funnel product). Weight decay: torch-rechub's trainer averages the task losses where
-# recsys-moe sums them, so its 1e-5 is T x 1e-5 here (:func:`as_rechub_mmoe`; Adam's step
-# does not change when the loss is scaled, the decay's share of the gradient does).
+# task its own tower, probability and loss (no funnel product). Weight decay:
+# torch-rechub's trainer averages the task losses where recsys-moe sums them, so its 1e-5
+# is T x 1e-5 here (:func:`as_rechub_mmoe`; Adam's step does not change when the loss is
+# scaled, the decay's share of the gradient does).
 # torch-rechub's MMoE without the experts' BatchNorm lost 0.0024 / 0.0052 AUC on the sparse
 # config, with the tasks' losses summed 0.0025 / 0.0025 (3 seeds each, 2026-12-07)
 AS_RECHUB_MMOE = {
