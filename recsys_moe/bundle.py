@@ -83,8 +83,8 @@ def load_model(
     """The bundle's model in eval mode, and its ``model.json``. ``pool_on_disk``: an MoE
     model's expert pool stays on the meta device, never read (a scorer that reads each
     domain's experts from the bundle, :mod:`recsys_moe.model.offload`); a model that
-    needs its whole pool (domains added by ``extend`` read every parent expert, PLE and
-    shared-bottom have no slices) is read whole."""
+    needs its whole pool (domains added by ``extend`` read every parent expert; PLE,
+    shared-bottom and batch-normed experts have no slices) is read whole."""
     from recsys_moe.model.cores import experts_on_meta
 
     meta = read_meta(bundle)

@@ -253,7 +253,9 @@ class MoECore(ExpertCore):
                         off += sizes[g] * P
         else:
             E = cfg.n_experts
-        with torch.device("meta") if _POOL_ON_META.get() else contextlib.nullcontext():
+        # a pool without domain slices is never offloaded: it is read whole
+        on_meta = _POOL_ON_META.get() and self.supports_domain_slices
+        with torch.device("meta") if on_meta else contextlib.nullcontext():
             self.experts: nn.Module = _experts(cfg, E, d_in)
         self.gates = GateBank(
             d_in=d_in,

@@ -68,7 +68,10 @@ class DomainSliceCache:
         if capacity < 1:
             raise ValueError("capacity must be >= 1")
         if not model.supports_domain_slices:
-            raise ValueError(f"model.arch {model.cfg.arch!r} has no domain slices to offload")
+            raise ValueError(
+                f"this model (model.arch {model.cfg.arch!r}, model.expert_norm "
+                f"{model.cfg.expert_norm!r}) has no domain slices to offload"
+            )
         self.capacity = capacity
         self.hits = self.misses = self.evictions = 0
         self._resident: OrderedDict[int, RankingModel] = OrderedDict()

@@ -478,6 +478,10 @@ def test_batch_norm_trains_on_batch_statistics_and_serves_on_running_ones(data, 
     loaded, _ = load_model(tmp_path / "m")
     assert getattr(loaded.cfg, where) == "batch"
     np.testing.assert_array_equal(predict(model, valid), predict(loaded, valid))
+    if where == "expert_norm":  # a scorer that offloads reads such a pool whole
+        whole, _ = load_model(tmp_path / "m", pool_on_disk=True)
+        assert not any(p.is_meta for p in whole.parameters())
+        np.testing.assert_array_equal(predict(model, valid), predict(whole, valid))
     # frozen: train mode leaves them in eval mode, their statistics unchanged
     for p in owner.parameters():
         p.requires_grad_(False)
