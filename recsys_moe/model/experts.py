@@ -96,11 +96,16 @@ def _first_concat(x, w0, b0):
     return h.view(x.shape[0], E, w0.shape[2])
 
 
-def _concat(x, weights, biases, last, dropout):
+def _concat(x, weights, biases, last, dropout, norms=None):
+    """``norms``: a BatchNorm per layer a ReLU follows, applied before it (batch-normed
+    experts)."""
     n = len(weights)
-    h = _act(_first_concat(x, weights[0], biases[0]), last, 0, n, dropout)
-    for i in range(1, n):
-        h = torch.einsum("beh,eho->beo", h, weights[i]) + biases[i]
+    h = _first_concat(x, weights[0], biases[0])
+    for i in range(n):
+        if i:
+            h = torch.einsum("beh,eho->beo", h, weights[i]) + biases[i]
+        if norms is not None and i < len(norms):
+            h = batch_norm_rows(norms[i], h)
         h = _act(h, last, i, n, dropout)
     return h
 
@@ -378,7 +383,8 @@ class StackedExperts(nn.Module):
         (one GEMM for all; the gates' zero weights mask the unrouted outputs)."""
         if self.norms is not None:
             if self.training or torch.is_grad_enabled():
-                return self._normed(x)
+                return _concat(x, list(self.weights), list(self.biases), self.last_activation,
+                               self.dropout, self.norms)  # fmt: skip
             return self._inference(x, *self._fold_norms())
         if need is not None and self.sparse:
             return sparse_expert_forward(
@@ -393,22 +399,9 @@ class StackedExperts(nn.Module):
             x, list(self.weights), list(self.biases), impl, self.last_activation, self.dropout
         )
 
-    def _normed(self, x: torch.Tensor) -> torch.Tensor:
-        """The forward with BatchNorm before each ReLU (batch statistics in training, the
-        running ones in evaluation)."""
-        n = len(self.weights)
-        h = _first_concat(x, self.weights[0], self.biases[0])
-        for i in range(n):
-            if i:
-                h = torch.einsum("beh,eho->beo", h, self.weights[i]) + self.biases[i]
-            if i < len(self.norms):
-                h = batch_norm_rows(self.norms[i], h)
-            h = _act(h, self.last_activation, i, n, self.dropout)
-        return h
-
     @torch.no_grad()
     def _fold_norms(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Weights and biases computing what :meth:`_normed` computes in evaluation: each
+        """Weights and biases computing what the normed forward computes in evaluation: each
         norm's affine map from its running statistics folded into the layer before it
         (kept while no parameter or statistic changes)."""
         tensors = [*self.parameters(), *self.norms.buffers()]
